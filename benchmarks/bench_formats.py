@@ -1,0 +1,153 @@
+"""Throughput of jaxkv.formats.dequantize (jitted) vs gguf.quants.dequantize on the same blocks.
+
+    python benchmarks/bench_formats.py [--mib 64] [--repeat 5] [--formats q4_0,q8_0]
+
+For every format: the same ``--mib`` MiB of random ggml blocks (finite F16 scales) are dequantized by
+both, each best-of-``--repeat`` after one warm-up (jax: ``block_until_ready``; compile excluded). The
+outputs are checked equal bit for bit before timing. Printed: ms per call, GB/s of float32 written,
+the ratio gguf/jax, and the written GB/s as a fraction of the machine's write bandwidth, measured in the
+same run as numpy filling a large float32 array (best of ``--repeat``), and a jitted ``jnp.full`` of
+a fresh array on the JAX device (on a GPU, '% of bw' is of that).
+
+Allocation: XLA's CPU buffers come from glibc malloc without ``MADV_HUGEPAGE`` (numpy madvises its
+large arrays), so with transparent huge pages in ``madvise`` mode every fresh 4 KiB output page of a
+jitted call is faulted in separately, which costs more than the dequantization itself at these
+sizes. The script therefore re-runs itself under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc
+then madvises its large mappings, for numpy/gguf as well) unless ``--no-thp`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import gguf  # noqa: E402
+import gguf.quants as gq  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxkv import formats as F  # noqa: E402
+
+ORDER = ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "iq4_nl"]
+
+
+def _gguf_version():
+    try:
+        from importlib.metadata import version
+        return version("gguf")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def best_of(fn, repeat):
+    fn()  # warm-up (and compile, for jax)
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def write_bandwidth(nbytes, repeat):
+    """GB/s of numpy filling a float32 array of ``nbytes`` (pages touched once before timing)."""
+    a = np.empty(nbytes // 4, np.float32)
+    a.fill(0.0)
+    return nbytes / best_of(lambda: a.fill(1.0), repeat) / 1e9
+
+
+def random_blocks(f, nbytes, seed=0):
+    """uint8 [n_blocks * block_bytes] with random quants and finite, ordinary F16 scales."""
+    r = np.random.default_rng(seed)
+    nb = nbytes // f.block_bytes
+    raw = r.integers(0, 256, (nb, f.block_bytes), dtype=np.uint8)
+    if f.quantized:
+        for fld in f.fields:
+            if fld.kind == "f16":  # |scale| in [2^-10, 2^5): exponent field 5..19
+                h = r.integers(5, 20, nb) << 10 | r.integers(0, 1024, nb) | r.integers(0, 2, nb) << 15
+                raw[:, fld.offset:fld.offset + 2] = h.astype(np.uint16)[:, None].view(np.uint8)
+    elif f.name in ("f16", "bf16"):
+        h = raw.view(np.uint16)
+        ok = 0x3C00 if f.name == "f16" else 0x3F80
+        inf = 0x7C00 if f.name == "f16" else 0x7F80
+        raw = np.where((h & 0x7FFF) >= inf, ok, h).astype(np.uint16).view(np.uint8)
+    else:
+        w = raw.view(np.uint32)
+        raw = np.where((w & 0x7FFFFFFF) >= 0x7F800000, np.uint32(0x3F800000), w)
+        raw = raw.astype(np.uint32).view(np.uint8)
+    return np.ascontiguousarray(raw.reshape(-1))
+
+
+def device_fill_bandwidth(nbytes, repeat):
+    """GB/s of a jitted fill producing a fresh float32 array of ``nbytes`` on the default device."""
+    fill = jax.jit(lambda x: jnp.full((nbytes // 4,), 1.0, jnp.float32) + x)
+    x = jnp.zeros((), jnp.float32)
+    return nbytes / best_of(lambda: fill(x).block_until_ready(), repeat) / 1e9
+
+
+THP = "glibc.malloc.hugetlb=1"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=64, help="MiB of blocks per format (default 64)")
+    ap.add_argument("--repeat", type=int, default=5, help="best of N timed calls after a warm-up")
+    ap.add_argument("--formats", default=",".join(ORDER))
+    ap.add_argument("--no-thp", action="store_true",
+                    help=f"do not re-run under GLIBC_TUNABLES={THP} (see the module docstring)")
+    args = ap.parse_args(argv)
+    tun = os.environ.get("GLIBC_TUNABLES", "")
+    if not args.no_thp and THP not in tun:
+        env = dict(os.environ, GLIBC_TUNABLES=f"{tun}:{THP}" if tun else THP)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    nbytes = args.mib << 20
+    load = os.getloadavg()
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), gguf-py {_gguf_version()}, "
+          f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    bw = write_bandwidth(512 << 20, args.repeat)
+    print(f"numpy fill of a 512 MiB float32 array: {bw:.2f} GB/s (the host's write bandwidth)")
+    dbw = device_fill_bandwidth(512 << 20, args.repeat)
+    print(f"jitted jnp.full of a fresh 512 MiB float32 array on {dev.platform}: {dbw:.2f} GB/s")
+    if dev.platform != "cpu":
+        bw = dbw  # '% of bw' below: of the device's fill
+    print(f"{args.mib} MiB of blocks per format; best of {args.repeat} after warm-up\n")
+    hdr = f"{'format':8} {'out MiB':>8} {'jax ms':>8} {'gguf ms':>8} {'ratio':>6} {'jax GB/s':>9} {'% of bw':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    fails = []
+    for name in args.formats.split(","):
+        f = F.get_format(name)
+        raw_np = random_blocks(f, nbytes - nbytes % f.block_bytes)
+        raw = jax.device_put(raw_np)
+        deq = jax.jit(lambda r, f=f: F.dequantize(r, f))
+        out = np.asarray(deq(raw))
+        if name != "q8_1":
+            ref = gq.dequantize(raw_np, gguf.GGMLQuantizationType(f.type_id))
+            if not np.array_equal(out.view(np.uint32), np.asarray(ref, np.float32).view(np.uint32)):
+                fails.append(name)
+            t_g = best_of(lambda: gq.dequantize(raw_np, gguf.GGMLQuantizationType(f.type_id)), args.repeat)
+        else:  # gguf-py has no Q8_1 dequantizer
+            t_g = float("nan")
+        t_j = best_of(lambda: deq(raw).block_until_ready(), args.repeat)
+        out_bytes = out.size * 4
+        gbs = out_bytes / t_j / 1e9
+        print(f"{name:8} {out_bytes / 2**20:8.0f} {t_j * 1e3:8.1f} {t_g * 1e3:8.1f} {t_g / t_j:6.1f} "
+              f"{gbs:9.2f} {100 * gbs / bw:7.0f}%")
+        del raw, out
+    print("\nratio = gguf ms / jax ms (gguf's F32 'dequantize' is a zero-copy view; q8_1: gguf has none)")
+    if fails:
+        print(f"MISMATCH vs gguf: {fails}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

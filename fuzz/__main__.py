@@ -1,0 +1,192 @@
+"""``python -m fuzz``: fuzz campaigns that find, shrink, save and replay numerical bugs.
+
+    python -m fuzz [--max-examples N | --time-budget SECONDS] [--seed S] [--properties P1,P2|all]
+                   [--target MODULE:FUNCTION] [--traces DIR] [--out DIR] [--resume] [--quiet] [--list]
+                   [--shard I/N] [--no-shrink]
+    python -m fuzz replay FILE          re-run a saved failure (exit 1: still fails, 0: passes now)
+    python -m fuzz merge DIR...         one summary over several campaigns' results (e.g. shards)
+    python -m fuzz verify ...           verify traces (fuzz.verify_cmd)
+    python -m fuzz sensitivity ...      (fuzz.sensitivity_cmd, when present)
+    python -m fuzz record ...           (fuzz.record_cmd, when present)
+
+Exit status: 0 no property failed, 1 a property failed, 2 bad arguments or unreadable input, 130
+interrupted (the summary is still written).
+"""
+
+from __future__ import annotations
+
+import sys
+
+DEFAULT_EXAMPLES = 64
+SUBCOMMANDS = {"verify": "fuzz.verify_cmd", "sensitivity": "fuzz.sensitivity_cmd", "record": "fuzz.record_cmd"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(message)
+
+    p = Parser(prog="python -m fuzz", description="Fuzz campaigns over jaxkv's properties and kernels.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-examples", type=int, metavar="N",
+                   help=f"cases per property (default {DEFAULT_EXAMPLES} when no --time-budget)")
+    g.add_argument("--time-budget", type=float, metavar="SECONDS", help="wall-clock budget, split over the properties")
+    p.add_argument("--seed", type=int, default=0, help="campaign seed (default 0): same seed, same cases")
+    p.add_argument("--properties", default="all", metavar="P1,P2|all")
+    p.add_argument("--target", metavar="MODULE:FUNCTION",
+                   help="kernel fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) -> out to fuzz")
+    p.add_argument("--traces", metavar="DIR", help="verify every trace (*.gguf) under DIR")
+    p.add_argument("--out", default="fuzz-out", metavar="DIR", help="results directory (default fuzz-out)")
+    p.add_argument("--resume", action="store_true", help="continue the campaign recorded in --out")
+    p.add_argument("--quiet", action="store_true", help="plain progress lines, no progress bar")
+    p.add_argument("--list", action="store_true", help="list the properties and exit")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="run shard I of N (disjoint cases)")
+    p.add_argument("--no-shrink", action="store_true", help="save failures without shrinking them")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache (default $JAXKV_FUZZ_CACHE or "
+                        "~/.cache/jaxkv/fuzz-xla; 'off' disables)")
+    return p
+
+
+def enable_compile_cache(spec: str | None) -> str | None:
+    """Point JAX's persistent compilation cache at ``spec`` (None: $JAXKV_FUZZ_CACHE or
+    ~/.cache/jaxkv/fuzz-xla; 'off': leave it disabled). A campaign's programs then compile once per
+    machine, not once per run. Returns the directory used."""
+    import os
+    import pathlib
+
+    spec = spec or os.environ.get("JAXKV_FUZZ_CACHE") or str(pathlib.Path.home() / ".cache" / "jaxkv" / "fuzz-xla")
+    if spec == "off":
+        return None
+    import jax
+
+    try:
+        pathlib.Path(spec).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", spec)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception:  # an unusable cache directory only costs speed
+        return None
+    return spec
+
+
+def _parse_shard(s: str):
+    try:
+        i, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard: expected I/N with integers, got {s!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard: need 0 <= I < N, got {s!r}")
+    return i, n
+
+
+def load_target(spec: str):
+    """'MODULE:FUNCTION' -> the callable (ValueError with one line otherwise)."""
+    import importlib
+
+    if ":" not in spec:
+        raise ValueError(f"--target: expected MODULE:FUNCTION, got {spec!r}")
+    mod, fn = spec.split(":", 1)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        m = importlib.import_module(mod)
+    except Exception as e:
+        raise ValueError(f"--target: cannot import {mod!r}: {type(e).__name__}: {e}") from None
+    f = getattr(m, fn, None)
+    if not callable(f):
+        raise ValueError(f"--target: {mod!r} has no function {fn!r}")
+    return f
+
+
+def _campaign(argv) -> int:
+    args = _parser().parse_args(argv)
+    from fuzz import properties as P
+
+    if args.list:
+        ctx = P.Context()
+        w = max(len(n) for n in P.PROPERTIES)
+        for name, p in P.PROPERTIES.items():
+            why = P.available(p, ctx)
+            note = f"  [{why}]" if why else ""
+            print(f"{name:<{w}}  {p.doc}{note}")
+        return 0
+    if args.max_examples is not None and args.max_examples < 0:
+        raise UsageError("--max-examples: must be >= 0")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError("--time-budget: must be > 0")
+    shard = _parse_shard(args.shard)
+    enable_compile_cache(args.compile_cache)
+    if args.properties.strip() == "all":
+        names = list(P.PROPERTIES)
+    else:
+        names = [x.strip() for x in args.properties.split(",") if x.strip()]
+        if not names:
+            raise UsageError("--properties: empty list")
+        for n in names:
+            P.get(n)  # ValueError names the unknown one
+    target = load_target(args.target) if args.target else None
+    if args.traces:
+        import pathlib
+
+        if not pathlib.Path(args.traces).exists():
+            raise ValueError(f"--traces: {args.traces} does not exist")
+    from fuzz.campaign import Campaign, Options
+    from fuzz.properties import cache_pairs
+
+    max_ex = args.max_examples
+    if max_ex is None and args.time_budget is None:
+        max_ex = DEFAULT_EXAMPLES
+    opts = Options(max_examples=max_ex, time_budget=args.time_budget, seed=args.seed, properties=tuple(names),
+                   target=args.target, traces=args.traces, out=args.out, resume=args.resume,
+                   quiet=args.quiet, shard=shard, shrink=not args.no_shrink)
+    ctx = P.Context(seed=args.seed, target=target, target_spec=args.target, traces=args.traces,
+                    cache_pairs=cache_pairs(args.seed))
+    return Campaign(opts, ctx).run()
+
+
+def _dispatch(name, argv) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(SUBCOMMANDS[name])
+    except ModuleNotFoundError as e:
+        if e.name == SUBCOMMANDS[name]:
+            print(f"python -m fuzz {name}: not available ({SUBCOMMANDS[name]} is not installed)", file=sys.stderr)
+            return 2
+        raise
+    return int(mod.main(argv) or 0)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return _dispatch(argv[0], argv[1:])
+        if argv and argv[0] == "replay":
+            from fuzz.replay import main as replay_main
+
+            return replay_main(argv[1:])
+        if argv and argv[0] == "merge":
+            from fuzz.replay import merge_main
+
+            return merge_main(argv[1:])
+        return _campaign(argv)
+    except UsageError as e:
+        print(f"python -m fuzz: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"python -m fuzz: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Campaigns: deterministic case generation, batched evaluation, crash-safe records, shrinking, saving.
+
+Cases. Property ``p`` draws its cases in *chunks* of ``CHUNK`` examples; chunk ``j`` is the generate
+phase of a hypothesis run of ``p``'s strategy seeded with ``sha256(seed, p, j)`` (no database), whose
+test body only records the examples. Case ``k`` of chunk ``j`` has id ``p/j/k`` and number
+``j * CHUNK + k``. So the same ``--seed`` gives the same cases in the same order whatever the budget,
+sharding or resumption. ``--shard I/N`` evaluates the cases with ``number % N == I`` (disjoint, no
+coordination); ``--max-examples`` counts the campaign's cases (all shards together).
+
+Records. ``OUT/results.jsonl``: one JSON line per event, appended, flushed and fsync'ed after every
+evaluated batch (one ``os.write`` + ``fsync``), so a campaign killed with SIGKILL loses at most the batch
+in flight (``engine.BATCH`` cases, evaluated together). ``--resume`` re-reads it, skips completed case ids
+and adds the new counts to the old. Lines: ``campaign`` (arguments), ``case`` (id, property, ok,
+checks, error), ``property`` (seconds and compiles spent on a property in one run), ``failure``
+(the saved minimal case).
+
+Failures. The first failing case of a property is shrunk by hypothesis (the failing chunk's run replayed
+with the shrink phase; the test body raises on a failing case) and saved under ``OUT/failures/`` as a JSON
+record (property, seed, ids, minimal and original parameters, error, diagnosis, replay command) plus the
+arrays of the attention call (trace v1 ``.gguf`` via ``jaxkv.trace.save`` when available, else ``.npz``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
+
+from fuzz import properties as P
+from fuzz.engine import BATCH, COMPILES
+
+__all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize",
+           "format_summary", "save_failure", "shrink"]
+
+CHUNK = 64
+MAX_SHRINK_CALLS = 300
+
+
+@dataclasses.dataclass
+class Options:
+    max_examples: int | None = None
+    time_budget: float | None = None
+    seed: int = 0
+    properties: tuple = ()
+    target: str | None = None
+    traces: str | None = None
+    out: str = "fuzz-out"
+    resume: bool = False
+    quiet: bool = False
+    shard: tuple = (0, 1)
+    shrink: bool = True
+
+
+def chunk_seed(seed: int, prop: str, chunk: int) -> int:
+    h = hashlib.sha256(f"{seed}:{prop}:{chunk}".encode()).digest()
+    return int.from_bytes(h[:8], "little") % (2**63)
+
+
+def _settings(n, phases):
+    return settings(max_examples=n, database=None, phases=phases, deadline=None, derandomize=False,
+                    suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+                    print_blob=False, verbosity=settings.default.verbosity.quiet)
+
+
+def generate(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHUNK) -> list:
+    """The cases (parameter dicts) of chunk ``chunk`` of ``prop`` for campaign ``seed``."""
+    if prop.files is not None:
+        return prop.files(ctx) if chunk == 0 else []
+    got = []
+    strategy = prop.strategy(ctx)
+
+    @_settings(n, [Phase.generate])
+    @hseed(chunk_seed(seed, prop.name, chunk))
+    @given(strategy)
+    def collect(c):
+        got.append(c)
+
+    collect()
+    return got
+
+
+def _key(c) -> str:
+    return json.dumps(c, sort_keys=True)
+
+
+def shrink(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHUNK):
+    """Replay chunk ``chunk`` with hypothesis' shrink phase, failing on failing cases; returns
+    (minimal params, outcome) or None when the failure did not reproduce. At most MAX_SHRINK_CALLS
+    evaluations: past that, unseen examples count as passing (the minimal one found stays a real,
+    re-verified failure)."""
+    if prop.files is not None:
+        return None
+    memo, last = {}, [None]
+
+    @_settings(n, [Phase.generate, Phase.shrink])
+    @hseed(chunk_seed(seed, prop.name, chunk))
+    @given(prop.strategy(ctx))
+    def run(c):
+        k = _key(c)
+        if k not in memo:
+            if len(memo) >= MAX_SHRINK_CALLS:
+                return
+            memo[k] = prop.evaluate([c], ctx)[0]
+        o = memo[k]
+        if not o["ok"]:
+            last[0] = (c, o)
+            raise AssertionError(o["error"])
+
+    try:
+        run()
+    except AssertionError:
+        pass
+    except Exception:  # hypothesis Flaky / unsatisfiable: keep the best failure seen
+        pass
+    return last[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# records
+
+class Records:
+    """Append-only JSON lines, one write + fsync per :meth:`write` call."""
+
+    def __init__(self, path: pathlib.Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, objs):
+        if not objs:
+            return
+        data = "".join(json.dumps(o, default=_json_default) + "\n" for o in objs).encode()
+        os.write(self.fd, data)
+        os.fsync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        v = float(x)
+        return v if np.isfinite(v) else None
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def read_records(path) -> list:
+    """Records of a results.jsonl (a truncated last line, from a kill mid-write, is ignored)."""
+    out = []
+    p = pathlib.Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def summarize(records) -> dict:
+    """property -> dict(cases, failures, checks, seconds, compiles, skipped) from records (case ids
+    deduplicated: the last record of an id wins)."""
+    cases, props = {}, {}
+    for r in records:
+        t = r.get("type")
+        if t == "case":
+            cases[r["id"]] = r
+        elif t == "property":
+            s = props.setdefault(r["property"], dict(cases=0, failures=0, checks=0, seconds=0.0,
+                                                     compiles=0, skipped=None))
+            s["seconds"] += r.get("seconds", 0.0)
+            s["compiles"] += r.get("compiles", 0)
+            if r.get("skipped"):
+                s["skipped"] = r["skipped"]
+    for r in cases.values():
+        s = props.setdefault(r["property"], dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0,
+                                                 skipped=None))
+        s["cases"] += 1
+        s["checks"] += r.get("checks", 0)
+        s["failures"] += 0 if r.get("ok") else 1
+        s["skipped"] = None
+    return props
+
+
+def format_summary(props: dict) -> str:
+    rows = [("property", "cases", "failures", "checks", "checks/s", "compiled programs")]
+    tot = dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0)
+    for name, s in props.items():
+        if s.get("skipped") and not s["cases"]:
+            rows.append((name, "-", "-", "-", "-", f"skipped: {s['skipped']}"))
+            continue
+        rate = s["checks"] / s["seconds"] if s["seconds"] > 0 else 0.0
+        rows.append((name, str(s["cases"]), str(s["failures"]), str(s["checks"]), f"{rate:.0f}",
+                     str(s["compiles"])))
+        for k in tot:
+            tot[k] += s[k]
+    rate = tot["checks"] / tot["seconds"] if tot["seconds"] > 0 else 0.0
+    rows.append(("total", str(tot["cases"]), str(tot["failures"]), str(tot["checks"]), f"{rate:.0f}",
+                 str(tot["compiles"])))
+    w = [max(len(r[i]) for r in rows if i < len(r) and not (r[0] != "property" and r[-1].startswith("skipped")
+                                                                  and i == 5)) for i in range(6)]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i]) if i < 5 else x
+                               for i, x in enumerate(r)).rstrip())
+        if j == 0 or j == len(rows) - 2:
+            lines.append("-" * (sum(w) + 10))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# saving failures
+
+def _safe(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s)
+
+
+def _diagnosis(prop, params, ctx):
+    """jaxkv.verify's verdict of the target on the failing call (target property only)."""
+    if prop.name != "target" or ctx.target is None:
+        return None
+    try:
+        from jaxkv import attention as A
+        from jaxkv import mutations, verify
+
+        a = prop.call(params, ctx)
+        got = np.asarray(ctx.target(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"],
+                                    softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"]))
+        case = mutations.Case(op="flash_attn_ext", q=a["q"], k=a["k"], v=a["v"], mask=a["mask"],
+                              sinks=a["sinks"], scale=float(a["scale"]), softcap=float(a["softcap"]),
+                              max_bias=float(a["max_bias"]))
+        model = np.asarray(A.attention(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"],
+                                       softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"],
+                                       precision="f32"))
+        v = verify.verify_case(case, got, model, "f32", name=params.get("id", "case"))
+        d = v.to_json()
+        return dict(status=v.status, diagnosis=d.get("diagnosis"), budget=d.get("budget"),
+                    localization=d.get("localization"), worst=d.get("worst"))
+    except Exception as e:  # diagnosis is best effort; the failure itself is already recorded
+        return dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def _save_arrays(base: pathlib.Path, prop, params, ctx) -> str | None:
+    if prop.call is None:
+        return None
+    a = prop.call(params, ctx)
+    if prop.name == "target":
+        try:
+            from fuzz.properties_io import save_call
+
+            return save_call(base.with_suffix(".gguf"), a, ctx)
+        except Exception:  # no jaxkv.trace, or the call cannot be a trace: fall back to .npz
+            pass
+    path = base.with_suffix(".npz")
+    np.savez(path, **{k: np.asarray(v) for k, v in a.items() if v is not None})
+    return str(path)
+
+
+def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original, minimal, outcome) -> dict:
+    """Write OUT/failures/<property>-<id>.json (+ arrays); returns the record."""
+    d = out / "failures"
+    d.mkdir(parents=True, exist_ok=True)
+    base = d / _safe(f"{prop.name}-{case_id.replace('/', '-')}")
+    arrays = _save_arrays(base, prop, minimal, ctx)
+    rec = dict(property=prop.name, seed=opts.seed, case_id=case_id, params=minimal, original=original,
+               shrunk=minimal != original, error=outcome["error"], metrics=outcome.get("metrics"),
+               target=opts.target, traces=opts.traces, arrays=arrays,
+               diagnosis=_diagnosis(prop, minimal, ctx))
+    path = base.with_suffix(".json")
+    rec["replay"] = f"python -m fuzz replay {path}"
+    path.write_text(json.dumps(rec, indent=1, default=_json_default) + "\n")
+    rec["file"] = str(path)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------
+# the campaign
+
+class Progress:
+    def __init__(self, quiet: bool, budget: float | None):
+        self.tty = sys.stderr.isatty() and not quiet
+        self.quiet = quiet
+        self.budget = budget
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, prop, cases, failures, checks, t_prop, force=False):
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        el = now - self.t0
+        rate = checks / t_prop if t_prop > 0 else 0.0
+        bud = f"/{self.budget:.0f}s" if self.budget else "s"
+        sys.stderr.write(f"\r\x1b[K{prop:<14} cases {cases:>6}  failures {failures:>3}  {rate:8.0f} checks/s  "
+                         f"{el:6.1f}{bud}")
+        sys.stderr.flush()
+
+    def line(self, text):
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+        print(text, file=sys.stderr, flush=True)
+
+
+class Campaign:
+    def __init__(self, opts: Options, ctx: P.Context):
+        self.opts = opts
+        self.ctx = ctx
+        self.out = pathlib.Path(opts.out)
+        self.path = self.out / "results.jsonl"
+        self.failed = False
+
+    def run(self) -> int:
+        o = self.opts
+        self.out.mkdir(parents=True, exist_ok=True)
+        done = set()
+        if o.resume:
+            done = {r["id"] for r in read_records(self.path) if r.get("type") == "case"}
+        elif self.path.exists():
+            self.path.unlink()
+        self.rec = Records(self.path)
+        self.rec.write([dict(type="campaign", seed=o.seed, properties=list(o.properties), shard=list(o.shard),
+                             max_examples=o.max_examples, time_budget=o.time_budget, target=o.target,
+                             resume=o.resume, started=time.time())])
+        self.progress = Progress(o.quiet, o.time_budget)
+        t0 = time.perf_counter()
+        interrupted = False
+        try:
+            for i, name in enumerate(o.properties):
+                left = None
+                if o.time_budget is not None:
+                    left = (o.time_budget - (time.perf_counter() - t0)) / (len(o.properties) - i)
+                self._property(P.get(name), done, left)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.progress.line("interrupted: writing the summary")
+        finally:
+            self.rec.close()
+        props = summarize(read_records(self.path))
+        props = {k: props[k] for k in o.properties if k in props}
+        print(format_summary(props), flush=True)
+        fails = [r for r in read_records(self.path) if r.get("type") == "failure"]
+        for f in fails:
+            print(f"FAIL {f['property']}: {f['error']}\n  saved {f['file']}\n  replay: {f['replay']}", flush=True)
+        if interrupted:
+            return 130
+        return 1 if any(s["failures"] for s in props.values()) else 0
+
+    def _property(self, prop, done, seconds):
+        o, ctx = self.opts, self.ctx
+        why = P.available(prop, ctx)
+        if why:
+            self.rec.write([dict(type="property", property=prop.name, seconds=0.0, compiles=0, skipped=why)])
+            self.progress.line(f"{prop.name}: skipped ({why})")
+            return
+        t0 = time.perf_counter()
+        c0 = COMPILES.count
+        n_cases = n_fail = n_checks = 0
+        shard_i, shard_n = o.shard
+        first_fail = None
+        chunk = 0
+        limit = o.max_examples
+        try:
+            while True:
+                if seconds is not None and time.perf_counter() - t0 >= seconds:
+                    break
+                base = chunk * CHUNK
+                if limit is not None and base >= limit:
+                    break
+                cases = generate(prop, ctx, o.seed, chunk)
+                if not cases:
+                    break
+                if limit is not None:
+                    cases = cases[:limit - base]
+                todo = [(f"{prop.name}/{chunk}/{k}", c) for k, c in enumerate(cases)
+                        if (base + k) % shard_n == shard_i]
+                todo = [(cid, c) for cid, c in todo if cid not in done]
+                for s in range(0, len(todo), BATCH):
+                    if seconds is not None and time.perf_counter() - t0 >= seconds:
+                        break
+                    part = todo[s:s + BATCH]
+                    outs = prop.evaluate([c for _, c in part], ctx)
+                    recs = []
+                    for (cid, c), oc in zip(part, outs):
+                        recs.append(dict(type="case", id=cid, property=prop.name, ok=oc["ok"],
+                                         checks=oc["checks"], error=oc["error"], params=c))
+                        n_cases += 1
+                        n_checks += oc["checks"]
+                        if not oc["ok"]:
+                            n_fail += 1
+                            if first_fail is None:
+                                first_fail = (cid, chunk, c, oc)
+                    self.rec.write(recs)
+                    self.progress.update(prop.name, n_cases, n_fail, n_checks, time.perf_counter() - t0)
+                if prop.files is not None or len(cases) < CHUNK:
+                    break
+                chunk += 1
+                if first_fail is not None:
+                    break  # a failing property stops at its first failing chunk: shrink and report
+        finally:
+            spent = time.perf_counter() - t0
+            self.rec.write([dict(type="property", property=prop.name, seconds=spent,
+                                 compiles=COMPILES.count - c0)])
+        self.progress.update(prop.name, n_cases, n_fail, n_checks, spent, force=True)
+        self.progress.line(f"{prop.name}: {n_cases} cases, {n_fail} failures, {n_checks} checks, "
+                           f"{spent:.1f} s, {COMPILES.count - c0} compiles")
+        if first_fail is not None:
+            self._report_failure(prop, *first_fail)
+
+    def _report_failure(self, prop, cid, chunk, params, outcome):
+        o, ctx = self.opts, self.ctx
+        t0 = time.perf_counter()
+        c0 = COMPILES.count
+        minimal, mo = params, outcome
+        if o.shrink:
+            r = shrink(prop, ctx, o.seed, chunk)
+            if r is not None:
+                minimal, mo = r
+        rec = save_failure(self.out, prop, ctx, o, cid, params, minimal, mo)
+        self.rec.write([dict(type="failure", property=prop.name, id=cid, file=rec["file"], error=mo["error"],
+                             replay=rec["replay"]),
+                        dict(type="property", property=prop.name, seconds=time.perf_counter() - t0,
+                             compiles=COMPILES.count - c0, phase="shrink")])
+        self.progress.line(f"{prop.name}: FAIL {cid} shrunk in {time.perf_counter() - t0:.1f} s -> {rec['file']}")

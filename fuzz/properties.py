@@ -1,0 +1,700 @@
+"""The named fuzz properties: what each one checks, its case strategy and its batched evaluation.
+
+A :class:`Property` has a hypothesis ``strategy(ctx)`` of case parameters (fuzz.strategies) and
+``evaluate(cases, ctx) -> [outcome]``, an outcome being ``dict(ok, checks, error, metrics)``: ``checks``
+is the number of independent assertions made on the case, ``error`` a one-line message when not ok.
+``call(case, ctx)`` gives the arrays of the (padded) attention call a failing case made, for saving.
+
+Tolerances: kernel vs float64 golden with the budget of :mod:`fuzz.engine` (jaxkv.verify's method);
+algebraic laws that hold exactly in IEEE arithmetic (identity, commutativity of ``merge``, byte equality
+of quantizers with the ``gguf`` package, cache bookkeeping) are checked exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+from fuzz import cases as C
+from fuzz import strategies as S
+from fuzz.engine import Batched, stats, verdict
+
+__all__ = ["Property", "Context", "PROPERTIES", "get", "available"]
+
+
+@dataclasses.dataclass
+class Context:
+    """Campaign-wide inputs of the properties: ``seed``, the ``--target`` callable and its spec,
+    the ``--traces`` directory, and the (K, V) cold-format pairs the cache properties draw from."""
+
+    seed: int = 0
+    target: Callable | None = None
+    target_spec: str | None = None
+    traces: str | None = None
+    cache_pairs: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Property:
+    name: str
+    doc: str
+    strategy: Callable[[Context], Any] | None
+    evaluate: Callable[[list, Context], list]
+    call: Callable[[dict, Context], dict] | None = None
+    requires: tuple = ()
+    enabled: Callable[[Context], str | None] = lambda ctx: None  # reason it cannot run, or None
+    files: Callable[[Context], list] | None = None  # explicit case list instead of a strategy
+
+
+def _outcome(ok, checks, error=None, **metrics):
+    return dict(ok=bool(ok), checks=int(checks), error=error, metrics=metrics)
+
+
+def _fmt_metrics(m):
+    return (f"nmse {m['nmse']:.3g} (budget {m['budget_nmse']:.3g}), max_abs {m['max_abs']:.3g} "
+            f"(budget {m['budget_max_abs']:.3g}), NaN {m['nan_count']}")
+
+
+def _judge(res: dict) -> dict:
+    """Outcome from a program result: every key but 'model' holding 5 stats is a kernel judged against
+    the golden with the model's budget; keys starting with 'exact_' are violation counts (must be 0)."""
+    errs, checks, metrics = [], 0, {}
+    for name, val in res.items():
+        if name == "model":
+            continue
+        checks += 1
+        if name.startswith("exact_"):
+            n = int(np.asarray(val).sum())
+            metrics[name] = n
+            if n:
+                errs.append(f"{name[6:]}: {n} violation(s)")
+            continue
+        ok, m = verdict(val, res["model"])
+        metrics[name] = m
+        if not ok:
+            errs.append(f"{name}: {_fmt_metrics(m)}")
+    return _outcome(not errs, checks, "; ".join(errs) or None, **metrics)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention properties (batched over padded cases)
+
+_att = importlib.import_module("jaxkv.attention")
+
+
+def _kw(a, sinks=True):
+    return dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"],
+                sinks=a["sinks"] if sinks else None)
+
+
+def _ref(a, precision, k=None, v=None):
+    return _att.attention(a["q"], a["k"] if k is None else k, a["v"] if v is None else v,
+                          precision=precision, **_kw(a))
+
+
+def _key(c):
+    return (tuple(c["heads"]), int(c["bucket"]))
+
+
+def _bitdiff(x, y):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    return jnp.sum(~((x == y) | (jnp.isnan(x) & jnp.isnan(y))))
+
+
+def _dead_rows(a, got):
+    """Rows (batch, query, head) whose keys are all masked and that have no sink must be exactly 0."""
+    dead = jnp.all(a["mask"] == -jnp.inf, axis=-1)  # [PB, H, PNQ]
+    dead = jnp.transpose(dead, (0, 2, 1)) & (a["sinks"] == -jnp.inf)[None, None, :]
+    row_valid = a["valid"][..., 0, 0][:, :, None] > 0  # [PB, PNQ, 1]
+    nonzero = jnp.any(got != 0, axis=-1)  # NaN != 0 too
+    return jnp.sum(dead & row_valid & nonzero)
+
+
+def _merge_laws(a, cuts, g):
+    """Partial states of the keys [0, a), [a, b), [b, n) (cut by masking) and the laws of merge."""
+    q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
+    j = jnp.arange(k.shape[1])
+    parts = [j < cuts[0], (j >= cuts[0]) & (j < cuts[1]), j >= cuts[1]]
+    kw = dict(scale=a["scale"], softcap=a["softcap"], max_bias=a["max_bias"], precision="f32")
+    s0, s1, s2 = (_att.partial_state(q, k, v, mask=jnp.where(p, mask, -jnp.inf), **kw) for p in parts)
+    PB, PNQ, H = s0.m.shape
+    e = _att.empty_state(PB, PNQ, H, v.shape[-1], jnp.float32)
+    m = _att.merge
+
+    def sd(x, y):
+        return _bitdiff(x.m, y.m) + _bitdiff(x.l, y.l) + _bitdiff(x.acc, y.acc)
+    ee = m(e, e)
+    left = _att.finalize(m(m(s0, s1), s2), a["sinks"])
+    right = _att.finalize(m(s0, m(s1, s2)), a["sinks"])
+    return dict(exact_identity=sd(m(s0, e), s0) + sd(m(e, s1), s1),
+                exact_commutative=sd(m(s0, s1), m(s1, s0)) + sd(m(s1, s2), m(s2, s1)),
+                exact_empty=sd(ee, e) + jnp.sum(jnp.isnan(ee.acc)),
+                merged_left=stats(left, g, a["valid"]), merged_right=stats(right, g, a["valid"]))
+
+
+def _kernels_make(key):
+    """The one program of a bucket (heads, KV bucket) shared by every attention property: golden
+    (f64), honest model (f32) and every kernel under test on one padded case; each property judges the
+    results it names."""
+    (H, Hkv), bucket = key
+    G = H // Hkv
+    chunk = S.KV_BUCKETS[bucket]
+
+    def fn(a, cuts):
+        q, k, v, val = a["q"], a["k"], a["v"], a["valid"]
+        g = _ref(a, "f64")
+        at = _ref(a, "f32")
+        fl = _att.flash_decode(q, k, v, chunk=chunk, precision="f32", **_kw(a))
+        on = _att.online_attention(q, k, v, precision="f32", **_kw(a))
+        r = dict(model=stats(at, g, val), flash_decode=stats(fl, g, val), online_attention=stats(on, g, val),
+                 attention=stats(at, g, val),
+                 exact_dead_rows_zero=_dead_rows(a, at) + _dead_rows(a, fl) + _dead_rows(a, on))
+        if G > 1:  # GQA vs MHA over repeated K/V: its own golden and model
+            kr, vr = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+            gr = _ref(a, "f64", kr, vr)
+            r.update(gqa_model=stats(_ref(a, "f32", kr, vr), gr, val), attention_gqa=stats(at, gr, val),
+                     flash_decode_gqa=stats(fl, gr, val))
+        r.update(_merge_laws(a, cuts, g))
+        return r
+    return fn
+
+
+_KERNELS = Batched(_kernels_make)
+
+
+def _attention_property(name, doc, judged, strategy, model="model"):
+    """A property over the shared kernels program: ``judged`` names the results it checks."""
+
+    def evaluate(cases, ctx):
+        groups = {}
+        for i, c in enumerate(cases):
+            groups.setdefault(_key(c), []).append(i)
+        out = [None] * len(cases)
+        for key, idx in groups.items():
+            args = []
+            for i in idx:
+                c = cases[i]
+                cuts = c.get("cuts", [0, c["n_kv"]])
+                args.append((C.pad_attention(c), np.asarray(cuts, np.int32)))
+            for i, r in zip(idx, _KERNELS.run(key, args)):
+                out[i] = _judge(dict({n: r[n] for n in judged}, model=r[model]))
+        return out
+
+    return Property(name, doc, strategy, evaluate, call=lambda c, ctx: C.pad_attention(c))
+
+
+def _s(strategy):
+    return lambda ctx: strategy
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# formats vs the gguf package (exact)
+
+def _gguf_type(fmt):
+    import gguf
+
+    from jaxkv import formats as F
+
+    return gguf.GGMLQuantizationType(F.get_format(fmt).type_id)
+
+
+def _raw_blocks(c):
+    """Random ggml blocks uint8 [rows, blocks * block_bytes]; ``sane``: F16/BF16/F32 fields finite."""
+    from jaxkv import formats as F
+
+    f = F.get_format(c["fmt"])
+    rng = np.random.default_rng(int(c["seed"]))
+    raw = rng.integers(0, 256, (c["rows"], c["blocks"], f.block_bytes), dtype=np.uint8)
+    if c["sane"]:
+        for fld in f.fields:
+            if fld.kind in ("f16", "bf16", "f32"):
+                vals = rng.uniform(-2, 2, (c["rows"], c["blocks"]))
+                dt = {"f16": np.float16, "f32": np.float32}.get(fld.kind)
+                b = (vals.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8) \
+                    if dt is None else vals.astype(dt).view(np.uint8)
+                raw[:, :, fld.offset:fld.offset + fld.size] = b.reshape(c["rows"], c["blocks"], -1)
+    return raw.reshape(c["rows"], -1)
+
+
+def _same_floats(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    eq = (a == b) | (np.isnan(a) & np.isnan(b))
+    return int(np.size(a) - np.count_nonzero(eq))
+
+
+def _dequant_make(fmt):
+    from jaxkv import formats as F
+
+    return lambda raw: F.dequantize(raw, fmt)
+
+
+_dequant_batched = Batched(_dequant_make)
+
+
+def _dequant_eval(cases, ctx):
+    from gguf import quants
+
+    from jaxkv import formats as F
+
+    out = [None] * len(cases)
+    groups = {}
+    for i, c in enumerate(cases):
+        groups.setdefault(c["fmt"], []).append(i)
+    for fmt, idx in groups.items():
+        f = F.get_format(fmt)
+        args = []
+        for i in idx:
+            raw = _raw_blocks(cases[i])
+            buf = np.zeros((8, 8 * f.block_bytes), np.uint8)
+            buf[:raw.shape[0], :raw.shape[1]] = raw
+            args.append((buf,))
+        for i, got in zip(idx, _dequant_batched.run(fmt, args)):
+            c = cases[i]
+            raw = _raw_blocks(c)
+            ref = quants.dequantize(raw, _gguf_type(fmt))
+            n = _same_floats(got[:c["rows"], :c["blocks"] * f.block_size], ref)
+            out[i] = _outcome(n == 0, 1, f"{n} value(s) differ from gguf.quants.dequantize" if n else None,
+                              differ=n)
+    return out
+
+
+def _values(c):
+    from jaxkv import formats as F
+
+    f = F.get_format(c["fmt"])
+    rng = np.random.default_rng(int(c["seed"]))
+    return C.draw_values(rng, (c["rows"], c["blocks"] * f.block_size), c["dist"])
+
+
+def _quant_make(fmt):
+    from jaxkv import formats as F
+
+    return lambda x: F.quantize(x, fmt)
+
+
+_quant_batched = Batched(_quant_make)
+
+
+def _quant_eval(cases, ctx):
+    from gguf import quants
+
+    from jaxkv import formats as F
+
+    out = [None] * len(cases)
+    groups = {}
+    for i, c in enumerate(cases):
+        groups.setdefault(c["fmt"], []).append(i)
+    for fmt, idx in groups.items():
+        f = F.get_format(fmt)
+        args = []
+        for i in idx:
+            x = _values(cases[i])
+            buf = np.zeros((8, 8 * f.block_size), np.float32)
+            buf[:x.shape[0], :x.shape[1]] = x
+            args.append((buf,))
+        for i, got in zip(idx, _quant_batched.run(fmt, args)):
+            c = cases[i]
+            ref = np.asarray(quants.quantize(_values(c), _gguf_type(fmt))).view(np.uint8).reshape(c["rows"], -1)
+            mine = np.asarray(got)[:c["rows"], :c["blocks"] * f.block_bytes]
+            n = int(np.count_nonzero(mine != ref))
+            out[i] = _outcome(n == 0, 1, f"{n} byte(s) differ from gguf.quants.quantize" if n else None,
+                              differ=n)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixed cache
+
+CACHE_D, CACHE_CAP, CACHE_PRE, CACHE_STEPS = 32, 48, 12, 16
+
+
+def cache_pairs(seed: int, n: int = 3) -> tuple:
+    """The (K, V) cold-format pairs a campaign's cache cases draw from: ``n`` pairs picked from all
+    (K, V) combinations by the campaign seed (each pair is one compiled program of several seconds;
+    different seeds cover different pairs; formats within a pair are independent)."""
+    fm = S.QUANT_FORMATS + ("f16",)
+    allp = [(a, b) for a in fm for b in fm]
+    rng = np.random.default_rng(int(seed) + 7919)
+    return tuple(allp[i] for i in rng.choice(len(allp), size=n, replace=False))
+
+
+def _cache_strategy(ctx):
+    pairs = ctx.cache_pairs or cache_pairs(ctx.seed)
+
+    @st.composite
+    def s(draw):
+        k_fmt, v_fmt = draw(st.sampled_from(pairs))
+        H, Hkv = 4, 2  # one head layout (GQA, G = 2): one program per format pair
+        return dict(k_fmt=k_fmt, v_fmt=v_fmt, heads=[H, Hkv], prefill=draw(st.integers(0, CACHE_PRE)),
+                    steps=draw(st.integers(0, CACHE_STEPS)), W=8, k_dist=draw(S.dist()),
+                    v_dist=draw(S.dist()), q_dist=draw(S.dist()),
+                    mask=draw(st.sampled_from(("none", "random", "causal"))), mask_param=draw(st.integers(1, 64)),
+                    sinks=draw(st.booleans()), softcap=draw(st.sampled_from((0.0, 20.0))),
+                    seed=draw(st.integers(0, 2**31 - 1)))
+    return s()
+
+
+def _cache_arrays(c):
+    """Tokens (prefill block padded to CACHE_PRE, decode tokens padded to CACHE_STEPS), flags, query,
+    logical mask over all CACHE_PRE + CACHE_STEPS positions, sinks."""
+    rng = np.random.default_rng(int(c["seed"]))
+    H, Hkv = c["heads"]
+    D = CACHE_D
+    T = CACHE_PRE + CACHE_STEPS
+    k = C.draw_values(rng, (1, T, Hkv, D), c["k_dist"])
+    v = C.draw_values(rng, (1, T, Hkv, D), c["v_dist"])
+    q = C.draw_values(rng, (1, 1, H, D), c["q_dist"])
+    n = c["prefill"] + c["steps"]
+    m = C.make_mask(rng, c["mask"], c["mask_param"], 1, 1, 1, max(n, 1))
+    mask = np.zeros((1, 1, 1, T), np.float32)
+    if m is not None:
+        mask[..., :max(n, 1)] = m
+    sinks = (rng.standard_normal(H) * 2).astype(np.float32) if c["sinks"] else np.full(H, -np.inf, np.float32)
+    with np.errstate(over="ignore"):
+        k, v = (np.clip(x, -6e4, 6e4) for x in (k, v))  # F16 hot window: keep finite
+    return dict(k=k, v=v, q=q, mask=mask, sinks=sinks)
+
+
+def _cache_make(key):
+    from jaxkv import cache as K
+
+    k_fmt, v_fmt, (H, Hkv) = key
+    D = CACHE_D
+
+    def fn(a, prefill, steps, softcap):
+        c0 = K.init(1, Hkv, D, cap_cold=CACHE_CAP, window=8, k_format=k_fmt, v_format=v_fmt)
+        # prefill: one multi-token append of the first `prefill` tokens (positions past it stay unused)
+        kp, vp = a["k"][:, :CACHE_PRE], a["v"][:, :CACHE_PRE]
+        live = (jnp.arange(CACHE_PRE) < prefill)[None, :, None, None]
+        # prefill: a full block (CACHE_PRE > W tokens) is one multi-token append (several evictions at
+        # once); a partial one (static shapes) goes token by token. Then `steps` decode appends.
+        full = K.append(c0, kp, vp)
+
+        def step(c, x):
+            kn, vn, act = x
+            c2 = K.append(c, kn[:, None], vn[:, None])
+            return jax.tree.map(lambda n_, o_: jnp.where(act, n_, o_), c2, c), None
+        toks = (jnp.moveaxis(kp, 1, 0), jnp.moveaxis(vp, 1, 0), live[0, :, 0, 0])
+        partial_, _ = jax.lax.scan(step, c0, toks)
+        c = jax.tree.map(lambda f_, p_: jnp.where(prefill == CACHE_PRE, f_, p_), full, partial_)
+        kd, vd = a["k"][:, CACHE_PRE:], a["v"][:, CACHE_PRE:]
+        act = jnp.arange(CACHE_STEPS) < steps
+        c, _ = jax.lax.scan(step, c, (jnp.moveaxis(kd, 1, 0), jnp.moveaxis(vd, 1, 0), act))
+        smask = K.slot_mask(c, a["mask"])
+        kw = dict(scale=jnp.float32(1 / math.sqrt(D)), mask=smask, softcap=softcap, sinks=a["sinks"])
+        got = K.attend(c, a["q"], chunk=16, precision="f32", **kw)
+        kc = jnp.concatenate([c.k_cold.dequantize(), c.k_hot.astype(jnp.float32)], axis=1)
+        vc = jnp.concatenate([c.v_cold.dequantize(), c.v_hot.astype(jnp.float32)], axis=1)
+        g = _att.attention(a["q"], kc, vc, precision="f64", **kw)
+        mo = _att.attention(a["q"], kc, vc, precision="f32", **kw)
+        valid = jnp.ones((1, 1, 1, 1), jnp.float32)
+        return dict(model=stats(mo, g, valid), attend=stats(got, g, valid)), dict(
+            k_raw=c.k_cold.raw, v_raw=c.v_cold.raw, k_hot=c.k_hot, v_hot=c.v_hot, n_cold=c.n_cold,
+            n_hot=c.n_hot)
+    return fn
+
+
+_cache_batched = Batched(_cache_make)
+
+
+def _cache_run(cases):
+    groups = {}
+    for i, c in enumerate(cases):
+        groups.setdefault((c["k_fmt"], c["v_fmt"], tuple(c["heads"])), []).append(i)
+    out = [None] * len(cases)
+    for key, idx in groups.items():
+        args = [(_cache_arrays(cases[i]), np.int32(cases[i]["prefill"]), np.int32(cases[i]["steps"]),
+                 np.float32(cases[i]["softcap"])) for i in idx]
+        for i, r in zip(idx, _cache_batched.run(key, args)):
+            out[i] = r
+    return out
+
+
+def _mixed_eval(cases, ctx):
+    return [_judge(r[0]) for r in _cache_run(cases)]
+
+
+def _expected_rows(x, fmt):
+    """Cold rows a cache must hold for tokens x [B, n, Hkv, D] float32 (already F16-rounded): raw
+    bytes from gguf's quantizer when it has one, else None (then only values are compared)."""
+    from gguf import quants
+
+    try:
+        return np.asarray(quants.quantize(x, _gguf_type(fmt))).view(np.uint8).reshape(x.shape[:-1] + (-1,))
+    except NotImplementedError:
+        return None
+
+
+def _append_eval(cases, ctx):
+    from jaxkv import formats as F
+
+    out = []
+    for c, r in zip(cases, _cache_run(cases)):
+        st_ = r[1]
+        a = _cache_arrays(c)
+        n = c["prefill"] + c["steps"]
+        toks_k = np.concatenate([a["k"][:, :c["prefill"]], a["k"][:, CACHE_PRE:CACHE_PRE + c["steps"]]], 1)
+        toks_v = np.concatenate([a["v"][:, :c["prefill"]], a["v"][:, CACHE_PRE:CACHE_PRE + c["steps"]]], 1)
+        toks_k, toks_v = (x.astype(np.float16).astype(np.float32) for x in (toks_k, toks_v))
+        n_hot = min(n, 8)
+        n_cold = n - n_hot
+        errs = []
+        if int(st_["n_cold"]) != n_cold or int(st_["n_hot"]) != n_hot:
+            errs.append(f"lengths: n_cold={int(st_['n_cold'])}, n_hot={int(st_['n_hot'])}, expected "
+                        f"{n_cold}, {n_hot}")
+        else:
+            for nm, toks, raw, hot, fmt in (("k", toks_k, st_["k_raw"], st_["k_hot"], c["k_fmt"]),
+                                            ("v", toks_v, st_["v_raw"], st_["v_hot"], c["v_fmt"])):
+                if _same_floats(np.asarray(hot[:, :n_hot], np.float32), toks[:, n_cold:]):
+                    errs.append(f"{nm}_hot: differs from the F16 rounding of the last {n_hot} tokens")
+                if n_cold:
+                    exp = _expected_rows(toks[:, :n_cold], fmt)
+                    got = np.asarray(raw[:, :n_cold])
+                    if exp is not None and np.count_nonzero(exp != got):
+                        errs.append(f"{nm}_cold: {int(np.count_nonzero(exp != got))} byte(s) differ from "
+                                    f"gguf.quants.quantize of the F16 tokens")
+                    elif exp is None:
+                        deq = np.asarray(F.dequantize(got, fmt))
+                        ref = np.asarray(F.dequantize(F.quantize(toks[:, :n_cold], fmt), fmt))
+                        if _same_floats(deq, ref):
+                            errs.append(f"{nm}_cold: values differ from quantize(F16 tokens)")
+        out.append(_outcome(not errs, 5, "; ".join(errs) or None, n_cold=n_cold, n_hot=n_hot))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# traces in a directory, the --target kernel
+
+def _trace_files(ctx):
+    import pathlib
+
+    if not ctx.traces:
+        return []
+    p = pathlib.Path(ctx.traces)
+    files = sorted(x for x in p.rglob("*.gguf") if x.is_file()) if p.is_dir() else [p]
+    return [dict(file=str(f)) for f in files]
+
+
+def _traces_eval(cases, ctx):
+    from jaxkv import verify
+
+    trace = importlib.import_module("jaxkv.trace")
+    out = []
+    for c in cases:
+        try:
+            v = verify.verify_trace(trace.load(c["file"]), name=c["file"])
+        except Exception as e:  # one bad file is one failed case, not a crash
+            out.append(_outcome(False, 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            continue
+        d = v.to_json()
+        err = None if v.status == "pass" else (v.error or v.line())
+        out.append(_outcome(v.status == "pass", 1, err, nmse=d.get("nmse"), max_abs=d.get("max_abs"),
+                            diagnosis=d.get("diagnosis")))
+    return out
+
+
+def _target_key(c):
+    return (tuple(c["heads"]), int(c["bucket"]), bool(c["sinks"]))
+
+
+def _target_call_kw(a, has_sinks):
+    return dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"],
+                sinks=a["sinks"] if has_sinks else None)
+
+
+class _TargetRunner:
+    """Golden + model (+ the target itself when it traces under jax.vmap) in one batched program per
+    bucket; a target that does not trace (numpy code) is called once per case on the padded arrays."""
+
+    def __init__(self):
+        self.fn = None
+        self.traceable = None
+        self.ref = Batched(self._make_ref)
+        self.full = Batched(self._make_full)
+
+    def _make_ref(self, key):
+        def f(a):
+            g = _ref(a, "f64")
+            return g, _ref(a, "f32")
+        return f
+
+    def _make_full(self, key):
+        has_sinks = key[2]
+
+        def f(a):
+            g = _ref(a, "f64")
+            got = self.fn(a["q"], a["k"], a["v"], **_target_call_kw(a, has_sinks))
+            return dict(model=stats(_ref(a, "f32"), g, a["valid"]), target=stats(jnp.asarray(got), g, a["valid"]))
+        return f
+
+    def set(self, fn):
+        if fn is not self.fn:
+            self.fn, self.traceable = fn, None
+            self.full = Batched(self._make_full)
+
+    def run(self, cases):
+        groups = {}
+        for i, c in enumerate(cases):
+            groups.setdefault(_target_key(c), []).append(i)
+        out = [None] * len(cases)
+        for key, idx in groups.items():
+            args = [(C.pad_attention(cases[i]),) for i in idx]
+            if self.traceable is None:
+                try:
+                    jax.eval_shape(jax.vmap(self._make_full(key)), *_stack1(args[0]))
+                    self.traceable = True
+                except Exception:
+                    self.traceable = False
+            if self.traceable:
+                for i, r in zip(idx, self.full.run(key, args)):
+                    out[i] = _judge(r)
+                continue
+            refs = self.ref.run(key, args)
+            for i, (g, mo), (a,) in zip(idx, refs, args):
+                try:
+                    got = np.asarray(self.fn(a["q"], a["k"], a["v"], **_target_call_kw(a, key[2])))
+                except Exception as e:
+                    out[i] = _outcome(False, 1, f"target raised {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                if got.shape != g.shape:
+                    out[i] = _outcome(False, 1, f"target output shape {list(got.shape)} != {list(g.shape)}")
+                    continue
+                ok, m = verdict(_np_stats(got, g, a["valid"]), _np_stats(mo, g, a["valid"]))
+                out[i] = _outcome(ok, 1, None if ok else f"target: {_fmt_metrics(m)}", target=m)
+        return out
+
+
+def _stack1(args):
+    return tuple(jax.tree_util.tree_map(lambda x: np.asarray(x)[None], a) for a in args)
+
+
+def _np_stats(got, ref, valid):
+    return np.asarray(jax.device_get(_np_stats_jit(got, ref, valid)))
+
+
+_np_stats_jit = jax.jit(stats)
+_TARGET = _TargetRunner()
+
+
+def _target_eval(cases, ctx):
+    _TARGET.set(ctx.target)
+    return _TARGET.run(cases)
+
+
+def _need_target(ctx):
+    return None if ctx.target is not None else "needs --target MODULE:FUNCTION"
+
+
+def _need_traces(ctx):
+    return None if ctx.traces else "needs --traces DIR"
+
+
+def _need(mod):
+    def f(ctx):
+        try:
+            importlib.import_module(mod)
+            return None
+        except ImportError as e:
+            return f"{mod} is not available ({e})"
+    return f
+
+
+def _target_call(c, ctx):
+    a = C.pad_attention(c)
+    if not c["sinks"]:
+        a = dict(a, sinks=None)
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registry
+
+_ALL_B = tuple(S.KV_BUCKETS)
+
+PROPERTIES: dict[str, Property] = {}
+
+
+def _register(p: Property):
+    PROPERTIES[p.name] = p
+    return p
+
+
+_register(Property(
+    "dequantize", "jaxkv.formats.dequantize == gguf.quants.dequantize on random blocks (every format "
+    "gguf implements; NaN == NaN)", _s(S.raw_blocks_case(formats=tuple(f for f in S.ALL_FORMATS if f != "q8_1"))),
+    _dequant_eval, requires=("gguf",)))
+_register(Property(
+    "quantize", "jaxkv.formats.quantize == gguf.quants.quantize byte for byte (formats gguf quantizes)",
+    _s(S.values_case(formats=("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"))),
+    _quant_eval, requires=("gguf",)))
+_register(_attention_property(
+    "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 budget",
+    ("flash_decode",), _s(S.attention_case())))
+_register(_attention_property(
+    "online", "online_attention (ggml's one-key-at-a-time softmax, f32) vs the f64 reference",
+    ("online_attention",), _s(S.attention_case())))
+_register(_attention_property(
+    "merge_laws", "merge: exact identity, exact commutativity, empty+empty, associativity (both "
+    "bracketings) and finalize(merge of 3 partial states) vs the f64 reference",
+    ("exact_identity", "exact_commutative", "exact_empty", "merged_left", "merged_right"),
+    _s(S.merge_case())))
+_register(_attention_property(
+    "gqa", "GQA/MQA attention and flash_decode vs MHA over K/V repeated per query head",
+    ("attention_gqa", "flash_decode_gqa"), _s(S.attention_case(heads=((4, 1), (6, 2)))), model="gqa_model"))
+_register(_attention_property(
+    "masked_rows", "fully masked rows give exact zeros, NaN in keys masked everywhere never leaks "
+    "(attention, flash_decode, online_attention)", ("attention", "flash_decode", "online_attention",
+                                                    "exact_dead_rows_zero"),
+    _s(S.attention_case(masks=("full_rows", "padded", "random", "causal"), nan_unused=True))))
+_register(_attention_property(
+    "large_logits", "huge logits (values ~1e4, outlier channels, scale up to 4): flash_decode and "
+    "online_attention stay finite and within budget", ("flash_decode", "online_attention"),
+    _s(S.attention_case(dists=("big", "outlier")))))
+_register(Property(
+    "mixed_cache", "jaxkv.cache.attend over a mixed cache (cold formats K/V independent, hot F16 "
+    "window) vs attention over the concatenation", _cache_strategy, _mixed_eval))
+_register(Property(
+    "cache_append", "cache.append bookkeeping: lengths, hot window = F16 of the last W tokens, cold "
+    "rows = gguf quantize of the F16 tokens (bytes)", _cache_strategy, _append_eval, requires=("gguf",)))
+_register(Property(
+    "traces", "every trace in --traces DIR verified against the reference (jaxkv.verify)",
+    None, _traces_eval, enabled=_need_traces, files=_trace_files))
+_register(Property(
+    "target", "the --target kernel vs the f64 reference within the f32 budget",
+    _s(S.attention_case()), _target_eval, call=_target_call, enabled=_need_target))
+
+
+def _late_properties():
+    """Properties over modules other helpers ship (registered only when importable)."""
+    try:
+        from fuzz import properties_io  # noqa: F401  (layout and trace properties)
+    except ImportError:
+        return
+    for name in ("traces", "target"):  # keep the input-driven properties last
+        PROPERTIES[name] = PROPERTIES.pop(name)
+
+
+_late_properties()
+
+
+def get(name: str) -> Property:
+    if name not in PROPERTIES:
+        raise ValueError(f"--properties: unknown property {name!r}; known: {', '.join(PROPERTIES)}")
+    return PROPERTIES[name]
+
+
+def available(p: Property, ctx: Context) -> str | None:
+    """None when the property can run in this context, else the reason it cannot."""
+    for mod in p.requires:
+        r = _need(mod)(ctx)
+        if r:
+            return r
+    return p.enabled(ctx)

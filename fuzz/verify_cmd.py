@@ -1,0 +1,141 @@
+"""``python -m fuzz verify TRACE_OR_DIR... [--precision P] [--json] [--names MAP] [--timings]``.
+
+Verifies every trace (trace v1 files, and every step of a foreign multi-step dump) against the reference
+under the declared precision model with a per-trace derived tolerance (docs/tolerance.md), and diagnoses
+failures. Exit status: 0 all pass; 1 at least one mismatch; 2 at least one trace could not be read or
+verified (each reported on one line; the others are still verified). 2 wins over 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+__all__ = ["main", "parse_names", "expand_paths"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    from jaxkv.verify import PRECISIONS
+
+    p = _Parser(prog="python -m fuzz verify", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", metavar="TRACE_OR_DIR")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="declared precision model of the kernel (default: from trace.producer)")
+    p.add_argument("--json", action="store_true", help="one JSON object per trace on stdout")
+    p.add_argument("--names", metavar="MAP", default=None,
+                   help="tensor-name map for trace.load: a JSON file or role=name,role=name")
+    p.add_argument("--timings", action="store_true",
+                   help="print the time spent loading, compiling and computing")
+    return p
+
+
+def parse_names(spec: str | None) -> dict | None:
+    """``--names``: a JSON object file, or comma-separated ``role=name`` pairs -> dict (None if unset)."""
+    if spec is None:
+        return None
+    p = pathlib.Path(spec)
+    if p.is_file():
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--names: {spec} is not a JSON object file ({e})") from None
+        if not isinstance(d, dict) or not all(isinstance(x, str) for x in d.values()):
+            raise ValueError(f"--names: {spec} must hold a JSON object of strings")
+        return d
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise ValueError(f"--names: expected role=name pairs or a JSON file, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def expand_paths(paths) -> list[pathlib.Path]:
+    """Files as given; directories -> their ``*.gguf`` files (recursive, sorted). A missing path is
+    kept (it is reported as unreadable)."""
+    out = []
+    for s in paths:
+        p = pathlib.Path(s)
+        if p.is_dir():
+            out.extend(sorted(x for x in p.rglob("*.gguf") if x.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
+def _load(path: pathlib.Path, names) -> list[tuple[str, object]]:
+    """(name, Trace) per call in the file: one for trace v1, one per step for a foreign dump."""
+    from jaxkv import trace as tr
+
+    steps = tr.load_steps(path, names=names)
+    foreign = any(any(str(k).startswith("kqv_trace.") for k in (t.metadata or {})) for t in steps)
+    if foreign or len(steps) > 1:
+        return [(f"{path}[step {i + 1}]", t) for i, t in enumerate(steps)]
+    return [(str(path), t) for t in steps]
+
+
+def main(argv: list[str]) -> int:
+    """Run the verify command on ``argv`` (the arguments after ``verify``); returns the exit status."""
+    from jaxkv import verify as vf
+
+    try:
+        args = _parser().parse_args(argv)
+        names = parse_names(args.names)
+    except (_UsageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    timings = vf.Timings()
+    worst = 0
+    for path in expand_paths(args.paths):
+        try:
+            with timings.loading():
+                items = _load(path, names)
+        except Exception as e:  # unreadable: one line, go on
+            items = [(str(path), e)]
+        for name, t in items:
+            if isinstance(t, BaseException):
+                verdict = vf.Verdict(name, "error", error=_one_line(t))
+            else:
+                try:
+                    with timings.computing():
+                        verdict = vf.verify_trace(t, args.precision, name=name)
+                except Exception as e:
+                    verdict = vf.Verdict(name, "error", error=_one_line(e))
+            code = {"pass": 0, "fail": 1, "error": 2}[verdict.status]
+            worst = max(worst, code)
+            if args.json:
+                print(json.dumps(verdict.to_json()), flush=True)
+            else:
+                print(verdict.line(), flush=True)
+                if verdict.status == "fail":
+                    print(verdict.details(), flush=True)
+    if args.timings:
+        print(timings.line(), file=sys.stderr if args.json else sys.stdout)
+    return worst
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BrokenPipeError:  # output piped into a closed reader (e.g. head)
+        sys.stderr.close()
+        sys.exit(1)

@@ -1,0 +1,557 @@
+"""Reference attention, split-K flash decoding and the partial softmax state.
+
+Layout (every public function)::
+
+    q     [B, n_q, H, Dk]            float
+    k     [B, n_kv, Hkv, Dk]         float (float16 means F16 storage) or formats.QuantArray
+    v     [B, n_kv, Hkv, Dv]         as k
+    mask  [B|1, H|1, n_q, n_kv]      additive float; -inf masks a key
+    sinks [H]                        float
+    out   [B, n_q, H, Dv]            float64 under "f64", float32 otherwise
+
+Query head ``h`` uses KV head ``h // (H // Hkv)`` (GQA/MQA); K/V are never repeated: q is viewed as
+``[B, n_q, Hkv, G, Dk]`` with ``G = H // Hkv``.
+
+Semantics (those of ggml's ``ggml_flash_attn_ext``), for query row ``i``, head ``h``, key ``j``::
+
+    slope_h = alibi_slopes(H, max_bias)[h]             (1 when max_bias == 0)
+    b_ij    = slope_h * mask[., h, i, j]               (0 when there is no mask)
+    s_ij    = scale * q_i . k_j                        (softcap == 0)
+    s_ij    = softcap * tanh(scale * q_i . k_j / softcap)   (softcap != 0; before the mask)
+    s_ij    = s_ij + b_ij                              key j skipped entirely where b_ij == -inf
+    out_i   = sum_j exp(s_ij - M) v_j / (sum_j exp(s_ij - M) + exp(sink_h - M))
+
+with ``M`` the maximum over the live logits and the sink (the sink term only when sinks are given; a
+sink joins the max and the denominator but has no value row). A row with no live key and no sink
+returns zeros, never NaN. A key that is masked for every query row and head of a batch row is skipped
+like ggml skips it: its K/V values are never read (they may be NaN/inf, e.g. unused cache slots).
+
+Precision policies: ``"f64"`` casts every input to float64 (the golden reference); ``"f32"`` computes
+in float32 (matmuls at HIGHEST precision); ``"ggml-cpu"`` (``attention`` only) dispatches to
+``jaxkv.ggml_cpu.flash_attn_ext``, the bit-faithful model of ggml's CPU kernel.
+
+Split-K: the KV axis is cut into chunks; each chunk yields a partial :class:`State` ``(m, l, acc)``
+(running max, sum of ``exp(s - m)``, unnormalised ``sum exp(s - m) v``) and states are merged by
+log-sum-exp (:func:`merge`); :func:`finalize` adds the sinks and divides. Under differentiation the
+stabiliser ``m`` of a partial state is a constant (``stop_gradient``): ``finalize`` is invariant to it,
+so gradients of outputs are exact, and no NaN arises from ``-inf`` masks (double-``where`` guards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "PRECISIONS",
+    "State",
+    "alibi_slopes",
+    "effective_bias",
+    "attention",
+    "online_attention",
+    "flash_decode",
+    "empty_state",
+    "merge",
+    "partial_state",
+    "finalize",
+]
+
+PRECISIONS = ("f64", "f32", "ggml-cpu")
+_COMPUTE = {"f64": jnp.float64, "f32": jnp.float32}
+_HI = lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------------------------
+# the partial state
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["m", "l", "acc"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Partial softmax state of a set of keys: ``m`` [..., ] running max (-inf: no live key), ``l``
+    [...] sum of ``exp(s - m)``, ``acc`` [..., Dv] sum of ``exp(s - m) * v``. Public states have
+    ``m``, ``l``: [B, n_q, H] and ``acc``: [B, n_q, H, Dv]. The empty state (m=-inf, l=0, acc=0) is the
+    identity of :func:`merge`."""
+
+    m: Any
+    l: Any
+    acc: Any
+
+
+def empty_state(batch: int, n_q: int, n_head: int, d_v: int, dtype=jnp.float32) -> State:
+    """The identity state: m [B, n_q, H] = -inf, l [B, n_q, H] = 0, acc [B, n_q, H, Dv] = 0."""
+    return _empty((batch, n_q, n_head), d_v, dtype)
+
+
+def _empty(lead: tuple, d_v: int, dtype) -> State:
+    return State(
+        m=jnp.full(lead, -jnp.inf, dtype),
+        l=jnp.zeros(lead, dtype),
+        acc=jnp.zeros(lead + (d_v,), dtype),
+    )
+
+
+def merge(a: State, b: State) -> State:
+    """Log-sum-exp merge of two partial states of disjoint key sets (any matching shapes).
+
+    Associative and commutative up to rounding; the empty state is an exact identity;
+    empty (+) empty = empty with no NaN (``-inf - -inf`` is never formed)."""
+    m = jnp.maximum(a.m, b.m)
+    m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+    ca = jnp.exp(a.m - m_safe)  # a.m == -inf -> 0
+    cb = jnp.exp(b.m - m_safe)
+    return State(
+        m=m,
+        l=a.l * ca + b.l * cb,
+        acc=a.acc * ca[..., None] + b.acc * cb[..., None],
+    )
+
+
+def finalize(state: State, sinks=None):
+    """Output ``acc / l`` [..., Dv] of a state; ``sinks`` [H] (last axis of ``m``) join the max and the
+    denominator with no value row. Rows with ``l == 0`` (no live key, no sink) give zeros."""
+    if sinks is not None:
+        sinks = jnp.asarray(sinks).astype(state.l.dtype)
+        if sinks.ndim != 1 or sinks.shape[0] != state.m.shape[-1]:
+            raise ValueError(f"sinks: expected shape [{state.m.shape[-1]}], got {list(sinks.shape)}")
+        sm = jnp.broadcast_to(sinks, state.m.shape)
+        sink_state = State(m=sm, l=jnp.ones_like(state.l), acc=jnp.zeros_like(state.acc))
+        state = merge(state, sink_state)
+    live = state.l > 0
+    l_safe = jnp.where(live, state.l, jnp.ones_like(state.l))
+    return jnp.where(live[..., None], state.acc / l_safe[..., None], jnp.zeros_like(state.acc))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALiBi
+
+
+def alibi_slopes(n_head: int, max_bias) -> jax.Array:
+    """ALiBi slopes [H] float32, ggml's formula computed in float32 like ggml (``powf``).
+
+    ``n_head_log2 = 2^floor(log2(H))``, ``m0 = 2^(-max_bias/n_head_log2)``,
+    ``m1 = 2^(-max_bias/2/n_head_log2)``; head ``h`` gets ``m0^(h+1)`` for ``h < n_head_log2`` else
+    ``m1^(2(h-n_head_log2)+1)``. All ones when ``max_bias <= 0``. A concrete ``max_bias`` is evaluated
+    with numpy float32 ``power`` (C ``powf``); a traced one with XLA float32 ops."""
+    n_head = int(n_head)
+    if n_head < 1:
+        raise ValueError(f"n_head: must be >= 1, got {n_head}")
+    n_log2 = 1 << int(math.floor(math.log2(n_head)))
+    h = np.arange(n_head)
+    base_sel = h < n_log2
+    expo = np.where(base_sel, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
+    if isinstance(max_bias, jax.core.Tracer):
+        mb = jnp.asarray(max_bias, jnp.float32)
+        m0 = jnp.power(jnp.float32(2.0), -mb / jnp.float32(n_log2))
+        m1 = jnp.power(jnp.float32(2.0), -(mb / jnp.float32(2.0)) / jnp.float32(n_log2))
+        s = jnp.power(jnp.where(base_sel, m0, m1), expo)
+        return jnp.where(mb > 0, s, jnp.ones_like(s)).astype(jnp.float32)
+    mb = np.float32(max_bias)
+    if not mb > 0:
+        return jnp.ones((n_head,), jnp.float32)
+    with np.errstate(all="ignore"):
+        m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
+        m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
+        s = np.power(np.where(base_sel, m0, m1).astype(np.float32), expo, dtype=np.float32)
+    return jnp.asarray(s, jnp.float32)
+
+
+def effective_bias(mask, slopes):
+    """The additive bias ggml applies: ``slopes[h] * mask`` -> [B|1, H, n_q, n_kv] (mask dtype
+    promoted with the slopes'); ``-inf`` stays ``-inf`` (slopes are positive)."""
+    mask = jnp.asarray(mask)
+    slopes = jnp.asarray(slopes)
+    if mask.ndim != 4:
+        raise ValueError(f"mask: expected [B|1, H|1, n_q, n_kv], got shape {list(mask.shape)}")
+    return mask * slopes[None, :, None, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation and layout helpers
+
+
+def _is_quant(x) -> bool:
+    return hasattr(x, "raw") and hasattr(x, "fmt") and hasattr(x, "dequantize")
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape)
+
+
+def _check(q, k, v, mask, sinks, precision, allowed=("f64", "f32")):
+    if precision not in allowed:
+        raise ValueError(f"precision: expected one of {allowed}, got {precision!r}")
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if len(qs) != 4:
+        raise ValueError(f"q: expected [B, n_q, H, Dk], got shape {list(qs)}")
+    if len(ks) != 4:
+        raise ValueError(f"k: expected [B, n_kv, Hkv, Dk], got shape {list(ks)}")
+    if len(vs) != 4:
+        raise ValueError(f"v: expected [B, n_kv, Hkv, Dv], got shape {list(vs)}")
+    B, n_q, H, Dk = qs
+    if ks[0] != B or ks[3] != Dk:
+        raise ValueError(f"k: shape {list(ks)} does not match q {list(qs)} (B, Dk)")
+    if vs[0] != B or vs[1] != ks[1] or vs[2] != ks[2]:
+        raise ValueError(f"v: shape {list(vs)} does not match k {list(ks)} (B, n_kv, Hkv)")
+    Hkv = ks[2]
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"k: n_head_kv={Hkv} must divide n_head={H}")
+    if mask is not None:
+        ms = _shape(mask)
+        if (len(ms) != 4 or ms[0] not in (1, B) or ms[1] not in (1, H) or ms[2] != n_q
+                or ms[3] != ks[1]):
+            raise ValueError(
+                f"mask: expected [B|1, H|1, n_q, n_kv] = [{B}|1, {H}|1, {n_q}, {ks[1]}], "
+                f"got {list(ms)}")
+    if sinks is not None:
+        ss = _shape(sinks)
+        if ss != (H,):
+            raise ValueError(f"sinks: expected shape [{H}], got {list(ss)}")
+
+
+def _to_compute(x, dtype):
+    """Float array or QuantArray -> dtype (QuantArrays dequantize to f32 first, exact)."""
+    if _is_quant(x):
+        x = x.dequantize()
+    return jnp.asarray(x).astype(dtype)
+
+
+def _group_q(q, hkv):
+    B, n_q, H, D = q.shape
+    return q.reshape(B, n_q, hkv, H // hkv, D)
+
+
+def _group_mask(mask, hkv, g):
+    """[B|1, H|1, n_q, n] -> [B|1, n_q, Hkv|1, G|1, n] (a transpose of the mask, no broadcast)."""
+    mb, mh, n_q, n = mask.shape
+    t = jnp.transpose(mask, (0, 2, 1, 3))
+    if mh == 1:
+        return t.reshape(mb, n_q, 1, 1, n)
+    return t.reshape(mb, n_q, hkv, g, n)
+
+
+def _logits(qg, kc, scale, softcap, bias, slopes_g, live):
+    """Scaled, soft-capped, biased logits [B, n_q, Hkv, G, c] with -inf at skipped keys.
+
+    qg [B, n_q, Hkv, G, Dk]; kc [B, c, Hkv, Dk]; bias [B|1, n_q, Hkv|1, G|1, c] raw mask or None;
+    slopes_g [Hkv, G] or None; live [c] bool (positions that exist) or None. Returns (s, dead) with
+    dead [B, n_q, Hkv, G, c] bool broadcastable."""
+    dt = qg.dtype
+    cap = jnp.asarray(softcap, dt)
+    cap_on = cap != 0
+    cap_safe = jnp.where(cap_on, cap, jnp.ones_like(cap))
+    factor = jnp.where(cap_on, jnp.asarray(scale, dt) / cap_safe, jnp.asarray(scale, dt))
+    s = jnp.einsum("bqhgd,bchd->bqhgc", qg, kc, precision=_HI) * factor
+    s = jnp.where(cap_on, cap_safe * jnp.tanh(s), s)
+    dead = None
+    if bias is not None:
+        b = bias.astype(dt)
+        if slopes_g is not None:
+            b = b * slopes_g.astype(dt)[:, :, None]
+        dead = b == -jnp.inf
+        s = s + b
+    if live is not None:
+        nl = ~live
+        dead = nl if dead is None else (dead | nl)
+    if dead is not None:
+        s = jnp.where(dead, -jnp.inf, s)
+    return s, dead
+
+
+def _zero_dead_columns(kc, vc, dead):
+    """Zero K/V rows of keys that are dead for every query row and head of their batch row, so that
+    unread values (NaN/inf in unused slots) cannot reach the output or its gradient."""
+    if dead is None:
+        return kc, vc
+    # dead: [B|1, n_q|1, Hkv|1, G|1, c] -> all over (n_q, G) -> [B|1, Hkv|1, c] -> [B|1, c, Hkv|1, 1]
+    col = jnp.all(dead, axis=(1, 3))
+    col = jnp.transpose(col, (0, 2, 1))[..., None]
+    kc = jnp.where(col, jnp.zeros_like(kc), kc)
+    vc = jnp.where(col, jnp.zeros_like(vc), vc)
+    return kc, vc
+
+
+def _chunk_state(qg, kc, vc, scale, softcap, bias, slopes_g, live) -> State:
+    """Grouped partial state (m, l: [B, n_q, Hkv, G]; acc [..., Dv]) of one chunk of keys."""
+    if bias is not None or live is not None:
+        # dead-column test needs only the mask, not the logits
+        pre = None
+        if bias is not None:
+            b = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
+            pre = b == -jnp.inf
+        if live is not None:
+            nl = ~live[None, None, None, None, :]
+            pre = nl if pre is None else (pre | nl)
+        kc, vc = _zero_dead_columns(kc, vc, pre)
+    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, live)
+    m = lax.stop_gradient(jnp.max(s, axis=-1))
+    m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+    p = jnp.exp(s - m_safe[..., None])
+    l = jnp.sum(p, axis=-1)
+    acc = jnp.einsum("bqhgc,bchd->bqhgd", p, vc, precision=_HI)
+    return State(m=m, l=l, acc=acc)
+
+
+def _ungroup_state(st: State) -> State:
+    B, n_q, hkv, g = st.m.shape
+    return State(m=st.m.reshape(B, n_q, hkv * g), l=st.l.reshape(B, n_q, hkv * g),
+                 acc=st.acc.reshape(B, n_q, hkv * g, st.acc.shape[-1]))
+
+
+def _slopes_arg(n_head, max_bias, mask):
+    """Slopes [H] f32 (all ones when max_bias <= 0), or None without a mask (ALiBi only scales the
+    mask). Always an array with a mask, so max_bias values never change the compiled program."""
+    if mask is None:
+        return None
+    return alibi_slopes(n_head, max_bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the standard reference
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
+    dt = _COMPUTE[precision]
+    hkv = k.shape[2]
+    qg = _group_q(_to_compute(q, dt), hkv)
+    kc, vc = _to_compute(k, dt), _to_compute(v, dt)
+    g = qg.shape[3]
+    bias = None if mask is None else _group_mask(mask, hkv, g)
+    slopes_g = None if slopes is None else slopes.reshape(hkv, g)
+    if bias is not None:
+        pre = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
+        kc, vc = _zero_dead_columns(kc, vc, pre == -jnp.inf)
+    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, None)  # [B, n_q, Hkv, G, n_kv]
+    m = jnp.max(s, axis=-1) if s.shape[-1] else jnp.full(s.shape[:-1], -jnp.inf, dt)
+    if sinks is not None:
+        sk = sinks.astype(dt).reshape(hkv, g)
+        m = jnp.maximum(m, sk)
+    m = lax.stop_gradient(m)
+    m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+    p = jnp.exp(s - m_safe[..., None])
+    den = jnp.sum(p, axis=-1)
+    if sinks is not None:
+        den = den + jnp.exp(sk - m_safe)
+    num = jnp.einsum("bqhgc,bchd->bqhgd", p, vc, precision=_HI)
+    live = den > 0
+    den_safe = jnp.where(live, den, jnp.ones_like(den))
+    out = jnp.where(live[..., None], num / den_safe[..., None], jnp.zeros_like(num))
+    B, n_q = q.shape[:2]
+    return out.reshape(B, n_q, hkv * g, out.shape[-1])
+
+
+def attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, precision="f32",
+              **model_kwargs):
+    """Reference attention. q [B, n_q, H, Dk]; k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv] (float, or
+    formats.QuantArray, dequantized first); mask [B|1, H|1, n_q, n_kv]; sinks [H] -> out
+    [B, n_q, H, Dv] (float64 for "f64", float32 otherwise). Semantics in the module docstring.
+
+    precision: "f64", "f32" or "ggml-cpu" (dispatched with ``**model_kwargs`` to
+    ``jaxkv.ggml_cpu.flash_attn_ext``). ``model_kwargs`` are rejected for the other policies."""
+    if precision == "ggml-cpu":
+        from jaxkv import ggml_cpu
+
+        return ggml_cpu.flash_attn_ext(q, k, v, scale=scale, mask=mask, softcap=softcap,
+                                       max_bias=max_bias, sinks=sinks, **model_kwargs)
+    if model_kwargs:
+        raise ValueError(f"model_kwargs: {sorted(model_kwargs)} only apply to precision='ggml-cpu'")
+    _check(q, k, v, mask, sinks, precision)
+    q = jnp.asarray(q)
+    k = k if _is_quant(k) else jnp.asarray(k)
+    v = v if _is_quant(v) else jnp.asarray(v)
+    mask = None if mask is None else jnp.asarray(mask)
+    sinks = None if sinks is None else jnp.asarray(sinks)
+    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    return _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ggml CPU's sequential online softmax
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _online_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
+    dt = _COMPUTE[precision]
+    hkv = k.shape[2]
+    qg = _group_q(_to_compute(q, dt), hkv)
+    kc, vc = _to_compute(k, dt), _to_compute(v, dt)
+    B, n_q, _, g, _ = qg.shape
+    dv = vc.shape[-1]
+    bias = None if mask is None else _group_mask(mask, hkv, g)
+    slopes_g = None if slopes is None else slopes.reshape(hkv, g)
+    if bias is not None:
+        pre = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
+        kc, vc = _zero_dead_columns(kc, vc, pre == -jnp.inf)
+    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, None)
+    s = jnp.broadcast_to(s, (B, n_q, hkv, g, s.shape[-1]))
+    s_t = jnp.moveaxis(s, -1, 0)  # [n_kv, B, n_q, Hkv, G]
+    v_t = jnp.moveaxis(vc, 1, 0)  # [n_kv, B, Hkv, Dv]
+
+    def step(carry, xs):
+        M, S, acc = carry
+        sj, vj = xs
+        skip = sj == -jnp.inf
+        # ggml: if s > M { ms = exp(M - s); M = s; vs = 1 } else { ms = 1; vs = exp(s - M) }.
+        # Written as M' = max(M, s), ms = exp(M - M'), vs = exp(s - M'): identical values.
+        Mn = lax.stop_gradient(jnp.where(skip, M, jnp.maximum(M, sj)))
+        Mn_safe = jnp.where(Mn == -jnp.inf, jnp.zeros_like(Mn), Mn)
+        ms = jnp.where(skip, jnp.ones_like(M), jnp.exp(M - Mn_safe))
+        sj_safe = jnp.where(skip, Mn_safe, sj)
+        vs = jnp.where(skip, jnp.zeros_like(sj), jnp.exp(sj_safe - Mn_safe))
+        acc = acc * ms[..., None] + vs[..., None] * vj[:, None, :, None, :]
+        S = S * ms + vs
+        return (Mn, S, acc), None
+
+    lead = (B, n_q, hkv, g)
+    init = (jnp.full(lead, -jnp.inf, dt), jnp.zeros(lead, dt), jnp.zeros(lead + (dv,), dt))
+    (M, S, acc), _ = lax.scan(step, init, (s_t, v_t))
+    st = State(m=M, l=S, acc=acc)
+    out = finalize(_ungroup_state(st), sinks)
+    return out
+
+
+def online_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None,
+                     precision="f32"):
+    """ggml CPU's sequential online softmax, one key at a time (``lax.scan`` over n_kv): per live key,
+    a new maximum rescales the accumulator and sum, otherwise ``vs = exp(s - M)``; sinks join after
+    the loop. Same layout and semantics as :func:`attention`; precision "f64" or "f32"."""
+    _check(q, k, v, mask, sinks, precision)
+    q = jnp.asarray(q)
+    k = k if _is_quant(k) else jnp.asarray(k)
+    v = v if _is_quant(v) else jnp.asarray(v)
+    mask = None if mask is None else jnp.asarray(mask)
+    sinks = None if sinks is None else jnp.asarray(sinks)
+    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    return _online_core(q, k, v, scale, mask, softcap, slopes, sinks, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------------
+# split-K flash decoding
+
+
+def _slice_kv(x, start, size, dtype):
+    """Rows [start, start+size) of the KV axis (axis 1) of a float array or QuantArray, as dtype."""
+    if _is_quant(x):
+        from jaxkv import formats
+
+        raw = lax.dynamic_slice_in_dim(x.raw, start, size, axis=1)
+        return formats.dequantize(raw, x.fmt).astype(dtype)
+    return lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(dtype)
+
+
+def _split_k_state(qg, k, v, scale, softcap, bias, slopes_g, n_valid, chunk: int) -> State:
+    """Grouped merged state of all chunks of one KV region.
+
+    qg [B, n_q, Hkv, G, Dk] (compute dtype); k/v [B, n, Hkv, D] float or QuantArray; bias grouped
+    [B|1, n_q, Hkv|1, G|1, n] or None; n_valid: keys at index >= n_valid are dead (traced int or None).
+    The region is cut into ceil(n / c) chunks of c = min(chunk, n) keys; the last chunk's start is
+    clamped to n - c and the keys it shares with the previous chunk are dead in it (no padding copy)."""
+    dt = qg.dtype
+    B, n_q, hkv, g, _ = qg.shape
+    dv = _shape(v)[-1]
+    n = _shape(k)[1]
+    if n == 0:
+        return _empty((B, n_q, hkv, g), dv, dt)
+    c = min(int(chunk), n)
+    n_chunks = -(-n // c)
+    ragged = n_chunks * c != n
+
+    def chunk_state(i):
+        start = i * c
+        st = jnp.minimum(start, n - c) if ragged else start
+        kc = _slice_kv(k, st, c, dt)
+        vc = _slice_kv(v, st, c, dt)
+        live = None
+        if ragged or n_valid is not None:
+            pos = st + jnp.arange(c)
+            live = pos >= start
+            if n_valid is not None:
+                live = live & (pos < n_valid)
+        bc = None if bias is None else lax.dynamic_slice_in_dim(bias, st, c, axis=bias.ndim - 1)
+        return _chunk_state(qg, kc, vc, scale, softcap, bc, slopes_g, live)
+
+    if n_chunks == 1:
+        return chunk_state(0)
+
+    def body(carry, i):
+        return merge(carry, chunk_state(i)), None
+
+    init = _empty((B, n_q, hkv, g), dv, dt)
+    out, _ = lax.scan(body, init, jnp.arange(n_chunks))
+    return out
+
+
+def _prep_split(q, k, mask, slopes, precision):
+    dt = _COMPUTE[precision]
+    hkv = _shape(k)[2]
+    qg = _group_q(q.astype(dt), hkv)
+    g = qg.shape[3]
+    bias = None if mask is None else _group_mask(mask, hkv, g)
+    slopes_g = None if slopes is None else slopes.reshape(hkv, g)
+    return qg, bias, slopes_g
+
+
+@partial(jax.jit, static_argnames=("chunk", "precision"))
+def _flash_core(q, k, v, scale, mask, softcap, slopes, sinks, *, chunk, precision):
+    qg, bias, slopes_g = _prep_split(q, k, mask, slopes, precision)
+    st = _split_k_state(qg, k, v, scale, softcap, bias, slopes_g, None, chunk)
+    return finalize(_ungroup_state(st), sinks)
+
+
+def _check_chunk(chunk):
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+
+
+def flash_decode(q, k, v, *, chunk, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None,
+                 precision="f32"):
+    """Split-K flash decoding: same layout, semantics and result as :func:`attention` (up to
+    rounding). The KV axis is cut into chunks of ``chunk`` keys (static; ragged last chunk allowed),
+    each converted to the compute dtype (QuantArrays dequantized) inside a ``lax.scan``, reduced to a
+    partial :class:`State` and merged by log-sum-exp; sinks join in :func:`finalize`.
+    precision: "f64" or "f32"."""
+    _check(q, k, v, mask, sinks, precision)
+    _check_chunk(chunk)
+    q = jnp.asarray(q)
+    k = k if _is_quant(k) else jnp.asarray(k)
+    v = v if _is_quant(v) else jnp.asarray(v)
+    mask = None if mask is None else jnp.asarray(mask)
+    sinks = None if sinks is None else jnp.asarray(sinks)
+    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    return _flash_core(q, k, v, scale, mask, softcap, slopes, sinks, chunk=int(chunk),
+                       precision=precision)
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _partial_core(q, k, v, scale, mask, softcap, slopes, *, precision):
+    qg, bias, slopes_g = _prep_split(q, k, mask, slopes, precision)
+    dt = qg.dtype
+    n = _shape(k)[1]
+    if n == 0:
+        st = _empty(qg.shape[:4], _shape(v)[-1], dt)
+    else:
+        st = _chunk_state(qg, _to_compute(k, dt), _to_compute(v, dt), scale, softcap, bias,
+                          slopes_g, None)
+    return _ungroup_state(st)
+
+
+def partial_state(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, precision="f32") -> State:
+    """Partial :class:`State` of one chunk of keys: q [B, n_q, H, Dk], k/v [B, c, Hkv, D] (float or
+    QuantArray), mask [B|1, H|1, n_q, c] -> State(m, l: [B, n_q, H], acc: [B, n_q, H, Dv]).
+    ``finalize(merge(partial_state(chunk 1), partial_state(chunk 2)), sinks)`` equals attention over
+    the concatenated keys. ``max_bias`` is ggml's ALiBi (needs the full head count H of q)."""
+    _check(q, k, v, mask, None, precision)
+    q = jnp.asarray(q)
+    k = k if _is_quant(k) else jnp.asarray(k)
+    v = v if _is_quant(v) else jnp.asarray(v)
+    mask = None if mask is None else jnp.asarray(mask)
+    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    return _partial_core(q, k, v, scale, mask, softcap, slopes, precision=precision)

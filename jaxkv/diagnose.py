@@ -1,0 +1,142 @@
+"""Diagnosis of a failed trace: which named bug explains the kernel's output, or where the error is.
+
+Layout: got, golden, emu [B, n_q, H, Dv]; ``case`` a :class:`jaxkv.mutations.Case`.
+
+A hypothesis (a :class:`jaxkv.mutations.Variant`) explains the output when the reference with that
+one bug applied matches the kernel:
+
+- gross failures (the kernel is outside the golden budget): the float64 reference with the bug,
+  ``golden'``, is within the same budget of the kernel (NMSE and max-abs, no NaN);
+- sharp failures (within the golden budget but off the ``ggml-cpu`` emulation): to first order a bug
+  moves the emulation as it moves the golden, so the bug explains the discrepancy ``D = got - emu``
+  when ``Δ = golden' - golden`` accounts for it: ``|D - Δ|`` within the emulation budget, or
+  ``||D - Δ||^2 <= RESIDUAL * ||D||^2`` (it explains at least 75 % of the discrepancy's energy).
+
+Every explaining variant is reported (bugs with identical outcomes, e.g. "scale applied twice" and
+"scale 1/Dk" when scale = 1/sqrt(Dk), are both reported). When none explains, :func:`localize`
+says where the error concentrates: per head, per query, and per KV chunk (the share of the error
+aligned with each chunk's contribution to the output).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxkv import mutations
+
+__all__ = ["RESIDUAL", "RECHECK", "diagnose", "localize"]
+
+#: sharp level: the residual after removing the bug's first-order effect may keep at most this
+#: fraction of the discrepancy's energy (the bug explains >= 75 % of it)
+RESIDUAL = 0.25
+#: gross level: input bugs whose max-abs distance is within this many budgets get their own budget
+RECHECK = 10.0
+
+
+def _finding(v: mutations.Variant, e, level: str) -> dict:
+    return dict(hypothesis=v.hypothesis, label=v.label, nmse=e.nmse, max_abs=e.max_abs, level=level)
+
+
+def diagnose(case: mutations.Case, got, budget, *, golden, emu=None, emu_check=None,
+             names=None, outputs=None, model_fn=None) -> list[dict]:
+    """Findings (dicts: hypothesis, label, nmse, max_abs, level) of the hypotheses that explain
+    ``got``; ``budget`` is the trace's :class:`jaxkv.verify.Budget`; ``emu``/``emu_check`` the
+    emulation output and check under ggml-cpu (None otherwise); ``names`` restricts the hypotheses;
+    ``outputs`` (dict, optional) caches the buggy outputs by variant label across calls on one case;
+    ``model_fn(case) -> out`` (optional) is the honest model of the declared precision on dense inputs:
+    an input bug close to the budget (within ``RECHECK`` times) is re-judged with the budget derived on
+    its own inputs (a bug such as ``scale 1`` sharpens the softmax and so the honest error)."""
+    from jaxkv.verify import EMU_UNITS, errors
+
+    got = np.asarray(got, np.float64)
+    golden = np.asarray(golden, np.float64)
+    variants = mutations.hypotheses(case, names)
+    cache = {} if outputs is None else outputs
+
+    def out_of(v):
+        if v.label not in cache:
+            cache[v.label] = v.output(case, golden)
+        return cache[v.label]
+    gross = not budget.allows(errors(got, golden))
+    found = []
+    if gross or emu is None:
+        from jaxkv.verify import derive_budget
+
+        for v in variants:
+            gv = out_of(v)
+            e = errors(got, gv)
+            if budget.for_reference(gv).allows(e):
+                found.append(_finding(v, e, "golden"))
+            elif (model_fn is not None and v.transform is not None and e.nan_count == 0
+                  and e.max_abs <= RECHECK * budget.max_abs):
+                b2 = derive_budget(gv, model_fn(v.transform(case)), budget.model, budget.factor)
+                if b2.allows(e):
+                    found.append(_finding(v, e, "golden (budget of the buggy inputs)"))
+        return found
+    emu = np.asarray(emu, np.float64)
+    with np.errstate(all="ignore"):
+        D = got - emu
+    if not np.all(np.isfinite(D)):
+        return found
+    d2 = float(np.sum(D ** 2))
+    unit = emu_check.unit if emu_check is not None else 2.0 ** -24
+    row = unit * np.maximum(np.max(np.abs(emu), axis=-1), 2.0 ** -126)
+    for v in variants:
+        delta = out_of(v) - golden
+        with np.errstate(all="ignore"):
+            r = D - delta
+        if not np.all(np.isfinite(r)):
+            continue
+        units = float(np.max(np.abs(r).max(axis=-1) / row, initial=0.0))
+        if units <= EMU_UNITS or float(np.sum(r ** 2)) <= RESIDUAL * d2:
+            e = errors(got, emu + delta)
+            found.append(_finding(v, e, "emulation (first order)"))
+    return found
+
+
+def _chunks(case: mutations.Case) -> list[tuple[int, int]]:
+    b = mutations.kv_chunks(case)
+    if b:
+        return b
+    n = case.k.shape[1]
+    c = max(1, -(-n // 8))
+    return [(a, min(a + c, n)) for a in range(0, n, c)]
+
+
+def localize(case: mutations.Case, got, golden) -> dict:
+    """Where |got - golden| concentrates: ``per_head_max_abs`` [H], ``per_query_max_abs`` [n_q],
+    ``per_batch_max_abs`` [B], and ``per_chunk``: for each KV chunk (ggml's split chunks or regions, else
+    eighths of the KV axis), ``share`` = cos^2 between the error and the chunk's contribution
+    ``sum_{j in chunk} p_j (v_j - out)`` (1: the error is that chunk's weight being off)."""
+    got = np.asarray(got, np.float64)
+    golden = np.asarray(golden, np.float64)
+    with np.errstate(all="ignore"):
+        d = np.abs(got - golden)
+    d = np.where(np.isnan(d), np.inf, d)
+    out = dict(per_head_max_abs=[float(x) for x in d.max(axis=(0, 1, 3))],
+               per_query_max_abs=[float(x) for x in d.max(axis=(0, 2, 3))],
+               per_batch_max_abs=[float(x) for x in d.max(axis=(1, 2, 3))])
+    err = np.transpose(np.nan_to_num(got - golden, posinf=0.0, neginf=0.0), (0, 2, 1, 3))
+    s = mutations.logits(case)
+    m = s.max(axis=-1)
+    if case.sinks is not None:
+        m = np.maximum(m, np.asarray(case.sinks, np.float64)[None, :, None])
+    ms = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(all="ignore"):
+        p = np.where(s == -np.inf, 0.0, np.exp(s - ms[..., None]))
+    den = p.sum(-1)
+    if case.sinks is not None:
+        den = den + np.exp(np.asarray(case.sinks, np.float64)[None, :, None] - ms)
+    p = p / np.where(den > 0, den, 1.0)[..., None]
+    o = np.transpose(golden, (0, 2, 1, 3))  # [B, H, n_q, Dv]
+    e2 = float(np.sum(err ** 2))
+    chunks = []
+    for a, b in _chunks(case):
+        pc = np.zeros_like(p)
+        pc[..., a:b] = p[..., a:b]
+        contrib = mutations.weighted_values(case, pc) - pc.sum(-1)[..., None] * o
+        c2 = float(np.sum(contrib ** 2))
+        share = float(np.sum(err * contrib) ** 2 / (e2 * c2)) if e2 > 0 and c2 > 0 else 0.0
+        chunks.append(dict(keys=[a, b], share=share))
+    out["per_chunk"] = chunks
+    return out

@@ -1,0 +1,224 @@
+"""The ``ggml-cpu`` precision model: a bit-faithful emulation of ggml 0.21's CPU attention on x86.
+
+Layout (every public function)::
+
+    q     [B, n_q, H, Dk]        float32
+    k     [B, n_kv, Hkv, Dk]     float32 array (F32 type), float16 array (F16) or formats.QuantArray
+    v     [B, n_kv, Hkv, Dv]     as k
+    mask  [B|1, H|1, n_q, n_kv]  additive, F16-representable values (ggml reads an F16 mask); -inf masks
+    sinks [H]                    float32
+    out   [B, n_q, H, Dv]        float32
+
+Query head ``h`` uses KV head ``h // (H // Hkv)``. ``isa`` is the SIMD build of ggml-cpu being
+modelled: ``"avx512"`` (the default: the shared traces come from an AVX-512 build) or ``"avx2"``.
+
+What is modelled (see ``shared/docs/ggml-cpu-rounding.md`` and the module docstrings of
+:mod:`.fp`, :mod:`.dot`, :mod:`.kernels`): q converted to K's ``vec_dot_type`` (F16 rounding, x86
+``quantize_row_q8_0/q8_1``); per-ISA SIMD lane order of every dot; the online softmax with glibc
+``expf``; the F16 accumulator rounded after every scale and every add when V is F16 (F32 otherwise);
+sinks; the ``1/S`` multiply; ggml's path selection: the split-KV path (``n_q == 1``, ``B == 1``, K and
+V both F16 or both F32, ``n_kv >= 512``: ``n_threads`` chunks, partials merged in order) and the
+per-row loop otherwise. The tiled path (F16/F32 K and V of one type with ``n_q >= 64``) is not
+modelled: such calls raise NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv import formats
+from jaxkv.ggml_cpu import kernels as _k
+from jaxkv.ggml_cpu.dot import ISA_TABLE, get_isa
+from jaxkv.ggml_cpu.kernels import BUILD_CONTRACT, Contract
+from jaxkv.ggml_cpu.fp import F64
+
+__all__ = ["ISAS", "DEFAULT_ISA", "Contract", "BUILD_CONTRACT", "SPLIT_KV_MIN", "TILE_Q", "flash_attn_ext",
+           "soft_max_attn", "mixed_flash_attn", "kv_type", "split_chunks"]
+
+ISAS = tuple(ISA_TABLE)          # ("avx512", "avx2")
+DEFAULT_ISA = "avx512"           # the shared traces' build (ggml-cpu-rounding.md)
+SPLIT_KV_MIN = 512               # ggml_compute_forward_flash_attn_ext_f16: nek1 >= 512
+TILE_Q = 64                      # GGML_FA_TILE_Q
+
+
+def kv_type(x, name: str) -> str:
+    """ggml type name of a K/V operand: "f32" (float32 array), "f16" (float16 array) or the
+    QuantArray's format."""
+    if hasattr(x, "raw") and hasattr(x, "fmt"):
+        f = formats.get_format(x.fmt)
+        if f.name not in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"):
+            raise ValueError(f"{name}: unsupported block type {f.name!r}")
+        return f.name
+    dt = getattr(x, "dtype", None)
+    if dt == jnp.float32:
+        return "f32"
+    if dt == jnp.float16:
+        return "f16"
+    raise ValueError(f"{name}: expected a float32 array (F32), float16 array (F16) or QuantArray, "
+                     f"got dtype {dt}")
+
+
+def split_chunks(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, n_threads: int) -> int:
+    """Number of KV chunks ggml's CPU flash_attn_ext uses: n_threads on the split-KV path, else 1."""
+    if n_q == 1 and B == 1 and k_type == v_type and k_type in ("f16", "f32") and n_kv >= SPLIT_KV_MIN:
+        return int(n_threads)
+    return 1
+
+
+def _slopes(n_head: int, max_bias: float) -> np.ndarray:
+    """ggml's ALiBi slopes [H] (float32 powf, as ggml computes them) as float64."""
+    mb = np.float32(max_bias)
+    if not mb > 0:
+        return np.ones(n_head, np.float64)
+    n_log2 = 1 << int(math.floor(math.log2(n_head)))
+    m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
+    m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
+    h = np.arange(n_head)
+    base = np.where(h < n_log2, m0, m1).astype(np.float32)
+    ex = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
+    return np.power(base, ex, dtype=np.float32).astype(np.float64)
+
+
+def _contract(isa, contract) -> Contract:
+    if contract is None:
+        return BUILD_CONTRACT[get_isa(isa).name]
+    if not isinstance(contract, Contract):
+        raise ValueError(f"contract: expected a ggml_cpu.Contract or None, got {contract!r}")
+    return contract
+
+
+def _check(q, k, v, mask, sinks):
+    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    if len(qs) != 4:
+        raise ValueError(f"q: expected [B, n_q, H, Dk], got shape {list(qs)}")
+    if len(ks) != 4:
+        raise ValueError(f"k: expected [B, n_kv, Hkv, Dk], got shape {list(ks)}")
+    if len(vs) != 4:
+        raise ValueError(f"v: expected [B, n_kv, Hkv, Dv], got shape {list(vs)}")
+    B, n_q, H, Dk = qs
+    if ks[0] != B or ks[3] != Dk:
+        raise ValueError(f"k: shape {list(ks)} does not match q {list(qs)} (B, Dk)")
+    if vs[:3] != ks[:3]:
+        raise ValueError(f"v: shape {list(vs)} does not match k {list(ks)} (B, n_kv, Hkv)")
+    if ks[2] < 1 or H % ks[2]:
+        raise ValueError(f"k: Hkv={ks[2]} must divide H={H}")
+    if mask is not None:
+        ms = tuple(mask.shape)
+        if len(ms) != 4 or ms[0] not in (1, B) or ms[1] not in (1, H) or ms[2] != n_q or ms[3] != ks[1]:
+            raise ValueError(f"mask: expected [B|1, H|1, n_q, n_kv] = [{B}|1, {H}|1, {n_q}, {ks[1]}], "
+                             f"got {list(ms)}")
+    if sinks is not None and tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks: expected [H] = [{H}], got {list(sinks.shape)}")
+    if getattr(q, "dtype", None) != jnp.float32:
+        raise ValueError(f"q: expected float32 (ggml's F32 q), got {getattr(q, 'dtype', None)}")
+
+
+def _group(q, mask, sinks, slopes, hkv):
+    """q [B, n_q, H, D] -> [B, n_q, Hkv, G, D] f64; mask [B|1, H|1, n_q, n_kv] -> [B|1, n_q, Hkv|1, G|1, n_kv]."""
+    B, n_q, H, D = q.shape
+    g = H // hkv
+    qg = jnp.asarray(q).astype(F64).reshape(B, n_q, hkv, g, D)
+    mg = None
+    if mask is not None:
+        m = jnp.asarray(mask)
+        if m.dtype != jnp.float16:
+            m = m.astype(jnp.float32).astype(jnp.float16)  # ggml reads the mask as F16
+        m = m.astype(F64)
+        mb, mh = m.shape[:2]
+        m = jnp.moveaxis(m, 2, 1)  # [B|1, n_q, H|1, n_kv]
+        mg = m.reshape(mb, n_q, hkv, g, m.shape[-1]) if mh == H else m[:, :, :, None, :]
+    sg = None if sinks is None else jnp.asarray(sinks, jnp.float32).astype(F64).reshape(hkv, g)
+    return qg, mg, sg, jnp.asarray(slopes, F64).reshape(hkv, g)
+
+
+def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=1,
+                   isa=DEFAULT_ISA, contract=None):
+    """ggml's CPU ``ggml_flash_attn_ext`` (F32 q, default precision), emulated bit for bit.
+
+    q [B, n_q, H, Dk] float32; k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv]: float32 / float16 arrays or
+    formats.QuantArray; mask [B|1, H|1, n_q, n_kv] (rounded to F16 like ggml's mask tensor); sinks [H]
+    -> float32 [B, n_q, H, Dv]. ``n_threads`` matters only on the split-KV path (ggml cuts the keys
+    into that many chunks). ``scale``, ``softcap``, ``max_bias`` are float32 op parameters.
+    ``contract``: which ``a*b + c`` the compiler fused (:class:`Contract`); None = the default of the
+    build ``isa`` names (:data:`BUILD_CONTRACT`)."""
+    ctr = _contract(isa, contract)
+    k_type, v_type = kv_type(k, "k"), kv_type(v, "v")
+    _check(q, k, v, mask, sinks)
+    if int(n_threads) < 1:
+        raise ValueError(f"n_threads: must be >= 1, got {n_threads}")
+    B, n_q, H, _ = q.shape
+    n_kv, hkv = k.shape[1], k.shape[2]
+    if k_type == v_type and k_type in ("f16", "f32") and n_q >= TILE_Q:
+        raise NotImplementedError(f"n_q={n_q} >= {TILE_Q} with {k_type} K and V takes ggml's tiled "
+                                  "flash-attention path, which this model does not emulate")
+    if n_kv == 0:
+        return jnp.zeros((B, n_q, H, v.shape[-1]), jnp.float32)
+    if k_type not in ("f16", "f32") and q.shape[-1] % 32:
+        raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
+    nch = split_chunks(n_q, B, k_type, v_type, n_kv, n_threads)
+    qg, mg, sg, slg = _group(q, mask, sinks, _slopes(H, max_bias), hkv)
+    sc = float(np.float32(scale))
+    cap = float(np.float32(softcap))
+    out = _k.fa_core(qg, k, v, jnp.asarray(sc, F64), jnp.asarray(cap if cap else 1.0, F64), slg, mg, sg,
+                     k_type=k_type, v_type=v_type, isa=get_isa(isa).name, n_chunks=nch,
+                     softcap_on=cap != 0.0, contract=ctr)
+    return out.reshape(B, n_q, H, -1)
+
+
+def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=DEFAULT_ISA, contract=None):
+    """ggml's unfused CPU attention, emulated bit for bit: ``kq = mul_mat(k, q)`` (q converted to K's
+    vec_dot_type), ``soft_max_ext(kq, mask, scale, max_bias)`` (SIMD ``ggml_v_expf``, sum in double,
+    times ``1/sum``), ``kqv = mul_mat(v^T, kq)`` (kq converted to F16 for F16 V), permuted.
+
+    q [B, n_q, H, Dk] float32; k [B, n_kv, Hkv, Dk] float32 / float16 / QuantArray; v (canonical, not
+    transposed) [B, n_kv, Hkv, Dv] float16 or float32; mask [B|1, H|1, n_q, n_kv] -> float32
+    [B, n_q, H, Dv]. ``n_threads`` does not change ggml's results here. ``contract`` as in
+    :func:`flash_attn_ext`."""
+    ctr = _contract(isa, contract)
+    k_type, v_type = kv_type(k, "k"), kv_type(v, "v")
+    if v_type not in ("f16", "f32"):
+        raise ValueError(f"v: soft_max_attn needs F16 or F32 V (ggml transposes it), got {v_type}")
+    _check(q, k, v, mask, None)
+    if int(n_threads) < 1:
+        raise ValueError(f"n_threads: must be >= 1, got {n_threads}")
+    B, n_q, H, _ = q.shape
+    hkv = k.shape[2]
+    if k_type not in ("f16", "f32") and q.shape[-1] % 32:
+        raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
+    qg, mg, _, slg = _group(q, mask, None, _slopes(H, max_bias), hkv)
+    out = _k.softmax_attn_core(qg, k, v, jnp.asarray(float(np.float32(scale)), F64), slg, mg,
+                               k_type=k_type, v_type=v_type, isa=get_isa(isa).name, contract=ctr)
+    return out.reshape(B, n_q, H, -1)
+
+
+def _to_f32(x, name):
+    t = kv_type(x, name)
+    if t in ("f16", "f32"):
+        return jnp.asarray(x).astype(jnp.float32)
+    return formats.dequantize(x.raw, x.fmt)
+
+
+def mixed_flash_attn(q, k_cold, v_cold, k_hot, v_hot, *, kv_order="cold,hot", scale, mask=None,
+                     softcap=0.0, max_bias=0.0, sinks=None, n_threads=1, isa=DEFAULT_ISA, contract=None):
+    """A mixed KV cache through ggml: cold K/V (QuantArray, or float arrays) dequantized to F32, hot
+    K/V (float16) converted to F32, concatenated on the KV axis in ``kv_order`` ("cold,hot" or
+    "hot,cold"), rounded to F16, then :func:`flash_attn_ext` with F16 K and V.
+
+    q [B, n_q, H, Dk]; k_cold [B, n_cold, Hkv, Dk]; v_cold [B, n_cold, Hkv, Dv]; k_hot / v_hot
+    [B, n_hot, Hkv, D]; mask [B|1, H|1, n_q, n_cold + n_hot] in kv_order -> float32 [B, n_q, H, Dv]."""
+    if kv_order not in ("cold,hot", "hot,cold"):
+        raise ValueError(f"kv_order: expected 'cold,hot' or 'hot,cold', got {kv_order!r}")
+    parts_k = [_to_f32(k_cold, "k_cold"), _to_f32(k_hot, "k_hot")]
+    parts_v = [_to_f32(v_cold, "v_cold"), _to_f32(v_hot, "v_hot")]
+    if kv_order == "hot,cold":
+        parts_k, parts_v = parts_k[::-1], parts_v[::-1]
+    for name, a, b in (("k_hot", parts_k[0], parts_k[1]), ("v_hot", parts_v[0], parts_v[1])):
+        if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+            raise ValueError(f"{name}: shape {list(b.shape)} does not match the cold region {list(a.shape)}")
+    k16 = jnp.concatenate(parts_k, axis=1).astype(jnp.float16)
+    v16 = jnp.concatenate(parts_v, axis=1).astype(jnp.float16)
+    return flash_attn_ext(q, k16, v16, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias,
+                          sinks=sinks, n_threads=n_threads, isa=isa, contract=contract)

@@ -1,0 +1,509 @@
+"""Buggy references: a float64 attention with named, injectable bugs (the hypotheses of ``diagnose``).
+
+Everything here is numpy float64 on dense arrays (quantized K/V already dequantized): a mutated
+reference is evaluated for every hypothesis of a failing trace, each with its own shapes, so a
+compiled JAX function per variant would cost more than the arithmetic. ``golden(case)`` without a bug
+equals ``jaxkv.attention.attention(..., precision="f64")`` (tested).
+
+Layout (canonical, see ``jaxkv.attention``)::
+
+    q [B, n_q, H, Dk]   k [B, n_kv, Hkv, Dk]   v [B, n_kv, Hkv, Dv]   (KV axis in the kernel's order)
+    mask [B|1, H|1, n_q, n_kv] additive (-inf masks) or None   sinks [H] or None   out [B, n_q, H, Dv]
+
+A bug is a :class:`Variant`: a label and a function ``Case -> out`` (float64). Bugs that a kernel
+could make in how it reads its inputs are input transforms (``case -> case'``, then the correct
+reference); bugs inside the computation (softcap applied twice, a split-K chunk merged without
+rescaling) are hooks of :func:`golden`; bugs in how the output is written are permutations of the
+correct output. :func:`hypotheses` lists, for one case, every variant of every hypothesis that applies
+to it (a hypothesis that cannot change this case's output is not listed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["Case", "Variant", "HYPOTHESES", "golden", "logits", "weighted_values", "hypotheses",
+           "kv_chunks", "f16_bits_as_f32", "alibi_slopes_np"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One attention call on dense float64 operands (the trace's exact, dequantized inputs).
+
+    ``regions``: the KV axis as named contiguous pieces ``((name, start, stop), ...)`` in the kernel's
+    order (``mixed_flash_attn``: ``cold`` and ``hot``; otherwise empty). ``n_threads`` drives ggml's
+    split-KV chunking. ``mask_f16``: the mask is stored as F16 (trace v1 always stores it so)."""
+
+    op: str
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    mask: np.ndarray | None = None
+    sinks: np.ndarray | None = None
+    scale: float = 1.0
+    softcap: float = 0.0
+    max_bias: float = 0.0
+    n_threads: int = 1
+    regions: tuple = ()
+    mask_f16: bool = True
+
+    @property
+    def dims(self):
+        """(B, n_q, H, Hkv, n_kv, Dk, Dv)."""
+        B, n_q, H, Dk = self.q.shape
+        return B, n_q, H, self.k.shape[2], self.k.shape[1], Dk, self.v.shape[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One concrete bug: ``hypothesis`` (its class), ``label`` (what exactly), ``compute(case)`` -> the
+    output [B, n_q, H, Dv] float64 that a kernel with this bug produces on ``case``. Input bugs also
+    give ``transform`` (case -> the inputs the buggy kernel effectively uses: apply any reference to
+    them); output-order bugs give ``out_index`` (flat gather of the correct output)."""
+
+    hypothesis: str
+    label: str
+    compute: Callable[[Case], np.ndarray]
+    out_index: np.ndarray | None = None
+    transform: Callable[[Case], Case] | None = None
+
+    def output(self, case: Case, reference: np.ndarray | None = None) -> np.ndarray:
+        """The buggy output on ``case``; an output-permutation bug permutes ``reference`` (the correct
+        output, if given) instead of recomputing it."""
+        if self.out_index is not None and reference is not None:
+            return np.asarray(reference).reshape(-1)[self.out_index].reshape(reference.shape)
+        return self.compute(case)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reference with hooks
+
+
+def alibi_slopes_np(n_head: int, max_bias: float) -> np.ndarray:
+    """ggml's ALiBi slopes [H] (float32 arithmetic like ggml's powf), as float64; ones if max_bias <= 0."""
+    if not max_bias > 0:
+        return np.ones(n_head)
+    n_log2 = 1 << int(math.floor(math.log2(n_head)))
+    h = np.arange(n_head)
+    mb = np.float32(max_bias)
+    m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
+    m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
+    base = np.where(h < n_log2, m0, m1).astype(np.float32)
+    expo = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
+    return np.power(base, expo, dtype=np.float32).astype(np.float64)
+
+
+def logits(case: Case, softcap_twice: bool = False) -> np.ndarray:
+    """Per-key logits s [B, H, n_q, n_kv] float64: ``scale q.k``, soft cap, ``+ slope * mask``; -inf
+    where the key is skipped (``slope * mask == -inf``)."""
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    g = H // Hkv
+    qg = np.transpose(case.q.reshape(B, n_q, Hkv, g, Dk), (0, 2, 3, 1, 4)).reshape(B, Hkv, g * n_q, Dk)
+    kt = np.transpose(case.k, (0, 2, 3, 1))  # [B, Hkv, Dk, n_kv]
+    with np.errstate(all="ignore"):
+        s = np.matmul(qg, kt).reshape(B, H, n_q, n_kv) * case.scale
+        c = case.softcap
+        if c:
+            s = c * np.tanh(s / c)
+            if softcap_twice:
+                s = c * np.tanh(s / c)
+        if case.mask is not None:
+            bias = case.mask * alibi_slopes_np(H, case.max_bias)[None, :, None, None]
+            s = np.where(bias == -np.inf, -np.inf, s + bias)
+    return s
+
+
+def weighted_values(case: Case, p: np.ndarray) -> np.ndarray:
+    """sum_j p[b, h, i, j] v[b, j, h // G] -> [B, H, n_q, Dv] for weights p [B, H, n_q, n_kv]
+    (p == 0 marks skipped keys: their V is never read, so NaN/inf there cannot reach the result)."""
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    g = H // Hkv
+    v = case.v
+    if not np.all(np.isfinite(v)):
+        used = np.any(p != 0, axis=(2,))  # [B, H, n_kv]
+        ve = np.transpose(np.repeat(v, g, axis=2), (0, 2, 1, 3))  # [B, H, n_kv, Dv]
+        ve = np.where(used[..., None], ve, 0.0)
+        return np.matmul(p, ve)
+    pg = p.reshape(B, Hkv, g * n_q, n_kv)
+    return np.matmul(pg, np.transpose(v, (0, 2, 1, 3))).reshape(B, H, n_q, Dv)
+
+
+def golden(case: Case, *, softcap_twice: bool = False, unrescaled=None) -> np.ndarray:
+    """float64 attention of ``case`` -> out [B, n_q, H, Dv]. Hooks (bugs): ``softcap_twice`` applies
+    the soft cap a second time; ``unrescaled=(bounds, i)`` computes the KV chunks ``bounds`` (list of
+    (start, stop)) as partial states and merges chunk ``i`` without its ``exp(m_i - M)`` factor."""
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    s = logits(case, softcap_twice)
+    bounds = [(0, n_kv)] if unrescaled is None else list(unrescaled[0])
+    ms = []
+    for a, b in bounds:
+        sc = s[..., a:b]
+        ms.append(sc.max(axis=-1) if b > a else np.full(s.shape[:-1], -np.inf))
+    M = np.max(np.stack(ms), axis=0)
+    if case.sinks is not None:
+        sk = np.broadcast_to(np.asarray(case.sinks, np.float64)[None, :, None], (B, H, n_q))
+        M = np.maximum(M, sk)
+    Ms = np.where(M == -np.inf, 0.0, M)
+    # each key's weight exp(s - M); a chunk merged without rescaling keeps exp(s - m_chunk)
+    ref = np.broadcast_to(Ms[..., None], s.shape).copy()
+    if unrescaled is not None:
+        a, b = bounds[unrescaled[1]]
+        mi = ms[unrescaled[1]]
+        ref[..., a:b] = np.where(mi == -np.inf, 0.0, mi)[..., None]
+    with np.errstate(all="ignore"):
+        p = np.where(s == -np.inf, 0.0, np.exp(s - ref))
+    L = p.sum(-1)
+    if case.sinks is not None:
+        L = L + np.exp(sk - Ms)
+    A = weighted_values(case, p)
+    with np.errstate(all="ignore"):
+        out = np.where(L[..., None] > 0, A / np.where(L > 0, L, 1.0)[..., None], 0.0)
+    return np.transpose(out, (0, 2, 1, 3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# chunking facts
+
+
+def kv_chunks(case: Case) -> list[tuple[int, int]]:
+    """ggml's split-KV chunks of ``case`` when more than one: ``n_threads`` contiguous chunks of
+    ``ceil(n_kv / n_threads)`` keys; for a mixed cache the region boundaries instead."""
+    n_kv = case.k.shape[1]
+    if len(case.regions) > 1:
+        return [(a, b) for _, a, b in case.regions if b > a]
+    if case.n_threads > 1 and n_kv > 1:
+        c = -(-n_kv // case.n_threads)
+        return [(a, min(a + c, n_kv)) for a in range(0, n_kv, c)]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------
+# input transforms
+
+
+def f16_bits_as_f32(mask: np.ndarray) -> np.ndarray:
+    """The mask [Bm, Hm, n_q, n_kv] as a kernel sees it that reads the F16 buffer as F32: row (h, i)
+    starts at its F16 row's byte offset and reads ``n_kv`` F32 words = ``2 n_kv`` F16 values (the
+    odd one of each pair is the high half, little endian), running into the next rows; past the end
+    of the buffer it reads F16 padding rows of -inf (llama.cpp fills the mask's padding with -inf)."""
+    Bm, Hm, n_q, n_kv = mask.shape
+    h16 = mask.astype(np.float16).view(np.uint16).reshape(Bm, Hm * n_q * n_kv)
+    pad = np.full((Bm, 2 * n_kv), np.float16(-np.inf)).view(np.uint16)
+    mem = np.concatenate([h16, pad], axis=1)
+    rows = np.arange(Hm * n_q) * n_kv
+    idx = rows[:, None] + np.arange(2 * n_kv)[None, :]
+    halves = mem[:, idx].astype(np.uint32)  # [Bm, Hm*n_q, 2 n_kv]
+    words = halves[..., 0::2] | (halves[..., 1::2] << 16)
+    return words.view(np.float32).astype(np.float64).reshape(Bm, Hm, n_q, n_kv)
+
+
+def _replace(case: Case, **kw) -> Case:
+    return dataclasses.replace(case, **kw)
+
+
+def _drop_keys(case: Case, keep: np.ndarray) -> Case:
+    mask = None if case.mask is None else case.mask[..., keep]
+    regions, pos = [], 0
+    for name, a, b in case.regions:
+        n = int(np.count_nonzero(keep[a:b]))
+        regions.append((name, pos, pos + n))
+        pos += n
+    return _replace(case, k=case.k[:, keep], v=case.v[:, keep], mask=mask, regions=tuple(regions))
+
+
+def _token_head_swap(x: np.ndarray, direction: int) -> np.ndarray:
+    """x [B, n, Hkv, D] read through swapped token/head strides. direction 0: memory is head-major
+    ([B, Hkv, n, D], ggml's own order) but read as token-major; 1: the reverse."""
+    B, n, hkv, d = x.shape
+    if direction == 0:
+        return np.transpose(x, (0, 2, 1, 3)).reshape(B, n, hkv, d)
+    return np.transpose(x.reshape(B, hkv, n, d), (0, 2, 1, 3))
+
+
+def _per_region(case: Case, x: np.ndarray, fn) -> np.ndarray:
+    if not case.regions:
+        return fn(x)
+    return np.concatenate([fn(x[:, a:b]) for _, a, b in case.regions], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# hypotheses
+
+
+class _Via:
+    """compute = golden after an input transform (the transform stays visible to other references)."""
+
+    def __init__(self, transform: Callable[[Case], Case]):
+        self.transform = transform
+
+    def __call__(self, c: Case) -> np.ndarray:
+        return golden(self.transform(c))
+
+
+_via = _Via
+
+
+_GGML_AXES = ("Dv", "H", "n_q", "B")  # ne order of out, fastest first; canonical memory order
+
+
+def _out_permutations(case: Case):
+    """Output written in another axis order: the kernel's memory holds out in order ``perm`` (ggml ne
+    notation, fastest first) while the reader takes the canonical [Dv, H, n_q, B]."""
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    shape = (B, n_q, H, Dv)  # numpy order of canonical memory = reversed ne
+    base = np.arange(B * n_q * H * Dv)
+    seen = {}
+    for perm in itertools.permutations(range(4)):
+        if perm == (0, 1, 2, 3):
+            continue
+        idx = np.transpose(base.reshape(shape), perm).reshape(-1)
+        if np.array_equal(idx, base):
+            continue
+        ne = [("B", "n_q", "H", "Dv")[p] for p in perm][::-1]
+        label = f"out written as [{', '.join(ne)}] instead of [Dv, H, n_q, B]"
+        seen.setdefault(idx.tobytes(), (idx, label))
+    out = []
+    for idx, label in seen.values():
+        out.append((label, lambda c, idx=idx: golden(c).reshape(-1)[idx].reshape(c.q.shape[:3]
+                                                                          + (c.v.shape[3],)), idx))
+    return out
+
+
+def _h_out_perm(case):
+    return _out_permutations(case)
+
+
+def _h_gqa(case):
+    B, n_q, H, Hkv, *_ = case.dims
+    if Hkv in (1, H):
+        return []
+    idx = np.arange(H) % Hkv
+    return [("query head h uses KV head h % Hkv", _via(lambda c: _replace(
+        c, k=c.k[:, :, idx], v=c.v[:, :, idx])))]
+
+
+def _h_kv_swap(case):
+    if case.k.shape[3] != case.v.shape[3] or np.array_equal(case.k, case.v):
+        return []
+    return [("K and V swapped", _via(lambda c: _replace(c, k=c.v, v=c.k)))]
+
+
+def _h_scale(case):
+    dk = case.q.shape[3]
+    cands = [("scale 1", 1.0), (f"scale 1/Dk (1/{dk})", 1.0 / dk),
+             ("scale applied twice", case.scale * case.scale)]
+    return [(lab, _via(lambda c, s=s: _replace(c, scale=s))) for lab, s in cands
+            if not math.isclose(s, case.scale, rel_tol=1e-12)]
+
+
+def _h_softcap(case):
+    if not case.softcap:
+        return []
+    return [("softcap missing", _via(lambda c: _replace(c, softcap=0.0))),
+            ("softcap applied twice", lambda c: golden(c, softcap_twice=True))]
+
+
+def _h_mask(case):
+    m = case.mask
+    if m is None:
+        return []
+    out = [("mask ignored", _via(lambda c: _replace(c, mask=None)))]
+    Bm, Hm, n_q, n_kv = m.shape
+    t = np.swapaxes(m.reshape(Bm, Hm, n_kv, n_q), -1, -2)
+    if not np.array_equal(t, m):
+        out.append(("mask transposed (read with the query and key strides swapped)",
+                    _via(lambda c: _replace(c, mask=np.swapaxes(
+                        c.mask.reshape(Bm, Hm, n_kv, n_q), -1, -2)))))
+    H, Hkv = case.q.shape[2], case.k.shape[2]
+    if Hm > 1:
+        g = H // Hkv
+        for lab, idx in (("mask of head 0 used for every head", np.zeros(H, int)),
+                         ("mask of head h // (H/Hkv) used for head h", np.arange(H) // g),
+                         ("mask of head h % Hkv used for head h", np.arange(H) % Hkv)):
+            if not np.array_equal(m[:, idx], m):
+                out.append((lab, _via(lambda c, idx=idx: _replace(c, mask=c.mask[:, idx]))))
+    return out
+
+
+def _h_alibi(case):
+    if case.mask is None or not case.max_bias > 0:
+        return []
+    return [("ALiBi missing (max_bias ignored)", _via(lambda c: _replace(c, max_bias=0.0)))]
+
+
+def _h_sinks(case):
+    if case.sinks is None:
+        return []
+    return [("sinks missing", _via(lambda c: _replace(c, sinks=None)))]
+
+
+def _h_drop(case):
+    n_kv = case.k.shape[1]
+    if n_kv < 2:
+        return []
+    pts = [("first KV token dropped", 0), ("last KV token dropped", n_kv - 1)]
+    for name, a, b in case.regions:
+        if b > a:
+            pts += [(f"first {name} KV token dropped", a), (f"last {name} KV token dropped", b - 1)]
+    dead = np.zeros(n_kv, bool)
+    if case.mask is not None:
+        dead = np.all(case.mask == -np.inf, axis=(0, 1, 2))
+    out, seen = [], set()
+    for lab, j in pts:
+        if j in seen or dead[j]:  # a key skipped by every row is never read: dropping it is invisible
+            continue
+        seen.add(j)
+        keep = np.ones(n_kv, bool)
+        keep[j] = False
+        out.append((lab, _via(lambda c, keep=keep: _drop_keys(c, keep))))
+    return out
+
+
+def _h_regions(case):
+    if len(case.regions) != 2:
+        return []
+    (n0, a0, b0), (n1, a1, b1) = case.regions
+    out = []
+    order = np.r_[a1:b1, a0:b0]
+    m = case.mask
+    # with the mask permuted alike the swap would only reorder the keys: it shows only through the mask
+    if b0 > a0 and b1 > a1 and m is not None and not np.array_equal(m[..., order], m):
+
+        def swapped(c, order=order):
+            return _replace(c, k=c.k[:, order], v=c.v[:, order])
+
+        out.append((f"{n0} and {n1} regions swapped on the KV axis (mask in the declared order)",
+                    _via(swapped)))
+    for name, a, b in case.regions:
+        if name == "cold" and b > a:
+            keep = np.ones(case.k.shape[1], bool)
+            keep[a:b] = False
+            out.append(("cold region ignored", _via(lambda c, keep=keep: _drop_keys(c, keep))))
+    return out
+
+
+def _h_chunk(case):
+    bounds = kv_chunks(case)
+    if len(bounds) < 2:
+        return []
+    s = logits(case)
+    M = s.max(axis=-1)
+    if case.sinks is not None:
+        M = np.maximum(M, np.asarray(case.sinks, np.float64)[None, :, None])
+    out = []
+    for i, (a, b) in enumerate(bounds):
+        m_i = s[..., a:b].max(axis=-1)
+        if np.all((m_i == M) | (m_i == -np.inf)):
+            continue  # every row's maximum is in this chunk (or it is dead): the bug changes nothing
+        out.append((f"split-K chunk {i} (keys {a}..{b - 1}) merged without rescaling",
+                    lambda c, i=i, bounds=bounds: golden(c, unrescaled=(bounds, i))))
+    return out
+
+
+def _h_token_head(case):
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    if Hkv < 2 or n_kv < 2:
+        return []
+    out = []
+    for which in ("K", "V"):
+        for d, how in ((0, "head-major memory read token-major"),
+                       (1, "token-major memory read head-major")):
+            attr = which.lower()
+
+            def tf(c, attr=attr, d=d):
+                x = getattr(c, attr)
+                return _replace(c, **{attr: _per_region(c, x, lambda r: _token_head_swap(r, d))})
+
+            out.append((f"{which} read with token and head axes swapped ({how})", _via(tf)))
+    return out
+
+
+def _h_mask_f32(case):
+    if case.mask is None or not case.mask_f16:
+        return []
+    return [("F16 mask read as F32 (pairs of F16 values taken as one F32; -inf never masks)",
+             _via(lambda c: _replace(c, mask=f16_bits_as_f32(c.mask))))]
+
+
+_PAD_MULTIPLES = (16, 32, 64, 128, 256)
+
+
+def _h_padding(case):
+    n_kv = case.k.shape[1]
+    by_pad: dict[int, list[int]] = {}
+    for p in _PAD_MULTIPLES:
+        n_pad = -(-n_kv // p) * p - n_kv
+        if n_pad:
+            by_pad.setdefault(n_pad, []).append(p)
+    out = []
+    for n_pad, ps in by_pad.items():
+        def pad(c, n_pad=n_pad):
+            B, _, hkv, dk = c.k.shape
+            z = np.zeros((B, n_pad, hkv, dk))
+            zv = np.zeros((B, n_pad, hkv, c.v.shape[3]))
+            mask = c.mask
+            if mask is not None:
+                mask = np.concatenate([mask, np.zeros(mask.shape[:3] + (n_pad,))], axis=-1)
+            return _replace(c, k=np.concatenate([c.k, z], 1), v=np.concatenate([c.v, zv], 1),
+                            mask=mask, regions=())
+        mult = "/".join(str(p) for p in ps)
+        out.append((f"{n_pad} zero-filled padding keys left unmasked (n_kv padded to a multiple of "
+                    f"{mult})", _via(pad)))
+    return out
+
+
+#: hypothesis name -> generator of (label, compute) for a case; order is the report order
+HYPOTHESES: dict[str, Callable] = {
+    "out_permuted": _h_out_perm,
+    "gqa_modulo": _h_gqa,
+    "kv_swapped": _h_kv_swap,
+    "scale_wrong": _h_scale,
+    "softcap_wrong": _h_softcap,
+    "mask_wrong": _h_mask,
+    "alibi_missing": _h_alibi,
+    "sinks_missing": _h_sinks,
+    "kv_token_dropped": _h_drop,
+    "regions_wrong": _h_regions,
+    "chunk_unrescaled": _h_chunk,
+    "kv_token_head_swapped": _h_token_head,
+    "mask_f16_as_f32": _h_mask_f32,
+    "padding_unmasked": _h_padding,
+}
+
+
+def _same(a: Case, b: Case) -> bool:
+    for f in dataclasses.fields(Case):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "mask" and (x is None) != (y is None):
+            m = x if y is None else y
+            if m.shape[-1] == a.k.shape[1] and not np.any(m):
+                continue  # an all-zero mask is no mask
+            return False
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if x is None or y is None or x.shape != y.shape or not np.array_equal(x, y, equal_nan=True):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def hypotheses(case: Case, names=None) -> list[Variant]:
+    """Every variant of every hypothesis (or of ``names``) that applies to ``case``: an input bug whose
+    effective inputs equal the case's own is left out (it cannot change the output)."""
+    out = []
+    for name, gen in HYPOTHESES.items():
+        if names is not None and name not in names:
+            continue
+        for item in gen(case):
+            label, fn = item[0], item[1]
+            idx = item[2] if len(item) > 2 else None
+            tf = getattr(fn, "transform", None)
+            if tf is not None and _same(case, tf(case)):
+                continue  # the bug leaves this case's inputs as they are: nothing to observe
+            out.append(Variant(name, label, fn, idx, tf))
+    return out

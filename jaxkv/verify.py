@@ -1,0 +1,530 @@
+"""Trace verification: recompute a trace's output, derive its tolerance, give a verdict.
+
+A kernel's output ``out`` [B, n_q, H, Dv] is compared with the float64 golden reference computed on the
+trace's own (dequantized) inputs. The budget is derived per trace (docs/tolerance.md):
+
+    error(kernel, golden) <= C * error(model, golden) + floor
+
+where ``model`` is an honest implementation with the kernel's declared precision (``ggml-cpu``: the
+bit-faithful emulation ``jaxkv.ggml_cpu``; ``f16``: the generic model ``jaxkv.precision``; ``f32``:
+``attention(precision="f32")``; ``f64``: the golden itself) and ``error`` is both the NMSE (with
+``C**2``) and the max-abs error. Under ``ggml-cpu`` the kernel must also stay within ``EMU_UNITS``
+accumulator rounding units of the emulation itself (the sharp check).
+
+On failure, :mod:`jaxkv.diagnose` tests named bug hypotheses and localizes the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from jaxkv import mutations
+
+__all__ = [
+    "PRECISIONS", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16",
+    "Errors", "Budget", "EmuCheck", "Verdict", "Timings",
+    "resolve_precision", "case_from_trace", "errors", "derive_budget", "emu_check",
+    "model_output", "golden_output", "verify_trace", "verify_case", "dense_model_fn",
+]
+
+PRECISIONS = ("auto", "ggml-cpu", "f16", "f32", "f64")
+#: C: the kernel may be this many times less accurate than the honest model (RMS and max-abs);
+#: PyTorch's SDPA tests use a fudge factor of 3 on the output (FlashAttention's use 2).
+FACTOR = 3.0
+#: floor, in float32 unit roundoffs of max|golden|: storing out in F32 (1) + the final normalization
+#: in F32 (reciprocal and multiply, 2) + 1 spare.
+FLOOR_UNITS = 4.0
+#: sharp check under ggml-cpu: kernel vs emulation, in rounding units of the V accumulator at the
+#: row's scale (a libm expf differing by one ulp flips at most a few accumulator roundings).
+EMU_UNITS = 4.0
+U32 = 2.0 ** -24
+U16 = 2.0 ** -11
+_TINY = 2.0 ** -126
+
+
+class Timings:
+    """Seconds spent loading traces, compiling (JAX tracing, lowering and XLA compiles, measured by
+    jax.monitoring) and computing (the rest of verification)."""
+
+    def __init__(self):
+        self.load = 0.0
+        self.compile = 0.0
+        self.compute = 0.0
+
+    @contextmanager
+    def loading(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.load += time.perf_counter() - t0
+
+    @contextmanager
+    def computing(self):
+        import jax.monitoring as mon
+
+        events = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+        spent = [0.0]
+
+        def listener(event, duration, **kw):
+            if event in events:
+                spent[0] += duration
+
+        mon.register_event_duration_secs_listener(listener)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            total = time.perf_counter() - t0
+            try:
+                mon.unregister_event_duration_listener(listener)
+            except Exception:  # pragma: no cover - older jax
+                pass
+            c = min(spent[0], total)
+            self.compile += c
+            self.compute += total - c
+
+    def line(self) -> str:
+        tot = self.load + self.compile + self.compute
+        return (f"timings: load {self.load:.2f} s, compile {self.compile:.2f} s, compute "
+                f"{self.compute:.2f} s, total {tot:.2f} s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Errors:
+    """Distance of ``got`` from ``ref`` (both [B, n_q, H, Dv]): ``nmse`` = sum (got-ref)^2 / sum ref^2,
+    ``max_abs``, ``worst`` (batch, query, head, dim, got, expected) of the max-abs element,
+    ``per_head_max_abs`` [H], ``nan_count`` (NaN in got where ref is not NaN). Non-finite
+    differences make nmse and max_abs infinite."""
+
+    nmse: float
+    max_abs: float
+    worst: dict
+    per_head_max_abs: tuple
+    nan_count: int
+
+
+def errors(got, ref) -> Errors:
+    """:class:`Errors` of got vs ref, [B, n_q, H, Dv] each."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        raise ValueError(f"out: shape {list(got.shape)} does not match the reference {list(ref.shape)}")
+    both_nan = np.isnan(got) & np.isnan(ref)
+    with np.errstate(all="ignore"):
+        d = np.where(both_nan, 0.0, np.abs(got - ref))
+    d = np.where(np.isnan(d), np.inf, d)
+    nan_count = int(np.count_nonzero(np.isnan(got) & ~np.isnan(ref)))
+    power = float(np.sum(np.where(np.isfinite(ref), ref, 0.0) ** 2))
+    with np.errstate(all="ignore"):
+        e2 = float(np.sum(d ** 2))
+    if e2 == 0:
+        nmse = 0.0
+    elif power == 0 or not math.isfinite(e2):
+        nmse = math.inf
+    else:
+        nmse = e2 / power
+    if d.size:
+        w = np.unravel_index(int(np.argmax(d)), d.shape)
+        worst = dict(batch=int(w[0]), query=int(w[1]), head=int(w[2]), dim=int(w[3]),
+                     got=float(got[w]), expected=float(ref[w]))
+        per_head = tuple(float(x) for x in d.max(axis=(0, 1, 3)))
+        mx = float(d.max())
+    else:
+        worst, per_head, mx = {}, (), 0.0
+    return Errors(nmse=nmse, max_abs=mx, worst=worst, per_head_max_abs=per_head, nan_count=nan_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """``nmse`` and ``max_abs`` limits for the kernel's error against the golden reference, and how they
+    were derived: ``FACTOR`` times the honest model's error (``model_nmse``, ``model_max_abs``) plus a
+    floor of ``FLOOR_UNITS`` float32 unit roundoffs of ``max|golden|`` (``floor_abs``)."""
+
+    nmse: float
+    max_abs: float
+    model: str
+    model_nmse: float
+    model_max_abs: float
+    floor_nmse: float
+    floor_abs: float
+    factor: float = FACTOR
+
+    def for_reference(self, ref) -> "Budget":
+        """The same budget with its floor taken from another reference output ``ref`` (a buggy
+        reference can be larger than the golden, e.g. a sharper softmax)."""
+        ref = np.asarray(ref, np.float64)
+        gmax = float(np.max(np.abs(ref), initial=0.0, where=np.isfinite(ref)))
+        floor_abs = max(self.floor_abs, FLOOR_UNITS * U32 * max(gmax, _TINY))
+        return dataclasses.replace(self, max_abs=self.max_abs - self.floor_abs + floor_abs,
+                                   floor_abs=floor_abs)
+
+    def allows(self, e: Errors) -> bool:
+        return e.nan_count == 0 and e.nmse <= self.nmse and e.max_abs <= self.max_abs
+
+    def derivation(self) -> str:
+        c = self.factor
+        return (f"nmse <= {c:g}^2 * {self.model_nmse:.3g} ({self.model} vs f64) + {self.floor_nmse:.3g}"
+                f" = {self.nmse:.3g}; max_abs <= {c:g} * {self.model_max_abs:.3g} + "
+                f"{self.floor_abs:.3g} (floor: {FLOOR_UNITS:g} f32 units * max|golden|) = "
+                f"{self.max_abs:.3g}")
+
+
+def derive_budget(golden, model, model_name: str, factor: float = FACTOR) -> Budget:
+    """The budget of a trace from its golden output and the honest model's output (both
+    [B, n_q, H, Dv]). A model that is not finite where the golden is (it should never be) gives an
+    infinite budget, which ``verify`` reports as an error of the reference, not a pass."""
+    golden = np.asarray(golden, np.float64)
+    me = errors(model, golden)
+    gmax = float(np.max(np.abs(golden), initial=0.0, where=np.isfinite(golden)))
+    floor_abs = FLOOR_UNITS * U32 * max(gmax, _TINY)
+    floor_nmse = (FLOOR_UNITS * U32) ** 2
+    return Budget(nmse=factor ** 2 * me.nmse + floor_nmse, max_abs=factor * me.max_abs + floor_abs,
+                  model=model_name, model_nmse=me.nmse, model_max_abs=me.max_abs,
+                  floor_nmse=floor_nmse, floor_abs=floor_abs, factor=factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmuCheck:
+    """The sharp ``ggml-cpu`` check: kernel vs emulation. ``unit``: the V accumulator's unit roundoff
+    (``U16`` for an F16 accumulator or F16 probabilities, ``U32`` otherwise); ``units`` = max over output
+    rows of max|got - emu| / (unit * max|emu row|); passes when ``units <= budget_units``."""
+
+    max_abs: float
+    units: float
+    unit: float
+    budget_units: float
+    n_differ: int
+
+    @property
+    def ok(self) -> bool:
+        return self.units <= self.budget_units
+
+
+def emu_check(got, emu, unit: float, budget_units: float = EMU_UNITS) -> EmuCheck:
+    """Compare got with the emulation's output emu (both [B, n_q, H, Dv])."""
+    got = np.asarray(got, np.float64)
+    emu = np.asarray(emu, np.float64)
+    with np.errstate(all="ignore"):
+        d = np.abs(got - emu)
+    d = np.where(np.isnan(got) & np.isnan(emu), 0.0, d)
+    d = np.where(np.isnan(d), np.inf, d)
+    scale = unit * np.maximum(np.max(np.abs(np.nan_to_num(emu)), axis=-1), _TINY)
+    units = float(np.max(d.max(axis=-1) / scale, initial=0.0))
+    return EmuCheck(max_abs=float(d.max(initial=0.0)), units=units, unit=unit,
+                    budget_units=budget_units, n_differ=int(np.count_nonzero(d)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# traces -> operands
+
+
+def _is_quant(x) -> bool:
+    return hasattr(x, "raw") and hasattr(x, "fmt")
+
+
+def _dense(x) -> np.ndarray:
+    """A K/V operand (np.float32, np.float16 or QuantArray) as float64."""
+    if _is_quant(x):
+        return np.asarray(_dequantize_jit()(x.raw, x.fmt), np.float64)
+    return np.asarray(x, np.float64)
+
+
+_DEQ = []
+
+
+def _dequantize_jit():
+    """``formats.dequantize`` compiled once per shape (eager, it dispatches dozens of small ops, each
+    compiled for the trace's shape)."""
+    if not _DEQ:
+        import jax
+
+        from jaxkv import formats
+
+        _DEQ.append(jax.jit(formats.dequantize, static_argnums=1))
+    return _DEQ[0]
+
+
+def _type_name(x) -> str:
+    if _is_quant(x):
+        f = x.fmt
+        return str(getattr(f, "name", f)).lower()
+    return {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}.get(np.asarray(x).dtype, "f32")
+
+
+def _dot_type(x) -> str:
+    if not _is_quant(x):
+        return _type_name(x)
+    from jaxkv import formats
+
+    f = x.fmt if hasattr(x.fmt, "dot_type") else formats.get_format(x.fmt)
+    return str(f.dot_type)
+
+
+def _regions_order(trace) -> list[str]:
+    order = [s.strip() for s in str(getattr(trace, "kv_order", "cold,hot") or "cold,hot").split(",")]
+    if sorted(order) != ["cold", "hot"]:
+        raise ValueError(f"kv_order: expected 'cold,hot' or 'hot,cold', got {trace.kv_order!r}")
+    return order
+
+
+def case_from_trace(trace) -> mutations.Case:
+    """The trace's exact inputs as a dense float64 :class:`mutations.Case` (quantized K/V dequantized;
+    a mixed cache concatenated in ``kv_order`` and rounded to F16, as the op defines)."""
+    op = trace.op
+    if op == "mixed_flash_attn":
+        ks, vs, regions, pos = [], [], [], 0
+        for name in _regions_order(trace):
+            kx, vx = _dense(getattr(trace, f"k_{name}")), _dense(getattr(trace, f"v_{name}"))
+            ks.append(kx)
+            vs.append(vx)
+            regions.append((name, pos, pos + kx.shape[1]))
+            pos += kx.shape[1]
+        k = np.concatenate(ks, 1).astype(np.float16).astype(np.float64)
+        v = np.concatenate(vs, 1).astype(np.float16).astype(np.float64)
+        regions = tuple(regions)
+    else:
+        k, v, regions = _dense(trace.k), _dense(trace.v), ()
+    mask = None if trace.mask is None else np.asarray(trace.mask, np.float64)
+    sinks = None if trace.sinks is None else np.asarray(trace.sinks, np.float64)
+    return mutations.Case(op=op, q=np.asarray(trace.q, np.float64), k=k, v=v, mask=mask, sinks=sinks,
+                          scale=float(trace.scale), softcap=float(trace.softcap or 0.0),
+                          max_bias=float(trace.max_bias or 0.0),
+                          n_threads=int(getattr(trace, "n_threads", 1) or 1), regions=regions,
+                          mask_f16=True)
+
+
+def resolve_precision(trace, precision: str = "auto") -> str:
+    """``auto`` -> from ``trace.producer``: ``ggml...`` -> ``ggml-cpu``; ``float64 reference`` ->
+    ``f64``; anything else -> ``f16``. Other values are returned as given (validated)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    prod = str(getattr(trace, "producer", "") or "").strip().lower()
+    if prod.startswith("ggml"):
+        return "ggml-cpu"
+    if prod.startswith("float64 reference"):
+        return "f64"
+    return "f16"
+
+
+def golden_output(case: mutations.Case) -> np.ndarray:
+    """The float64 golden reference of a case: :func:`jaxkv.mutations.golden` (numpy; equal to
+    ``jaxkv.attention.attention(precision="f64")`` within float64 rounding, tested) — numpy because
+    every trace has its own shapes and a compiled function per trace would cost more than the sums."""
+    return mutations.golden(case)
+
+
+def _acc_unit(trace) -> float:
+    """Unit roundoff of the quantity ggml accumulates V in: F16 (F16 V, the mixed cache, or F16
+    probabilities of the unfused path with F16 V) or F32."""
+    if trace.op == "mixed_flash_attn":
+        return U16
+    return U16 if _type_name(trace.v) == "f16" else U32
+
+
+def model_output(trace, case: mutations.Case, precision: str) -> np.ndarray:
+    """The honest model's output [B, n_q, H, Dv] for a resolved precision (not ``auto``)."""
+    if precision == "f64":
+        return golden_output(case)
+    if precision == "f32":
+        return _f32_model(case)
+    if precision == "f16":
+        from jaxkv.precision import f16_attention
+
+        mixed = trace.op == "mixed_flash_attn"
+        dot = "f16" if mixed else _dot_type(trace.k)
+        return np.asarray(f16_attention(case.q, case.k, case.v, scale=case.scale, mask=case.mask,
+                                        softcap=case.softcap, max_bias=case.max_bias,
+                                        sinks=case.sinks, dot_type=dot, kv_f16=mixed), np.float64)
+    if precision == "ggml-cpu":
+        from jaxkv import ggml_cpu
+
+        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias)
+        if trace.op == "soft_max_attn":
+            out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
+        else:
+            kw.update(softcap=case.softcap, sinks=trace.sinks, n_threads=case.n_threads)
+            if trace.op == "mixed_flash_attn":
+                out = ggml_cpu.mixed_flash_attn(trace.q, trace.k_cold, trace.v_cold, trace.k_hot,
+                                                trace.v_hot, kv_order=trace.kv_order, **kw)
+            else:
+                out = ggml_cpu.flash_attn_ext(trace.q, trace.k, trace.v, **kw)
+        return np.asarray(out, np.float64)
+    raise ValueError(f"precision: expected one of {PRECISIONS[1:]}, got {precision!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# verdicts
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Outcome for one trace: ``status`` 'pass' | 'fail' | 'error'; ``errors`` vs golden; ``budget``;
+    ``emu`` (ggml-cpu only); ``diagnosis``: tuple of dicts (hypothesis, label, nmse, max_abs);
+    ``localization``: where the error concentrates (failures without an explaining hypothesis)."""
+
+    trace: str
+    status: str
+    precision: str | None = None
+    errors: Errors | None = None
+    budget: Budget | None = None
+    emu: EmuCheck | None = None
+    diagnosis: tuple = ()
+    localization: dict | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (non-finite numbers become null)."""
+        def num(x):
+            return float(x) if x is not None and math.isfinite(x) else None
+
+        d = dict(trace=self.trace, status=self.status, precision=self.precision, nmse=None,
+                 max_abs=None, budget=None, worst=None, per_head_max_abs=None, nan_count=None,
+                 diagnosis=[dict(x, nmse=num(x["nmse"]), max_abs=num(x["max_abs"]))
+                            for x in self.diagnosis], error=self.error)
+        if self.errors is not None:
+            e = self.errors
+            d.update(nmse=num(e.nmse), max_abs=num(e.max_abs), worst=e.worst,
+                     per_head_max_abs=[num(x) for x in e.per_head_max_abs], nan_count=e.nan_count)
+        if self.budget is not None:
+            b = self.budget
+            d["budget"] = dict(nmse=num(b.nmse), max_abs=num(b.max_abs), model=b.model,
+                               model_nmse=num(b.model_nmse), model_max_abs=num(b.model_max_abs),
+                               factor=b.factor, floor_nmse=b.floor_nmse, floor_abs=b.floor_abs,
+                               derivation=b.derivation())
+        if self.emu is not None:
+            m = self.emu
+            d["emulation"] = dict(max_abs=num(m.max_abs), units=num(m.units), unit=m.unit,
+                                  budget_units=m.budget_units, n_differ=m.n_differ, ok=m.ok)
+        if self.localization is not None:
+            d["localization"] = self.localization
+        return d
+
+    def line(self) -> str:
+        """One human line: status, NMSE, max-abs, budget."""
+        if self.status == "error":
+            return f"ERROR {self.trace}: {self.error}"
+        e, b = self.errors, self.budget
+        s = (f"{self.status.upper():5} {self.trace}  [{self.precision}]  nmse {e.nmse:.3g} "
+             f"(budget {b.nmse:.3g})  max_abs {e.max_abs:.3g} (budget {b.max_abs:.3g})")
+        if self.emu is not None:
+            s += f"  emu {self.emu.units:.3g} units (budget {self.emu.budget_units:g})"
+        if e.nan_count:
+            s += f"  NaN {e.nan_count}"
+        return s
+
+    def details(self) -> str:
+        """The details block of a failure (budget derivation, worst element, per-head, diagnosis)."""
+        e, b = self.errors, self.budget
+        lines = [f"  budget: {b.derivation()}"]
+        if self.emu is not None:
+            m = self.emu
+            lines.append(f"  vs emulation: max_abs {m.max_abs:.3g}, {m.units:.3g} units of "
+                         f"{m.unit:.3g} * max|row| (budget {m.budget_units:g}), {m.n_differ} "
+                         f"elements differ")
+        w = e.worst
+        if w:
+            lines.append(f"  worst: batch {w['batch']} query {w['query']} head {w['head']} dim "
+                         f"{w['dim']}: got {w['got']:.6g}, expected {w['expected']:.6g}")
+        lines.append("  per-head max_abs: " + " ".join(f"{x:.2g}" for x in e.per_head_max_abs))
+        lines.append(f"  NaN in output: {e.nan_count}")
+        if self.diagnosis:
+            lines.append("  diagnosis (hypotheses that explain the output):")
+            lines += [f"    - {x['hypothesis']}: {x['label']} (nmse {x['nmse']:.3g}, max_abs "
+                      f"{x['max_abs']:.3g})" for x in self.diagnosis]
+        else:
+            lines.append("  diagnosis: no hypothesis explains the output")
+            loc = self.localization or {}
+            for key in ("per_query_max_abs", "per_head_max_abs"):
+                if key in loc:
+                    lines.append(f"    {key}: " + " ".join(f"{x:.2g}" for x in loc[key]))
+            for c in loc.get("per_chunk", []):
+                lines.append(f"    KV keys {c['keys'][0]}..{c['keys'][1] - 1}: share of error "
+                             f"{c['share']:.2f}")
+        return "\n".join(lines)
+
+
+def verify_case(case: mutations.Case, got, model, precision: str, *, name: str = "",
+                emu=None, emu_unit: float = U32, golden=None, diagnose: bool = True,
+                variant_outputs: dict | None = None, model_fn=None) -> Verdict:
+    """Verdict of a kernel output ``got`` [B, n_q, H, Dv] on ``case``, given the honest model's output
+    ``model`` for ``precision`` and, under ggml-cpu, the emulation ``emu`` (the same array as model).
+    ``variant_outputs``, ``model_fn``: passed to :func:`jaxkv.diagnose.diagnose`."""
+    from jaxkv import diagnose as dg
+
+    g = golden_output(case) if golden is None else np.asarray(golden, np.float64)
+    model_name = {"ggml-cpu": "ggml-cpu emulation", "f16": "f16 model", "f32": "f32 reference",
+                  "f64": "f64 golden"}[precision]
+    budget = derive_budget(g, model, model_name)
+    e = errors(got, g)
+    ok = budget.allows(e)
+    ec = emu_check(got, emu, emu_unit) if emu is not None else None
+    if ec is not None:
+        ok = ok and ec.ok
+    if ok:
+        return Verdict(name, "pass", precision, e, budget, ec)
+    diag, loc = (), None
+    if diagnose:
+        diag = tuple(dg.diagnose(case, got, budget, golden=g, emu=emu, emu_check=ec,
+                                       outputs=variant_outputs, model_fn=model_fn))
+        if not diag:
+            loc = dg.localize(case, got, g)
+    return Verdict(name, "fail", precision, e, budget, ec, diag, loc)
+
+
+def verify_trace(trace, precision: str = "auto", *, name: str | None = None,
+                 diagnose: bool = True) -> Verdict:
+    """Verify one loaded trace (``jaxkv.trace.Trace``) -> :class:`Verdict`."""
+    name = name if name is not None else str(getattr(trace, "path", "") or "trace")
+    prec = resolve_precision(trace, precision)
+    case = case_from_trace(trace)
+    got = np.asarray(trace.out, np.float64)
+    model = model_output(trace, case, prec)
+    emu = model if prec == "ggml-cpu" else None
+    return verify_case(case, got, model, prec, name=name, emu=emu, emu_unit=_acc_unit(trace),
+                       diagnose=diagnose, model_fn=dense_model_fn(trace, prec))
+
+
+def dense_model_fn(trace, precision: str):
+    """The honest model of a resolved precision as a function of a dense :class:`mutations.Case`
+    (used to re-derive budgets on a bug's inputs): ``f64`` -> None (the budget is the floor);
+    ``f32`` -> ``attention(precision="f32")``; ``f16`` and ``ggml-cpu`` -> the f16 model with the
+    trace's dot type (the emulation needs typed operands; the generic model makes the same roundings)."""
+    if precision == "f64":
+        return None
+    if precision == "f32":
+        return lambda c: _f32_model(c)
+    from jaxkv.precision import f16_attention
+
+    mixed = trace.op == "mixed_flash_attn"
+    dot = "f16" if mixed else _dot_type(trace.k)
+
+    def fn(c):
+        return np.asarray(f16_attention(c.q, c.k, c.v, scale=c.scale, mask=c.mask,
+                                        softcap=c.softcap, max_bias=c.max_bias, sinks=c.sinks,
+                                        dot_type=dot, kv_f16=mixed), np.float64)
+    return fn
+
+
+def _f32_model(case):
+    from jaxkv.attention import attention
+
+    f = np.float32
+    return np.asarray(attention(case.q.astype(f), case.k.astype(f), case.v.astype(f),
+                                scale=case.scale, mask=None if case.mask is None
+                                else case.mask.astype(f), softcap=case.softcap,
+                                max_bias=case.max_bias, sinks=None if case.sinks is None
+                                else case.sinks.astype(f), precision="f32"), np.float64)

@@ -1,0 +1,257 @@
+"""jaxkv.verify, jaxkv.precision and the verify command (fuzz/verify_cmd.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxkv
+import jaxkv.attention
+from jaxkv import mutations as mu
+from jaxkv import verify as vf
+from jaxkv.precision import f16_attention, round_to_dot_type
+
+import verify_cases as vc
+from conftest import GGML_TRACES, REPO, SHARED
+
+FOREIGN = sorted((SHARED / "traces" / "foreign").glob("*.gguf"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the golden reference and the metrics
+
+
+@pytest.mark.parametrize("cfg", vc.CONFIGS, ids=lambda c: f"seed{c['seed']}")
+def test_numpy_golden_equals_attention_f64(cfg):
+    cfg = dict(cfg)
+    case = vc.random_case(cfg.pop("seed"), **cfg)
+    a = vf.golden_output(case)
+    b = np.asarray(jaxkv.attention.attention(case.q, case.k, case.v, scale=case.scale, mask=case.mask,
+                                             softcap=case.softcap, max_bias=case.max_bias,
+                                             sinks=case.sinks, precision="f64"))
+    # two float64 evaluations of the same sums in different orders: a few f64 ulps of O(1) values
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_errors_hand_values():
+    ref = np.zeros((1, 2, 2, 2))
+    ref[0, 0, 0] = [3.0, 4.0]  # |ref|^2 = 25
+    got = ref.copy()
+    got[0, 1, 1, 0] = 0.5
+    got[0, 0, 0, 1] = 4.5
+    e = vf.errors(got, ref)
+    assert e.nmse == pytest.approx((0.25 + 0.25) / 25)
+    assert e.max_abs == 0.5
+    assert e.per_head_max_abs == (0.5, 0.5)
+    assert e.nan_count == 0
+    got[0, 1, 0, 0] = np.nan
+    e = vf.errors(got, ref)
+    assert e.nan_count == 1 and math.isinf(e.nmse) and math.isinf(e.max_abs)
+    assert e.worst["query"] == 1 and e.worst["head"] == 0
+    # both NaN at the same place: not an error
+    ref2 = ref.copy()
+    ref2[0, 1, 0, 0] = np.nan
+    assert vf.errors(got, ref2).nan_count == 0
+    with pytest.raises(ValueError, match="out"):
+        vf.errors(np.zeros((1, 2, 2, 3)), ref)
+
+
+def test_budget_is_factor_times_model_error_plus_floor():
+    g = np.ones((1, 1, 2, 4))
+    model = g.copy()
+    model[0, 0, 1, 2] += 1e-3
+    b = vf.derive_budget(g, model, "m")
+    floor = vf.FLOOR_UNITS * vf.U32
+    assert b.max_abs == pytest.approx(vf.FACTOR * 1e-3 + floor)
+    assert b.nmse == pytest.approx(vf.FACTOR ** 2 * 1e-6 / 8 + floor ** 2)
+    assert "3^2" in b.derivation() and "floor" in b.derivation()
+    # an exact model (an f64 claim) still leaves the F32 storage floor
+    b0 = vf.derive_budget(g, g, "f64 golden")
+    assert b0.max_abs == pytest.approx(floor) and b0.allows(vf.errors(g.astype(np.float32), g))
+    assert not b0.allows(vf.errors(g + 3 * floor, g))
+
+
+def test_golden_stored_in_f32_passes_an_f64_claim_and_a_perturbed_one_fails():
+    case = vc.random_case(7, mask="perhead", sinks=True)
+    g = vf.golden_output(case)
+    ok = vf.verify_case(case, g.astype(np.float32), g, "f64", golden=g)
+    assert ok.status == "pass"
+    bad = g.astype(np.float32)
+    bad[0, 1, 3, 5] *= 1.001
+    v = vf.verify_case(case, bad, g, "f64", golden=g)
+    assert v.status == "fail" and v.errors.worst == dict(v.errors.worst, query=1, head=3, dim=5)
+
+
+def test_resolve_precision():
+    class T:
+        producer = "ggml cpu (n_threads=2)"
+
+    assert vf.resolve_precision(T()) == "ggml-cpu"
+    T.producer = "float64 reference (jaxkv)"
+    assert vf.resolve_precision(T()) == "f64"
+    T.producer = "my-cuda-kernel"
+    assert vf.resolve_precision(T()) == "f16"
+    assert vf.resolve_precision(T(), "f32") == "f32"
+    with pytest.raises(ValueError, match="precision"):
+        vf.resolve_precision(T(), "bf16")
+
+
+def test_emu_check_units():
+    emu = np.zeros((1, 1, 2, 4))
+    emu[0, 0, 0] = [1.0, -2.0, 0.5, 0.0]
+    got = emu.copy()
+    got[0, 0, 0, 1] += 3 * vf.U16 * 2.0  # 3 units of the row (max |row| = 2)
+    c = vf.emu_check(got, emu, vf.U16)
+    assert c.units == pytest.approx(3.0) and c.ok and c.n_differ == 1
+    got[0, 0, 1, 0] = 1e-30  # a row of zeros must stay (nearly) zero
+    assert not vf.emu_check(got, emu, vf.U16).ok
+
+
+# ----------------------------------------------------------------------------------------------------
+# the f16 precision model
+
+
+def test_round_to_dot_type():
+    x = np.zeros((1, 64), np.float32)
+    x[0, :32] = np.arange(-16, 16) * 4.0  # amax 64: d = 64/127, values snap to multiples of f16(d)
+    x[0, 32:] = np.linspace(-1, 1, 32)
+    d16 = np.float32(np.float16(np.float32(64) / np.float32(127)))
+    r = np.asarray(round_to_dot_type(x, "q8_0"))
+    np.testing.assert_array_equal(r[0, :32] / d16, np.round(x[0, :32] * (127 / 64)))
+    assert np.all(np.abs(r[0, 32:] - x[0, 32:]) <= np.float16(1 / 127) * 0.5 + 1e-7)
+    np.testing.assert_array_equal(np.asarray(round_to_dot_type(x, "f16")),
+                                  x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(round_to_dot_type(x, "f32")), x)
+    with pytest.raises(ValueError, match="dot_type"):
+        round_to_dot_type(x, "q4_0")
+
+
+def test_f16_model_accumulator_is_f16():
+    # three keys with equal logits: acc = f16(f16(1 + 2^-11) + 2^-11) = 1 (ties to even twice)
+    q = np.zeros((1, 1, 1, 32))
+    k = np.zeros((1, 3, 1, 32))
+    v = np.zeros((1, 3, 1, 32))
+    v[0, :, 0, 0] = [1.0, 2.0 ** -11, 2.0 ** -11]
+    out = np.asarray(f16_attention(q, k, v, scale=1.0))
+    assert out[0, 0, 0, 0] == np.float32(1.0) / np.float32(3.0)
+    exact = (1 + 2.0 ** -10) / 3
+    assert out[0, 0, 0, 0] != np.float32(exact)
+
+
+@pytest.mark.parametrize("cfg", vc.CONFIGS, ids=lambda c: f"seed{c['seed']}")
+def test_honest_f16_kernel_passes_f16_and_fails_f32_claim(cfg):
+    """An F16 kernel written independently (ggml's online order) is within the f16 budget, and the
+    f32 budget is too sharp for it: the tolerance separates the two precisions."""
+    cfg = dict(cfg)
+    case = vc.random_case(cfg.pop("seed"), f16_kv=True, **cfg)
+    g = vf.golden_output(case)
+    kernel = vc.honest_f16_kernel(case)
+    m16 = f16_attention(case.q, case.k, case.v, scale=case.scale, mask=case.mask,
+                        softcap=case.softcap, max_bias=case.max_bias, sinks=case.sinks,
+                        dot_type="f16", kv_f16=bool(case.regions))
+    assert vf.verify_case(case, kernel, np.asarray(m16), "f16", golden=g).status == "pass"
+    f = np.float32
+    m32 = jaxkv.attention.attention(
+        case.q.astype(f), case.k.astype(f), case.v.astype(f), scale=case.scale,
+        mask=None if case.mask is None else case.mask.astype(f), softcap=case.softcap,
+        max_bias=case.max_bias, sinks=None if case.sinks is None else case.sinks.astype(f),
+        precision="f32")
+    v32 = vf.verify_case(case, kernel, np.asarray(m32), "f32", golden=g, diagnose=False)
+    assert v32.status == "fail"
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared traces (need jaxkv.trace and jaxkv.ggml_cpu)
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "fuzz.verify_cmd", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _verify_json(paths, precision):
+    from fuzz.verify_cmd import main
+
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([*map(str, paths), "--json", "--precision", precision])
+    return rc, [json.loads(x) for x in buf.getvalue().splitlines() if x.startswith("{")]
+
+
+@pytest.mark.parametrize("precision", ["auto", "f16"])
+def test_shared_ggml_traces_pass(precision):
+    pytest.importorskip("jaxkv.trace")
+    pytest.importorskip("jaxkv.ggml_cpu")
+    assert GGML_TRACES, f"no shared traces under {SHARED}"
+    rc, rows = _verify_json(GGML_TRACES, precision)
+    for r in rows:
+        print(f"{pathlib.Path(r['trace']).name:32s} {r['status']} [{r['precision']}] nmse "
+              f"{r['nmse']} budget {r['budget'] and r['budget']['nmse']} emu "
+              f"{r.get('emulation', {}).get('units')} {r['error'] or ''}")
+    assert len(rows) == len(GGML_TRACES)
+    assert [r["status"] for r in rows] == ["pass"] * len(rows), rows
+    assert rc == 0
+    want = "ggml-cpu" if precision == "auto" else "f16"
+    assert {r["precision"] for r in rows} == {want}
+
+
+def test_shared_foreign_dumps_pass():
+    pytest.importorskip("jaxkv.trace")
+    pytest.importorskip("jaxkv.ggml_cpu")
+    assert len(FOREIGN) == 2
+    rc, rows = _verify_json(FOREIGN, "auto")
+    assert len(rows) >= 4  # two steps each
+    assert all(r["status"] == "pass" for r in rows), rows
+    assert rc == 0
+
+
+def test_cli_unreadable_inputs_exit_2_one_line_each(tmp_path):
+    pytest.importorskip("jaxkv.trace")
+    good = SHARED / "traces" / "ggml" / "fa_f16_prefill_causal.gguf"
+    data = good.read_bytes()
+    (tmp_path / "a_truncated.gguf").write_bytes(data[: len(data) // 2])
+    (tmp_path / "b_garbage.gguf").write_bytes(b"\x00garbage" * 100)
+    (tmp_path / "c_empty.gguf").write_bytes(b"")
+    shutil.copy(good, tmp_path / "d_good.gguf")
+    p = _cli([tmp_path, tmp_path / "missing.gguf"])
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    errs = [x for x in lines if x.startswith("ERROR")]
+    assert len(errs) == 4, lines
+    assert any(x.startswith("PASS") and "d_good" in x for x in lines), lines
+    p = _cli([tmp_path / "b_garbage.gguf", "--json"])
+    row = json.loads(p.stdout.splitlines()[0])
+    assert p.returncode == 2 and row["status"] == "error" and "\n" not in row["error"]
+
+
+def test_cli_mismatch_exit_1_with_details_and_timings(tmp_path):
+    tr = pytest.importorskip("jaxkv.trace")
+    pytest.importorskip("jaxkv.ggml_cpu")
+    src = SHARED / "traces" / "ggml" / "fa_f16_sinks.gguf"
+    t = tr.load(src)
+    tr.save(tmp_path / "bad.gguf", t, out=np.asarray(t.out)[:, :, ::-1].copy())  # heads reversed
+    p = _cli([tmp_path / "bad.gguf", "--timings"])
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stdout.startswith("FAIL") and "budget:" in p.stdout and "timings: load" in p.stdout
+    p = _cli([tmp_path / "bad.gguf", "--json"])
+    row = json.loads(p.stdout.splitlines()[0])
+    for key in ("trace", "status", "nmse", "max_abs", "budget", "precision", "worst",
+                "per_head_max_abs", "nan_count", "diagnosis", "error"):
+        assert key in row
+    assert set(row["worst"]) == {"batch", "query", "head", "dim", "got", "expected"}
+
+
+def test_cli_bad_arguments_exit_2():
+    p = _cli(["--precision", "bf16", "x.gguf"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
