@@ -71,6 +71,7 @@ def main():
     args = ap.parse_args()
     ctx = P.Context(seed=args.seed)
     prop = P.get("split_k")
+    P.set_active(["split_k"])  # as `python -m fuzz --properties split_k`: a program for this property
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
 

@@ -336,6 +336,7 @@ class Campaign:
                              max_examples=o.max_examples, time_budget=o.time_budget, target=o.target,
                              resume=o.resume, started=time.time())])
         self.progress = Progress(o.quiet, o.time_budget)
+        P.set_active(o.properties)
         t0 = time.perf_counter()
         interrupted = False
         try:

@@ -140,42 +140,70 @@ def _merge_laws(a, cuts, g):
 
 
 def _kernels_make(key):
-    """The one program of a bucket (heads, KV bucket) shared by every attention property: golden
-    (f64), honest model (f32) and every kernel under test on one padded case; each property judges the
-    results it names."""
-    (H, Hkv), bucket = key
+    """The program of a bucket (heads, KV bucket, results needed): golden (f64), honest model (f32) and
+    the kernels under test on one padded case. One program serves every attention property of a
+    campaign (``needs`` is the union of what they judge, see :func:`set_active`); each property judges
+    the results it names."""
+    (H, Hkv), bucket, needs = key
     G = H // Hkv
     chunk = S.KV_BUCKETS[bucket]
+    needs = set(needs)
 
     def fn(a, cuts):
         q, k, v, val = a["q"], a["k"], a["v"], a["valid"]
         g = _ref(a, "f64")
         at = _ref(a, "f32")
-        fl = _att.flash_decode(q, k, v, chunk=chunk, precision="f32", **_kw(a))
-        on = _att.online_attention(q, k, v, precision="f32", **_kw(a))
-        r = dict(model=stats(at, g, val), flash_decode=stats(fl, g, val), online_attention=stats(on, g, val),
-                 attention=stats(at, g, val),
-                 exact_dead_rows_zero=_dead_rows(a, at) + _dead_rows(a, fl) + _dead_rows(a, on))
-        if G > 1:  # GQA vs MHA over repeated K/V: its own golden and model
+        r = dict(model=stats(at, g, val))
+        if needs & {"attention", "exact_dead_rows_zero"}:
+            r["attention"] = stats(at, g, val)
+        dead = []
+        if needs & {"flash_decode", "exact_dead_rows_zero"}:
+            fl = _att.flash_decode(q, k, v, chunk=chunk, precision="f32", **_kw(a))
+            r["flash_decode"] = stats(fl, g, val)
+            dead.append(fl)
+        if needs & {"online_attention", "exact_dead_rows_zero"}:
+            on = _att.online_attention(q, k, v, precision="f32", **_kw(a))
+            r["online_attention"] = stats(on, g, val)
+            dead.append(on)
+        if "exact_dead_rows_zero" in needs:
+            r["exact_dead_rows_zero"] = sum(_dead_rows(a, x) for x in [at] + dead)
+        if G > 1 and needs & {"attention_gqa", "flash_decode_gqa"}:  # GQA vs MHA over repeated K/V
             kr, vr = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
             gr = _ref(a, "f64", kr, vr)
+            fl = _att.flash_decode(q, k, v, chunk=chunk, precision="f32", **_kw(a))
             r.update(gqa_model=stats(_ref(a, "f32", kr, vr), gr, val), attention_gqa=stats(at, gr, val),
                      flash_decode_gqa=stats(fl, gr, val))
-        r.update(_merge_laws(a, cuts, g))
+        if needs & {"exact_identity", "merged_left"}:
+            r.update(_merge_laws(a, cuts, g))
         return r
     return fn
 
 
 _KERNELS = Batched(_kernels_make)
+_JUDGED: dict = {}  # attention property -> the results it judges
+_ACTIVE: list = []  # attention properties of the running campaign (empty: all)
+
+
+def set_active(names) -> None:
+    """Declare the properties a campaign runs: the attention programs then compute exactly what those
+    properties judge (one program per bucket for all of them; a single property gets a lean one)."""
+    _ACTIVE[:] = [n for n in names if n in _JUDGED]
+
+
+def _needs() -> tuple:
+    names = _ACTIVE or list(_JUDGED)
+    return tuple(sorted({x for n in names for x in _JUDGED[n]}))
 
 
 def _attention_property(name, doc, judged, strategy, model="model"):
     """A property over the shared kernels program: ``judged`` names the results it checks."""
+    _JUDGED[name] = tuple(judged)
 
     def evaluate(cases, ctx):
         groups = {}
+        needs = _needs() if name in (_ACTIVE or _JUDGED) else tuple(sorted(judged))
         for i, c in enumerate(cases):
-            groups.setdefault(_key(c), []).append(i)
+            groups.setdefault(_key(c) + (needs,), []).append(i)
         out = [None] * len(cases)
         for key, idx in groups.items():
             args = []

@@ -38,6 +38,7 @@ def replay(rec: dict) -> dict:
     from fuzz.__main__ import load_target
 
     prop = P.get(rec["property"])
+    P.set_active([prop.name])
     target = load_target(rec["target"]) if rec.get("target") else None
     ctx = P.Context(seed=rec.get("seed", 0), target=target, target_spec=rec.get("target"),
                     traces=rec.get("traces"))

@@ -331,10 +331,12 @@ def _r32(y):
 def _f32_bits(v):
     """uint32 float32 bits of a float32-exact float64 (subnormals included)."""
     a = jnp.abs(v)
-    normal = lax.bitcast_convert_type(jnp.where(a < _MIN_NORMAL32, 1.0, v).astype(jnp.float32), jnp.uint32)
+    ordinary = (a >= _MIN_NORMAL32) & (a < jnp.inf)
+    normal = lax.bitcast_convert_type(jnp.where(ordinary, v, 1.0).astype(jnp.float32), jnp.uint32)
     sign = jnp.where(jnp.signbit(v), jnp.uint32(0x80000000), jnp.uint32(0))
-    sub = sign | (a * _TWO149).astype(jnp.uint32)
-    return jnp.where(a < _MIN_NORMAL32, sub, normal)
+    sub = sign | jnp.where(a < _MIN_NORMAL32, a * _TWO149, 0.0).astype(jnp.uint32)
+    special = sign | jnp.where(jnp.isnan(v), jnp.uint32(0x7FC00000), jnp.uint32(0x7F800000))
+    return jnp.where(ordinary, normal, jnp.where(a < _MIN_NORMAL32, sub, special))
 
 
 def _f16_bits_from_f32_bits(b):
