@@ -1,19 +1,23 @@
 """Throughput of jaxkv.formats.dequantize (jitted) vs gguf.quants.dequantize on the same blocks.
 
-    python benchmarks/bench_formats.py [--mib 64] [--repeat 5] [--formats q4_0,q8_0]
+    python benchmarks/bench_formats.py [--mib 64] [--repeat 5] [--formats q4_0,q8_0] [--malloc reuse]
 
 For every format: the same ``--mib`` MiB of random ggml blocks (finite F16 scales) are dequantized by
-both, each best-of-``--repeat`` after one warm-up (jax: ``block_until_ready``; compile excluded). The
-outputs are checked equal bit for bit before timing. Printed: ms per call, GB/s of float32 written,
-the ratio gguf/jax, and the written GB/s as a fraction of the machine's write bandwidth, measured in the
-same run as numpy filling a large float32 array (best of ``--repeat``), and a jitted ``jnp.full`` of
-a fresh array on the JAX device (on a GPU, '% of bw' is of that).
+both, timed alternately, each best-of-``--repeat`` after one warm-up (jax: ``block_until_ready``;
+compile excluded). The outputs are checked equal bit for bit first. Printed: ms per call, GB/s of
+float32 written, the ratio gguf/jax, the written GB/s as a fraction of the write bandwidth measured
+in the same run (numpy filling a 512 MiB float32 array; on a GPU: a jitted ``jnp.full``), and the
+'floor': a jitted ``jnp.full`` of a fresh float32 array of the same output size.
 
-Allocation: XLA's CPU buffers come from glibc malloc without ``MADV_HUGEPAGE`` (numpy madvises its
-large arrays), so with transparent huge pages in ``madvise`` mode every fresh 4 KiB output page of a
-jitted call is faulted in separately, which costs more than the dequantization itself at these
-sizes. The script therefore re-runs itself under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc
-then madvises its large mappings, for numpy/gguf as well) unless ``--no-thp`` is given.
+Allocation (``--malloc``): the output of every call is a fresh buffer, and at these sizes getting
+fresh memory from the kernel costs as much as the dequantization. XLA's CPU buffers come from glibc
+malloc without ``MADV_HUGEPAGE`` (numpy madvises its large arrays), so with transparent huge pages in
+``madvise`` mode each 4 KiB page of a jitted output is faulted in and zeroed separately. The script
+re-runs itself with glibc tunables, which apply to gguf/numpy in the same process alike:
+``system`` (none), ``thp`` (``hugetlb=1``: huge pages, still zeroed by the kernel on every call), and
+``reuse`` (default: ``thp`` plus one arena and no ``mmap`` for large blocks, so freed buffers are
+reused as a caching allocator would, e.g. XLA's own on GPU): the steady state of a loop that
+dequantizes repeatedly, which isolates the dequantizer's own cost.
 """
 
 from __future__ import annotations
@@ -55,6 +59,23 @@ def best_of(fn, repeat):
     return min(ts)
 
 
+def best_of_pair(fa, fb, repeat):
+    """Best-of-``repeat`` seconds of fa and fb, timed alternately (both see the same machine load)."""
+    fa()
+    if fb is not None:
+        fb()
+    ta, tb = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t)
+        if fb is not None:
+            t = time.perf_counter()
+            fb()
+            tb.append(time.perf_counter() - t)
+    return min(ta), (min(tb) if tb else float("nan"))
+
+
 def write_bandwidth(nbytes, repeat):
     """GB/s of numpy filling a float32 array of ``nbytes`` (pages touched once before timing)."""
     a = np.empty(nbytes // 4, np.float32)
@@ -91,7 +112,12 @@ def device_fill_bandwidth(nbytes, repeat):
     return nbytes / best_of(lambda: fill(x).block_until_ready(), repeat) / 1e9
 
 
-THP = "glibc.malloc.hugetlb=1"
+MALLOC = {  # glibc tunables per --malloc mode
+    "system": "",
+    "thp": "glibc.malloc.hugetlb=1",
+    "reuse": ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+              "glibc.malloc.trim_threshold=68719476736"),
+}
 
 
 def main(argv=None):
@@ -99,19 +125,19 @@ def main(argv=None):
     ap.add_argument("--mib", type=int, default=64, help="MiB of blocks per format (default 64)")
     ap.add_argument("--repeat", type=int, default=5, help="best of N timed calls after a warm-up")
     ap.add_argument("--formats", default=",".join(ORDER))
-    ap.add_argument("--no-thp", action="store_true",
-                    help=f"do not re-run under GLIBC_TUNABLES={THP} (see the module docstring)")
+    ap.add_argument("--malloc", choices=list(MALLOC), default="reuse",
+                    help="glibc malloc configuration the script re-runs itself under (module docstring)")
     args = ap.parse_args(argv)
-    tun = os.environ.get("GLIBC_TUNABLES", "")
-    if not args.no_thp and THP not in tun:
-        env = dict(os.environ, GLIBC_TUNABLES=f"{tun}:{THP}" if tun else THP)
+    want = MALLOC[args.malloc]
+    if os.environ.get("JAXKV_BENCH_MALLOC") != args.malloc:
+        env = dict(os.environ, GLIBC_TUNABLES=want, JAXKV_BENCH_MALLOC=args.malloc)
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
     nbytes = args.mib << 20
     load = os.getloadavg()
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), gguf-py {_gguf_version()}, "
           f"cpus {os.cpu_count()}, load avg {load[0]:.2f} {load[1]:.2f}, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"--malloc {args.malloc} (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
     bw = write_bandwidth(512 << 20, args.repeat)
     print(f"numpy fill of a 512 MiB float32 array: {bw:.2f} GB/s (the host's write bandwidth)")
     dbw = device_fill_bandwidth(512 << 20, args.repeat)
@@ -119,7 +145,8 @@ def main(argv=None):
     if dev.platform != "cpu":
         bw = dbw  # '% of bw' below: of the device's fill
     print(f"{args.mib} MiB of blocks per format; best of {args.repeat} after warm-up\n")
-    hdr = f"{'format':8} {'out MiB':>8} {'jax ms':>8} {'gguf ms':>8} {'ratio':>6} {'jax GB/s':>9} {'% of bw':>8}"
+    hdr = (f"{'format':8} {'out MiB':>8} {'jax ms':>8} {'gguf ms':>8} {'ratio':>6} {'jax GB/s':>9} "
+           f"{'% of bw':>8} {'floor ms':>9}")
     print(hdr)
     print("-" * len(hdr))
     fails = []
@@ -129,20 +156,24 @@ def main(argv=None):
         raw = jax.device_put(raw_np)
         deq = jax.jit(lambda r, f=f: F.dequantize(r, f))
         out = np.asarray(deq(raw))
-        if name != "q8_1":
-            ref = gq.dequantize(raw_np, gguf.GGMLQuantizationType(f.type_id))
+        gtype = gguf.GGMLQuantizationType(f.type_id)
+        run_j = lambda: deq(raw).block_until_ready()  # noqa: E731
+        run_g = None if name == "q8_1" else (lambda: gq.dequantize(raw_np, gtype))  # gguf-py: no Q8_1
+        if run_g is not None:
+            ref = run_g()
             if not np.array_equal(out.view(np.uint32), np.asarray(ref, np.float32).view(np.uint32)):
                 fails.append(name)
-            t_g = best_of(lambda: gq.dequantize(raw_np, gguf.GGMLQuantizationType(f.type_id)), args.repeat)
-        else:  # gguf-py has no Q8_1 dequantizer
-            t_g = float("nan")
-        t_j = best_of(lambda: deq(raw).block_until_ready(), args.repeat)
+            del ref
+        t_j, t_g = best_of_pair(run_j, run_g, args.repeat)
+        fill = jax.jit(lambda x, n=out.size: jnp.full((n,), 1.0, jnp.float32) + x)
+        t_f = best_of(lambda: fill(jnp.zeros((), jnp.float32)).block_until_ready(), args.repeat)
         out_bytes = out.size * 4
         gbs = out_bytes / t_j / 1e9
         print(f"{name:8} {out_bytes / 2**20:8.0f} {t_j * 1e3:8.1f} {t_g * 1e3:8.1f} {t_g / t_j:6.1f} "
-              f"{gbs:9.2f} {100 * gbs / bw:7.0f}%")
+              f"{gbs:9.2f} {100 * gbs / bw:7.0f}% {t_f * 1e3:9.1f}")
         del raw, out
-    print("\nratio = gguf ms / jax ms (gguf's F32 'dequantize' is a zero-copy view; q8_1: gguf has none)")
+    print("\nratio = gguf ms / jax ms (gguf's F32 'dequantize' is a zero-copy view; q8_1: gguf has none);"
+          "\nfloor = a jitted jnp.full of a fresh float32 array of the same output size (allocation + write)")
     if fails:
         print(f"MISMATCH vs gguf: {fails}")
         return 1

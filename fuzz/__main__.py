@@ -32,13 +32,17 @@ def _parser():
         def error(self, message):
             raise UsageError(message)
 
-    p = Parser(prog="python -m fuzz", description="Fuzz campaigns over jaxkv's properties and kernels.")
+    p = Parser(prog="python -m fuzz", description="Fuzz campaigns over jaxkv's properties and kernels.",
+               epilog="subcommands: replay FILE | merge DIR... | verify ... | sensitivity ... | record ...",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--max-examples", type=int, metavar="N",
                    help=f"cases per property (default {DEFAULT_EXAMPLES} when no --time-budget)")
     g.add_argument("--time-budget", type=float, metavar="SECONDS", help="wall-clock budget, split over the properties")
     p.add_argument("--seed", type=int, default=0, help="campaign seed (default 0): same seed, same cases")
-    p.add_argument("--properties", default="all", metavar="P1,P2|all")
+    p.add_argument("--properties", default=None, metavar="P1,P2|all",
+                   help="properties to run (default: all; with --target/--traces and no --properties: "
+                        "just target/traces)")
     p.add_argument("--target", metavar="MODULE:FUNCTION",
                    help="kernel fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) -> out to fuzz")
     p.add_argument("--traces", metavar="DIR", help="verify every trace (*.gguf) under DIR")
@@ -123,7 +127,9 @@ def _campaign(argv) -> int:
         raise UsageError("--time-budget: must be > 0")
     shard = _parse_shard(args.shard)
     enable_compile_cache(args.compile_cache)
-    if args.properties.strip() == "all":
+    if args.properties is None and (args.target or args.traces):
+        names = (["traces"] if args.traces else []) + (["target"] if args.target else [])
+    elif args.properties is None or args.properties.strip() == "all":
         names = list(P.PROPERTIES)
     else:
         names = [x.strip() for x in args.properties.split(",") if x.strip()]
@@ -186,6 +192,11 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

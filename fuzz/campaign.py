@@ -226,42 +226,52 @@ def _safe(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s)
 
 
-def _diagnosis(prop, params, ctx):
-    """jaxkv.verify's verdict of the target on the failing call (target property only)."""
-    if prop.name != "target" or ctx.target is None:
-        return None
-    try:
-        from jaxkv import attention as A
-        from jaxkv import mutations, verify
+def _verdict_of_target(a, kernel):
+    """jaxkv.verify's verdict (diagnosis included) of ``kernel`` on the call ``a`` -> (Verdict, out)."""
+    from jaxkv import attention as A
+    from jaxkv import mutations, verify
 
-        a = prop.call(params, ctx)
-        got = np.asarray(ctx.target(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"],
-                                    softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"]))
-        case = mutations.Case(op="flash_attn_ext", q=a["q"], k=a["k"], v=a["v"], mask=a["mask"],
-                              sinks=a["sinks"], scale=float(a["scale"]), softcap=float(a["softcap"]),
-                              max_bias=float(a["max_bias"]))
-        model = np.asarray(A.attention(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"],
-                                       softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"],
-                                       precision="f32"))
-        v = verify.verify_case(case, got, model, "f32", name=params.get("id", "case"))
+    kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
+    got = np.asarray(kernel(a["q"], a["k"], a["v"], **kw), np.float32)
+    case = mutations.Case(op="flash_attn_ext", q=a["q"], k=a["k"], v=a["v"], mask=a["mask"], sinks=a["sinks"],
+                          scale=float(a["scale"]), softcap=float(a["softcap"]), max_bias=float(a["max_bias"]))
+    model = np.asarray(A.attention(a["q"], a["k"], a["v"], precision="f32", **kw))
+    return verify.verify_case(case, got, model, "f32", name="fuzz case"), got
+
+
+def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
+    """Save a failing kernel call as a trace v1 file and diagnose it with jaxkv.verify. The call is the
+    minimal case at its own shapes when the kernel fails there too, else the padded call the campaign
+    made. Returns (path, which call, diagnosis dict)."""
+    from fuzz import cases as C
+
+    diag, tried = None, []
+    for which, a in (("case", C.attention_arrays(params)), ("padded program call", padded)):
+        try:
+            v, got = _verdict_of_target(a, kernel)
+        except Exception as e:
+            tried.append(f"{which}: {type(e).__name__}: {str(e)[:160]}")
+            continue
         d = v.to_json()
-        return dict(status=v.status, diagnosis=d.get("diagnosis"), budget=d.get("budget"),
-                    localization=d.get("localization"), worst=d.get("worst"))
-    except Exception as e:  # diagnosis is best effort; the failure itself is already recorded
-        return dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        diag = dict(call=which, status=v.status, diagnosis=d.get("diagnosis"), budget=d.get("budget"),
+                    localization=d.get("localization"), worst=d.get("worst"), nmse=d.get("nmse"),
+                    max_abs=d.get("max_abs"))
+        if v.status == "fail" or which != "case":
+            try:
+                from fuzz.properties_io import save_call
+
+                return save_call(base.with_suffix(".gguf"), a, None, producer=producer, out=got), which, diag
+            except Exception as e:  # no jaxkv.trace, or not representable as a trace
+                np.savez(base.with_suffix(".npz"), out=got, **{k: np.asarray(x) for k, x in a.items() if x is not None})
+                return str(base.with_suffix(".npz")), which, dict(diag, trace_error=str(e)[:200])
+    return None, None, dict(error="; ".join(tried))
 
 
 def _save_arrays(base: pathlib.Path, prop, params, ctx) -> str | None:
+    """The padded attention call of a failing case (.npz: its inputs; no single kernel output)."""
     if prop.call is None:
         return None
     a = prop.call(params, ctx)
-    if prop.name == "target":
-        try:
-            from fuzz.properties_io import save_call
-
-            return save_call(base.with_suffix(".gguf"), a, ctx)
-        except Exception:  # no jaxkv.trace, or the call cannot be a trace: fall back to .npz
-            pass
     path = base.with_suffix(".npz")
     np.savez(path, **{k: np.asarray(v) for k, v in a.items() if v is not None})
     return str(path)
@@ -272,11 +282,20 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
     d = out / "failures"
     d.mkdir(parents=True, exist_ok=True)
     base = d / _safe(f"{prop.name}-{case_id.replace('/', '-')}")
-    arrays = _save_arrays(base, prop, minimal, ctx)
+    if prop.name == "target" and ctx.target is not None:
+        from fuzz.properties import _target_call
+
+        arrays, call, diagnosis = _kernel_artifacts(base, minimal, _target_call(minimal, ctx), ctx.target,
+                                                    f"fuzz --target {ctx.target_spec}")
+    elif prop.kernel is not None:
+        arrays, call, diagnosis = _kernel_artifacts(base, minimal, prop.call(minimal, ctx), prop.kernel,
+                                                    f"fuzz {prop.name}: {getattr(prop.kernel, '__doc__', '')}")
+    else:
+        arrays, call, diagnosis = _save_arrays(base, prop, minimal, ctx), "padded program call", None
     rec = dict(property=prop.name, seed=opts.seed, case_id=case_id, params=minimal, original=original,
                shrunk=minimal != original, error=outcome["error"], metrics=outcome.get("metrics"),
-               target=opts.target, traces=opts.traces, arrays=arrays,
-               diagnosis=_diagnosis(prop, minimal, ctx))
+               target=opts.target, traces=opts.traces, arrays=arrays, arrays_call=call,
+               diagnosis=diagnosis)
     path = base.with_suffix(".json")
     rec["replay"] = f"python -m fuzz replay {path}"
     path.write_text(json.dumps(rec, indent=1, default=_json_default) + "\n")
@@ -328,7 +347,12 @@ class Campaign:
         self.out.mkdir(parents=True, exist_ok=True)
         done = set()
         if o.resume:
-            done = {r["id"] for r in read_records(self.path) if r.get("type") == "case"}
+            old = read_records(self.path)
+            seeds = {r.get("seed") for r in old if r.get("type") == "campaign"}
+            if seeds and seeds != {o.seed}:
+                raise ValueError(f"--resume: {self.path} holds a campaign with seed {sorted(seeds)[0]}, "
+                                 f"not --seed {o.seed}")
+            done = {r["id"] for r in old if r.get("type") == "case"}
         elif self.path.exists():
             self.path.unlink()
         self.rec = Records(self.path)
@@ -373,7 +397,7 @@ class Campaign:
         shard_i, shard_n = o.shard
         first_fail = None
         chunk = 0
-        limit = o.max_examples
+        limit = None if prop.files is not None else o.max_examples  # input files: all of them
         try:
             while True:
                 if seconds is not None and time.perf_counter() - t0 >= seconds:
@@ -434,5 +458,5 @@ class Campaign:
         self.rec.write([dict(type="failure", property=prop.name, id=cid, file=rec["file"], error=mo["error"],
                              replay=rec["replay"]),
                         dict(type="property", property=prop.name, seconds=time.perf_counter() - t0,
-                             compiles=COMPILES.count - c0, phase="shrink")])
+                             compiles=0, report_compiles=COMPILES.count - c0, phase="shrink")])
         self.progress.line(f"{prop.name}: FAIL {cid} shrunk in {time.perf_counter() - t0:.1f} s -> {rec['file']}")

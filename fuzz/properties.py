@@ -51,6 +51,7 @@ class Property:
     requires: tuple = ()
     enabled: Callable[[Context], str | None] = lambda ctx: None  # reason it cannot run, or None
     files: Callable[[Context], list] | None = None  # explicit case list instead of a strategy
+    kernel: Callable | None = None  # fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) of a failure's trace
 
 
 def _outcome(ok, checks, error=None, **metrics):
@@ -195,8 +196,9 @@ def _needs() -> tuple:
     return tuple(sorted({x for n in names for x in _JUDGED[n]}))
 
 
-def _attention_property(name, doc, judged, strategy, model="model"):
-    """A property over the shared kernels program: ``judged`` names the results it checks."""
+def _attention_property(name, doc, judged, strategy, model="model", kernel=None):
+    """A property over the shared kernels program: ``judged`` names the results it checks; ``kernel``
+    (canonical signature) recomputes the first judged output for a failure's trace file."""
     _JUDGED[name] = tuple(judged)
 
     def evaluate(cases, ctx):
@@ -215,7 +217,17 @@ def _attention_property(name, doc, judged, strategy, model="model"):
                 out[i] = _judge(dict({n: r[n] for n in judged}, model=r[model]))
         return out
 
-    return Property(name, doc, strategy, evaluate, call=lambda c, ctx: C.pad_attention(c))
+    return Property(name, doc, strategy, evaluate, call=lambda c, ctx: C.pad_attention(c), kernel=kernel)
+
+
+def _flash_kernel(q, k, v, **kw):
+    """jaxkv.attention.flash_decode (split-K, chunk = the KV bucket's, f32)"""
+    return _att.flash_decode(q, k, v, chunk=S.KV_BUCKETS[64], precision="f32", **kw)
+
+
+def _online_kernel(q, k, v, **kw):
+    """jaxkv.attention.online_attention (f32)"""
+    return _att.online_attention(q, k, v, precision="f32", **kw)
 
 
 def _s(strategy):
@@ -512,20 +524,26 @@ def _trace_files(ctx):
 
 
 def _traces_eval(cases, ctx):
+    """Each file is one case: every call in it (one for trace v1, one per step of a foreign multi-step
+    dump, via trace.load_steps) verified by jaxkv.verify; checks = calls."""
     from jaxkv import verify
 
     trace = importlib.import_module("jaxkv.trace")
     out = []
     for c in cases:
         try:
-            v = verify.verify_trace(trace.load(c["file"]), name=c["file"])
+            steps = trace.load_steps(c["file"])
+            errs, diags = [], []
+            for i, t in enumerate(steps):
+                name = c["file"] if len(steps) == 1 else f"{c['file']}[step {i + 1}]"
+                v = verify.verify_trace(t, name=name)
+                if v.status != "pass":
+                    errs.append(v.error or v.line())
+                    diags.append(v.to_json().get("diagnosis"))
         except Exception as e:  # one bad file is one failed case, not a crash
             out.append(_outcome(False, 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             continue
-        d = v.to_json()
-        err = None if v.status == "pass" else (v.error or v.line())
-        out.append(_outcome(v.status == "pass", 1, err, nmse=d.get("nmse"), max_abs=d.get("max_abs"),
-                            diagnosis=d.get("diagnosis")))
+        out.append(_outcome(not errs, len(steps), "; ".join(errs) or None, diagnosis=diags or None))
     return out
 
 
@@ -665,10 +683,10 @@ _register(Property(
     _quant_eval, requires=("gguf",)))
 _register(_attention_property(
     "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 budget",
-    ("flash_decode",), _s(S.attention_case())))
+    ("flash_decode",), _s(S.attention_case()), kernel=_flash_kernel))
 _register(_attention_property(
     "online", "online_attention (ggml's one-key-at-a-time softmax, f32) vs the f64 reference",
-    ("online_attention",), _s(S.attention_case())))
+    ("online_attention",), _s(S.attention_case()), kernel=_online_kernel))
 _register(_attention_property(
     "merge_laws", "merge: exact identity, exact commutativity, empty+empty, associativity (both "
     "bracketings) and finalize(merge of 3 partial states) vs the f64 reference",
@@ -676,7 +694,8 @@ _register(_attention_property(
     _s(S.merge_case())))
 _register(_attention_property(
     "gqa", "GQA/MQA attention and flash_decode vs MHA over K/V repeated per query head",
-    ("attention_gqa", "flash_decode_gqa"), _s(S.attention_case(heads=((4, 1), (6, 2)))), model="gqa_model"))
+    ("attention_gqa", "flash_decode_gqa"), _s(S.attention_case(heads=((4, 1), (6, 2)))), model="gqa_model",
+    kernel=_flash_kernel))
 _register(_attention_property(
     "masked_rows", "fully masked rows give exact zeros, NaN in keys masked everywhere never leaks "
     "(attention, flash_decode, online_attention)", ("attention", "flash_decode", "online_attention",
@@ -685,7 +704,7 @@ _register(_attention_property(
 _register(_attention_property(
     "large_logits", "huge logits (values ~1e4, outlier channels, scale up to 4): flash_decode and "
     "online_attention stay finite and within budget", ("flash_decode", "online_attention"),
-    _s(S.attention_case(dists=("big", "outlier")))))
+    _s(S.attention_case(dists=("big", "outlier"))), kernel=_flash_kernel))
 _register(Property(
     "mixed_cache", "jaxkv.cache.attend over a mixed cache (cold formats K/V independent, hot F16 "
     "window) vs attention over the concatenation", _cache_strategy, _mixed_eval))

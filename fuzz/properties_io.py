@@ -273,10 +273,12 @@ def _robust_eval(cases, ctx):
     return [_robust_check(c) for c in cases]
 
 
-def save_call(path, a, ctx, producer=None) -> str:
-    """Save a (padded) attention call ``a`` and the --target's output on it as a trace v1 file."""
-    out = np.asarray(ctx.target(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"], softcap=a["softcap"],
-                                max_bias=a["max_bias"], sinks=a["sinks"]), np.float32)
+def save_call(path, a, ctx, producer=None, out=None) -> str:
+    """Save an attention call ``a`` and a kernel's output on it (``out``; None: the --target of ``ctx``
+    on ``a``) as a trace v1 file."""
+    if out is None:
+        out = np.asarray(ctx.target(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"],
+                                    softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"]), np.float32)
     T.save(path, q=a["q"], k=a["k"], v=a["v"], mask=a["mask"], sinks=a["sinks"], out=out,
            scale=float(a["scale"]), softcap=float(a["softcap"]), max_bias=float(a["max_bias"]),
            producer=producer or f"fuzz --target {ctx.target_spec}")

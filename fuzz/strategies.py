@@ -12,6 +12,8 @@ Shape menus are deliberately small: every (heads, KV bucket) pair is one compile
 
 from __future__ import annotations
 
+import functools
+
 from hypothesis import strategies as st
 
 __all__ = [
@@ -46,32 +48,41 @@ def format_name(choices=ALL_FORMATS) -> st.SearchStrategy:
     return st.sampled_from(choices)
 
 
-@st.composite
-def attention_case(draw, *, heads=HEADS, buckets=tuple(KV_BUCKETS), masks=MASKS, dists=DISTS,
+_FLOAT_SCALE = st.one_of(st.just("rsqrt"), st.floats(0.001953125, 4.0, width=32))
+_SOFTCAP = st.one_of(st.just(0.0), st.floats(1.0, 50.0, width=32))
+_MAX_BIAS = st.one_of(st.just(0.0), st.floats(0.5, 16.0, width=32))
+
+
+@functools.lru_cache(maxsize=None)
+def attention_case(*, heads=HEADS, buckets=tuple(KV_BUCKETS), masks=MASKS, dists=DISTS,
                    formats=FLOAT_FORMATS, nan_unused=False, sinks=True, softcap=True, alibi=True):
     """Parameters of one attention call: heads (H, Hkv), B, n_q, Dk, Dv, n_kv (<= the drawn KV bucket),
     K and V storage formats (independent), value distributions of q/k/v, mask kind and its parameter,
-    scale, softcap, max_bias (ALiBi), sinks, seed. ``nan_unused``: keys masked for every row hold NaN."""
-    H, Hkv = draw(st.sampled_from(heads))
-    bucket = draw(st.sampled_from(buckets))
-    c = dict(
-        heads=[H, Hkv], bucket=bucket,
-        B=draw(st.integers(1, PAD_B)), n_q=draw(st.integers(1, PAD_NQ)),
-        Dk=draw(st.integers(1, PAD_D)), Dv=draw(st.integers(1, PAD_D)),
-        n_kv=draw(st.integers(1, bucket)),
-        k_fmt=draw(st.sampled_from(formats)), v_fmt=draw(st.sampled_from(formats)),
-        q_dist=draw(st.sampled_from(dists)), k_dist=draw(st.sampled_from(dists)),
-        v_dist=draw(st.sampled_from(dists)),
-        mask=draw(st.sampled_from(masks)), mask_param=draw(st.integers(1, 64)),
-        mask_heads=draw(st.booleans()),
-        scale=draw(st.one_of(st.just("rsqrt"), st.floats(0.001953125, 4.0, width=32))),
-        softcap=draw(st.one_of(st.just(0.0), st.floats(1.0, 50.0, width=32))) if softcap else 0.0,
-        max_bias=draw(st.one_of(st.just(0.0), st.floats(0.5, 16.0, width=32))) if alibi else 0.0,
-        sinks=draw(st.booleans()) if sinks else False,
-        nan_unused=nan_unused,
-        seed=draw(_SEED),
-    )
-    return c
+    scale, softcap, max_bias (ALiBi), sinks, seed. ``nan_unused``: keys masked for every row hold NaN.
+    (Sub-strategies are built once per argument set: hypothesis draws faster from reused strategies.)"""
+    s_heads, s_bucket = st.sampled_from(heads), st.sampled_from(buckets)
+    s_b, s_nq, s_d = st.integers(1, PAD_B), st.integers(1, PAD_NQ), st.integers(1, PAD_D)
+    s_n = {b: st.integers(1, b) for b in buckets}
+    s_fmt, s_dist, s_mask = st.sampled_from(formats), st.sampled_from(dists), st.sampled_from(masks)
+    s_param, s_bool = st.integers(1, 64), st.booleans()
+
+    @st.composite
+    def case(draw):
+        H, Hkv = draw(s_heads)
+        bucket = draw(s_bucket)
+        return dict(
+            heads=[H, Hkv], bucket=bucket, B=draw(s_b), n_q=draw(s_nq), Dk=draw(s_d), Dv=draw(s_d),
+            n_kv=draw(s_n[bucket]), k_fmt=draw(s_fmt), v_fmt=draw(s_fmt),
+            q_dist=draw(s_dist), k_dist=draw(s_dist), v_dist=draw(s_dist),
+            mask=draw(s_mask), mask_param=draw(s_param), mask_heads=draw(s_bool),
+            scale=draw(_FLOAT_SCALE),
+            softcap=draw(_SOFTCAP) if softcap else 0.0,
+            max_bias=draw(_MAX_BIAS) if alibi else 0.0,
+            sinks=draw(s_bool) if sinks else False,
+            nan_unused=nan_unused,
+            seed=draw(_SEED),
+        )
+    return case()
 
 
 @st.composite

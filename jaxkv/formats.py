@@ -318,24 +318,32 @@ _OVERFLOW32 = float(2.0 ** 128 - 2.0 ** 103)  # FLT_MAX + half an ulp: from here
 def _r32(y):
     """Round float64 to the nearest float32 value (ties to even; subnormals and overflow exact), as f64.
 
-    Subnormals and overflow are done explicitly: XLA's CPU convert flushes float32 subnormals and its
-    GPU convert saturates at FLT_MAX instead of rounding to Inf.
+    Integer arithmetic on the float64 bits, no float32 convert: XLA's CPU convert flushes float32
+    subnormals, its GPU convert saturates at FLT_MAX, and XLA may drop an f64->f32->f64 convert pair
+    as excess precision.
     """
     a = jnp.abs(y)
+    bits = lax.bitcast_convert_type(y, jnp.uint64)
+    keep, low = bits >> 29, bits & ((1 << 29) - 1)  # float32 keeps 23 of float64's 52 mantissa bits
+    up = (low > (1 << 28)) | ((low == (1 << 28)) & ((keep & 1) == 1))
+    normal = lax.bitcast_convert_type((keep + up.astype(jnp.uint64)) << 29, jnp.float64)
     tiny = jnp.round(y * _TWO149) / _TWO149  # the subnormal grid; exact in f64
-    safe = jnp.where(a >= _OVERFLOW32, 0.0, y)
-    r = jnp.where(a < _MIN_NORMAL32, tiny, safe.astype(jnp.float32).astype(jnp.float64))
-    return jnp.where(a >= _OVERFLOW32, jnp.where(y > 0, jnp.inf, -jnp.inf), r)  # NaN: r is NaN
+    r = jnp.where(a < _MIN_NORMAL32, tiny, normal)
+    r = jnp.where(a >= _OVERFLOW32, jnp.where(y > 0, jnp.inf, -jnp.inf), r)
+    return jnp.where(jnp.isnan(y), y, r)
 
 
 def _f32_bits(v):
-    """uint32 float32 bits of a float32-exact float64 (subnormals included)."""
+    """uint32 float32 bits of a float32-exact float64 (subnormals included), from its float64 bits."""
     a = jnp.abs(v)
-    ordinary = (a >= _MIN_NORMAL32) & (a < jnp.inf)
-    normal = lax.bitcast_convert_type(jnp.where(ordinary, v, 1.0).astype(jnp.float32), jnp.uint32)
-    sign = jnp.where(jnp.signbit(v), jnp.uint32(0x80000000), jnp.uint32(0))
+    b64 = lax.bitcast_convert_type(v, jnp.uint64)
+    sign = ((b64 >> 63) << 31).astype(jnp.uint32)
+    e32 = ((b64 >> 52) & 0x7FF).astype(jnp.int32) - (1023 - 127)
+    mant = ((b64 >> 29) & 0x7FFFFF).astype(jnp.uint32)
+    normal = sign | (jnp.clip(e32, 0, 255).astype(jnp.uint32) << 23) | mant
     sub = sign | jnp.where(a < _MIN_NORMAL32, a * _TWO149, 0.0).astype(jnp.uint32)
     special = sign | jnp.where(jnp.isnan(v), jnp.uint32(0x7FC00000), jnp.uint32(0x7F800000))
+    ordinary = (a >= _MIN_NORMAL32) & (a < jnp.inf)
     return jnp.where(ordinary, normal, jnp.where(a < _MIN_NORMAL32, sub, special))
 
 

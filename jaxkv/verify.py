@@ -335,8 +335,9 @@ def _acc_unit(trace) -> float:
     return U16 if _type_name(trace.v) == "f16" else U32
 
 
-def model_output(trace, case: mutations.Case, precision: str) -> np.ndarray:
-    """The honest model's output [B, n_q, H, Dv] for a resolved precision (not ``auto``)."""
+def model_output(trace, case: mutations.Case, precision: str, **config) -> np.ndarray:
+    """The honest model's output [B, n_q, H, Dv] for a resolved precision (not ``auto``). ``config``
+    (ggml-cpu only): ``n_threads`` / ``isa`` overriding the trace's."""
     if precision == "f64":
         return golden_output(case)
     if precision == "f32":
@@ -353,10 +354,13 @@ def model_output(trace, case: mutations.Case, precision: str) -> np.ndarray:
         from jaxkv import ggml_cpu
 
         kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias)
+        if "isa" in config:
+            kw["isa"] = config["isa"]
         if trace.op == "soft_max_attn":
             out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
         else:
-            kw.update(softcap=case.softcap, sinks=trace.sinks, n_threads=case.n_threads)
+            kw.update(softcap=case.softcap, sinks=trace.sinks,
+                      n_threads=config.get("n_threads", case.n_threads))
             if trace.op == "mixed_flash_attn":
                 out = ggml_cpu.mixed_flash_attn(trace.q, trace.k_cold, trace.v_cold, trace.k_hot,
                                                 trace.v_hot, kv_order=trace.kv_order, **kw)
@@ -443,8 +447,9 @@ class Verdict:
         lines.append(f"  NaN in output: {e.nan_count}")
         if self.diagnosis:
             lines.append("  diagnosis (hypotheses that explain the output):")
-            lines += [f"    - {x['hypothesis']}: {x['label']} (nmse {x['nmse']:.3g}, max_abs "
-                      f"{x['max_abs']:.3g})" for x in self.diagnosis]
+            lines += [f"    - {x['hypothesis']}: {x['label']} (with it: nmse {x['nmse']:.3g}, max_abs "
+                      f"{x['max_abs']:.3g}; judged at the {x.get('level', 'golden')} level)"
+                      for x in self.diagnosis]
         else:
             lines.append("  diagnosis: no hypothesis explains the output")
             loc = self.localization or {}
@@ -494,8 +499,54 @@ def verify_trace(trace, precision: str = "auto", *, name: str | None = None,
     got = np.asarray(trace.out, np.float64)
     model = model_output(trace, case, prec)
     emu = model if prec == "ggml-cpu" else None
-    return verify_case(case, got, model, prec, name=name, emu=emu, emu_unit=_acc_unit(trace),
-                       diagnose=diagnose, model_fn=dense_model_fn(trace, prec))
+    v = verify_case(case, got, model, prec, name=name, emu=emu, emu_unit=_acc_unit(trace),
+                    diagnose=diagnose, model_fn=dense_model_fn(trace, prec))
+    if diagnose and v.status == "fail" and emu is not None and not v.emu.ok:
+        extra = tuple(_config_findings(trace, case, got, v.budget, v.emu.unit))
+        if extra:
+            v = dataclasses.replace(v, diagnosis=v.diagnosis + extra, localization=None)
+    return v
+
+
+def _config_findings(trace, case, got, budget, unit) -> list[dict]:
+    """ggml configured otherwise than the trace says: the mixed cache's regions in the other order
+    (mask alike), another thread count (split-KV chunking), another SIMD build. Each is the emulation
+    rerun so configured; it explains the output when both checks then pass."""
+    from jaxkv import ggml_cpu
+
+    g = golden_output(case)
+    tries = []
+    if trace.op == "mixed_flash_attn" and hasattr(trace, "with_kv_order"):
+        other = "hot,cold" if trace.kv_order == "cold,hot" else "cold,hot"
+        tries.append((f"computed with kv_order {other} (mask alike), not the declared {trace.kv_order}",
+                      trace.with_kv_order(other), {}))
+    if trace.op != "soft_max_attn":
+        kt = "f16" if trace.op == "mixed_flash_attn" else _type_name(trace.k)
+        vt = "f16" if trace.op == "mixed_flash_attn" else _type_name(trace.v)
+        B, n_q = case.q.shape[:2]
+        n_kv = case.k.shape[1]
+        chunks = {ggml_cpu.split_chunks(n_q, B, kt, vt, n_kv, case.n_threads)}
+        for nt in (1, 2, 3, 4, 6, 8, 16, 32):
+            c = ggml_cpu.split_chunks(n_q, B, kt, vt, n_kv, nt)
+            if c not in chunks:
+                chunks.add(c)
+                tries.append((f"ran with n_threads={nt} ({c} split-KV chunks), not the recorded "
+                              f"{case.n_threads}", trace, {"n_threads": nt}))
+    for isa in getattr(ggml_cpu, "ISAS", ()):
+        if isa != getattr(ggml_cpu, "DEFAULT_ISA", isa):
+            tries.append((f"a ggml-cpu {isa} build, not {ggml_cpu.DEFAULT_ISA}", trace, {"isa": isa}))
+    found = []
+    for label, t2, cfg in tries:
+        try:
+            emu2 = model_output(t2, case, "ggml-cpu", **cfg)
+        except (ValueError, NotImplementedError):
+            continue
+        ec = emu_check(got, emu2, unit)
+        e = errors(got, g)
+        if ec.ok and budget.allows(e):
+            found.append(dict(hypothesis="ggml_config", label=label, nmse=errors(got, emu2).nmse,
+                              max_abs=ec.max_abs, level="emulation (configuration)"))
+    return found
 
 
 def dense_model_fn(trace, precision: str):

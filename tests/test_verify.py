@@ -255,3 +255,18 @@ def test_cli_mismatch_exit_1_with_details_and_timings(tmp_path):
 def test_cli_bad_arguments_exit_2():
     p = _cli(["--precision", "bf16", "x.gguf"])
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_parse_names(tmp_path):
+    from fuzz.verify_cmd import parse_names
+
+    assert parse_names(None) is None
+    assert parse_names("q=Qcur-0,out=kqv_out-0") == {"q": "Qcur-0", "out": "kqv_out-0"}
+    f = tmp_path / "names.json"
+    f.write_text('{"q": "Qcur"}')
+    assert parse_names(str(f)) == {"q": "Qcur"}
+    with pytest.raises(ValueError, match="--names"):
+        parse_names("qQcur")
+    f.write_text("[1]")
+    with pytest.raises(ValueError, match="--names"):
+        parse_names(str(f))
