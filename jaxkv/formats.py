@@ -6,11 +6,14 @@ Layout (every function): a *row* of ggml blocks lies on the last axis, any leadi
     values float32 [..., n_blocks * block_size]      what ggml's dequantizer produces
 
 Facts are taken from ggml's ``ggml-common.h`` (block structs) and agree with gguf's
-``GGML_QUANT_SIZES``. ``quantize`` reproduces ggml's reference quantizers (``quantize_row_*_ref`` in
-``ggml-quants.c``) byte for byte, including F16 scale rounding (round to nearest even), ``roundf``
-(half away from zero) and the ``(int8_t)(x + 8.5f)`` truncations. It works in float64 holding float32
-values, rounding to float32 after every operation with an exact software rounding: XLA on CPU flushes
-float32 subnormals to zero, ggml's C code does not, and subnormal inputs/scales must quantize alike.
+``GGML_QUANT_SIZES`` except Q8_1, where gguf-py still lists 40 bytes (ggml: 36, static_assert'ed).
+
+``quantize`` reproduces ggml's reference quantizers (``quantize_row_*_ref`` in ``ggml-quants.c``) byte
+for byte, including F16 scale rounding (round to nearest even), ``roundf`` (half away from zero) and
+the ``(int8_t)(x + 8.5f)`` truncations. It works in float64 holding float32 values, rounding to
+float32 after every operation with an exact integer-only rounding: XLA on CPU flushes float32
+subnormals to zero (ggml does not), XLA on GPU saturates f64->f32 converts and may drop an
+f64->f32->f64 rounding as excess precision; the bytes are the same on CPU and GPU.
 
 ``fmt`` arguments accept a name (``"q4_0"``, case-insensitive), a ``gguf.GGMLQuantizationType``, an
 int ggml type id, or a `Format`.
@@ -56,7 +59,9 @@ class Format:
     """A ggml tensor type: ``block_size`` elements stored in ``block_bytes`` bytes laid out as ``fields``.
 
     ``dot_type`` is ggml's CPU ``vec_dot_type`` (the type the other operand of a dot product with this
-    type is converted to). ``q_offset`` is subtracted from the stored unsigned quant (q4_0: 8, q5_0: 16).
+    type is converted to). Quantized formats: ``q_bits`` bits per stored quant (a 'qh' field holds bit 4
+    of 5-bit quants); the integer value is ``codebook[stored]`` when there is a codebook (iq4_nl), else
+    ``stored - q_offset`` (q4_0: 8, q5_0: 16); the element is ``d * value`` (``+ m`` with an 'm' field).
     """
 
     name: str
@@ -67,6 +72,7 @@ class Format:
     dot_type: str | None
     q_bits: int = 0
     q_offset: int = 0
+    codebook: tuple[int, ...] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -79,10 +85,14 @@ class Format:
         return None
 
 
-def _fmt(name, tid, bs, bb, fields, dot, q_bits=0, q_offset=0) -> Format:
+#: ggml-common.h ``kvalues_iq4nl``
+KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _fmt(name, tid, bs, bb, fields, dot, q_bits=0, q_offset=0, codebook=None) -> Format:
     fs = tuple(Field(*f) for f in fields)
     assert sum(f.size for f in fs) == bb, name
-    return Format(name, tid, bs, bb, fs, dot, q_bits, q_offset)
+    return Format(name, tid, bs, bb, fs, dot, q_bits, q_offset, codebook)
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in [
@@ -103,13 +113,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     # block_q8_1 { ggml_half d; ggml_half s; int8_t qs[32]; }   s = d * sum(qs)
     _fmt("q8_1", 9, 32, 36, [("d", 0, 2, "f16"), ("s", 2, 2, "f16"), ("qs", 4, 32, "i8")], "q8_1", 8),
     # block_iq4_nl { ggml_half d; uint8_t qs[16]; }   value = d * kvalues_iq4nl[nibble]
-    _fmt("iq4_nl", 20, 32, 18, [("d", 0, 2, "f16"), ("qs", 2, 16, "nib")], "q8_0", 4),
+    _fmt("iq4_nl", 20, 32, 18, [("d", 0, 2, "f16"), ("qs", 2, 16, "nib")], "q8_0", 4, 0, KVALUES_IQ4NL),
 ]}
 
 _BY_ID: dict[int, Format] = {f.type_id: f for f in FORMATS.values()}
-
-#: ggml-common.h ``kvalues_iq4nl``
-KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c
 
@@ -166,11 +173,6 @@ def _u16(b, off):
     return b[..., off].astype(jnp.uint16) | (b[..., off + 1].astype(jnp.uint16) << 8)
 
 
-def _u32(b, off):
-    return (b[..., off].astype(jnp.uint32) | (b[..., off + 1].astype(jnp.uint32) << 8)
-            | (b[..., off + 2].astype(jnp.uint32) << 16) | (b[..., off + 3].astype(jnp.uint32) << 24))
-
-
 def _f16_to_f32(u16):
     """IEEE half bits -> float32 (exact; NaN stays NaN)."""
     return lax.bitcast_convert_type(u16, jnp.float16).astype(jnp.float32)
@@ -182,22 +184,20 @@ def _nibbles(b, off):
     return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
 
 
-def _q5_high(b, off):
-    """The 5th bits: bit j of the little-endian u32 at ``off`` -> uint8 [..., 32] of 0/16."""
+def _high_bits(b, off, bit):
+    """Bit j of the little-endian u32 at ``off`` -> uint8 [..., 32], moved to position ``bit``."""
     qh = b[..., off:off + 4]  # byte k holds bits 8k..8k+7
     bits = jnp.repeat(qh, 8, axis=-1) >> jnp.tile(jnp.arange(8, dtype=jnp.uint8), 4)
-    return (bits & 1) << 4
+    return (bits & 1) << bit
 
 
-def _kvalue(q):
-    """kvalues_iq4nl[q] for q uint8 in [0, 16), as float32, without a gather (a select tree)."""
-    vals = np.array(KVALUES_IQ4NL, np.float32)
-    q = q.astype(jnp.int32)
-    b0, b1, b2, b3 = [(q >> k) & 1 == 1 for k in range(4)]
-    lvl = [jnp.where(b0, np.float32(vals[i + 1]), np.float32(vals[i])) for i in range(0, 16, 2)]
-    lvl = [jnp.where(b1, lvl[i + 1], lvl[i]) for i in range(0, 8, 2)]
-    lvl = [jnp.where(b2, lvl[i + 1], lvl[i]) for i in range(0, 4, 2)]
-    return jnp.where(b3, lvl[1], lvl[0])
+def _lookup(q, table):
+    """table[q] for q uint8 in [0, 16) as float32, without a gather (a select tree on the 4 bits)."""
+    lvl = [np.float32(v) for v in table]
+    for k in range(4):
+        bit = ((q >> k) & 1) == 1
+        lvl = [jnp.where(bit, lvl[i + 1], lvl[i]) for i in range(0, len(lvl), 2)]
+    return lvl[0]
 
 
 def _split_blocks(raw, f: Format):
@@ -206,24 +206,26 @@ def _split_blocks(raw, f: Format):
 
 
 def _decode(raw, f: Format):
-    """uint8 [..., nb*bb] -> (q int32 [..., nb, bs] (or float for iq4_nl values), d, m, s) float32."""
+    """Quantized uint8 [..., nb*bb] -> (stored quants uint8/int8 [..., nb, bs], d, m | None, s | None),
+    read from the format's field table."""
     b = _split_blocks(raw, f)
-    d = _f16_to_f32(_u16(b, 0))
-    m = s = None
-    if f.name in ("q4_0", "q4_1", "iq4_nl"):
-        q = _nibbles(b, f.field("qs").offset)
-    elif f.name in ("q5_0", "q5_1"):
-        q = _nibbles(b, f.field("qs").offset) | _q5_high(b, f.field("qh").offset)
-    elif f.name in ("q8_0", "q8_1"):
-        off = f.field("qs").offset
-        q = lax.bitcast_convert_type(b[..., off:off + 32], jnp.int8)
-    else:
-        raise AssertionError(f.name)
-    if f.field("m") is not None:
-        m = _f16_to_f32(_u16(b, 2))
-    if f.field("s") is not None:
-        s = _f16_to_f32(_u16(b, 2))
-    return q, d, m, s
+    fld = {x.name: x for x in f.fields}
+    scale = {k: _f16_to_f32(_u16(b, fld[k].offset)) if k in fld else None for k in ("d", "m", "s")}
+    qs = fld["qs"]
+    if qs.kind == "nib":
+        q = _nibbles(b, qs.offset)
+    else:  # 'i8'
+        q = lax.bitcast_convert_type(b[..., qs.offset:qs.offset + qs.size], jnp.int8)
+    if "qh" in fld:
+        q = q | _high_bits(b, fld["qh"].offset, f.q_bits - 1)
+    return q, scale["d"], scale["m"], scale["s"]
+
+
+def _values(q, f: Format):
+    """Stored quants -> the integer values as float32 (codebook or offset)."""
+    if f.codebook is not None:
+        return _lookup(q, f.codebook)
+    return (q.astype(jnp.int32) - f.q_offset).astype(jnp.float32)
 
 
 def dequantize(raw, fmt) -> jax.Array:
@@ -239,19 +241,16 @@ def dequantize(raw, fmt) -> jax.Array:
 @partial(jax.jit, static_argnums=1)
 def _dequantize(raw, f: Format):
     lead = raw.shape[:-1]
-    if f.name == "f32":
-        return lax.bitcast_convert_type(raw.reshape(lead + (-1, 4)), jnp.float32)
-    if f.name == "f16":
-        return _f16_to_f32(lax.bitcast_convert_type(raw.reshape(lead + (-1, 2)), jnp.uint16))
-    if f.name == "bf16":
-        u = lax.bitcast_convert_type(raw.reshape(lead + (-1, 2)), jnp.uint16).astype(jnp.uint32) << 16
-        return lax.bitcast_convert_type(u, jnp.float32)
+    if not f.quantized:  # one float per element, by the field's kind
+        kind = f.fields[0].kind
+        if kind == "f32":
+            return lax.bitcast_convert_type(raw.reshape(lead + (-1, 4)), jnp.float32)
+        u = lax.bitcast_convert_type(raw.reshape(lead + (-1, 2)), jnp.uint16)
+        if kind == "f16":
+            return _f16_to_f32(u)
+        return lax.bitcast_convert_type(u.astype(jnp.uint32) << 16, jnp.float32)  # bf16
     q, d, m, _ = _decode(raw, f)
-    if f.name == "iq4_nl":
-        qf = _kvalue(q)
-    else:
-        qf = (q.astype(jnp.int32) - f.q_offset).astype(jnp.float32)
-    out = d[..., None] * qf
+    out = d[..., None] * _values(q, f)
     if m is not None:
         out = out + m[..., None]
     return out.reshape(lead + (-1,))
@@ -287,13 +286,13 @@ def decode_blocks(raw, fmt) -> Blocks:
     f = get_format(fmt)
     if not f.quantized:
         raise ValueError(f"{f.name}: decode_blocks needs a block-quantized format, got a float format")
-    raw = _check_raw(raw, f)
+    return _decode_blocks(_check_raw(raw, f), f)
+
+
+@partial(jax.jit, static_argnums=1)
+def _decode_blocks(raw, f: Format) -> Blocks:
     q, d, m, s = _decode(raw, f)
-    if f.name == "iq4_nl":
-        qi = _kvalue(q).astype(jnp.int32)
-    else:
-        qi = q.astype(jnp.int32) - f.q_offset
-    return Blocks(q=qi, d=d, m=m, s=s)
+    return Blocks(q=_values(q, f).astype(jnp.int32), d=d, m=m, s=s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,12 +400,16 @@ def _first_absmax(x):
     return amax, jnp.where(amax > 0, mx, 0.0)
 
 
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
 def _first_min_max(x):
-    """ggml's ``if (v < min) min = v; if (v > max) max = v;`` -> first minimum, first maximum (zero signs)."""
+    """ggml's ``min = FLT_MAX; max = -FLT_MAX; if (v < min) min = v; if (v > max) max = v;`` -> the first
+    minimum and first maximum (signs of zeros as ggml), FLT_MAX / -FLT_MAX when nothing passes (Inf)."""
     lo, hi = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
     mn = jnp.take_along_axis(x, jnp.argmax(x == lo[..., None], axis=-1)[..., None], axis=-1)[..., 0]
     mx = jnp.take_along_axis(x, jnp.argmax(x == hi[..., None], axis=-1)[..., None], axis=-1)[..., 0]
-    return mn, mx
+    return jnp.where(lo < _FLT_MAX, mn, _FLT_MAX), jnp.where(hi > -_FLT_MAX, mx, -_FLT_MAX)
 
 
 def _u16_bytes(h):
@@ -597,7 +600,10 @@ def quantize(x, fmt) -> jax.Array:
     ``ggml_compute_fp32_to_bf16``; F32: the bytes. IQ4_NL follows ``quantize_row_iq4_nl_ref`` (no scale
     search; what ggml's CPU ``from_float`` / ``ggml_cpy`` uses); `quantize_iq4_nl` gives
     ``ggml_quantize_chunk``'s search. Inputs are rounded to float32 first (float64: exactly, RNE).
-    Pure JAX, jit- and vmap-able. Non-finite inputs follow x86 ggml (NaN/Inf casts give quant 0).
+    Pure JAX, jit- and vmap-able. Inf inputs follow x86 ggml (casts of NaN/Inf give quant 0); NaN
+    inputs are outside the contract (ggml's own result depends on where in the block the NaN sits).
+    IQ4_NL blocks with max|x| < 1e-15 get d = 0 and, as in ggml, the previous block's quants in the
+    row; for the row's first block ggml reads uninitialised memory, we store index 8 (value 1).
     """
     f = get_format(fmt)
     return _quantize_blocks(_check_float(x, f), f, -1)

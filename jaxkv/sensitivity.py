@@ -69,6 +69,7 @@ METRICS = ("nmse", "max_abs", "cos", "pred_nmse", "lin_resid", "k_qerr", "v_qerr
 
 # Elements (samples x L_max x D) per device batch: bounds memory (f64 copies, quantizer temporaries).
 _BATCH_ELEMS = 1 << 21
+_BATCH_PER_DEVICE = 8  # at most this many samples per device and call
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,30 +471,37 @@ def make_mesh(devices: int | None = None) -> Mesh:
 # formats and distributions, so a sweep compiles the attention part once per head size).
 
 
-def _shardings(mesh: Mesh):
-    return NamedSharding(mesh, P()), NamedSharding(mesh, P("s"))
+def _sharded(fn, mesh: Mesh, n_rep: int, n_shard: int):
+    """jit(shard_map(fn)): the first ``n_rep`` args replicated, the next ``n_shard`` and the outputs
+    split along axis 0 over the mesh axis "s" (each device runs ``fn`` on its slice of samples).
+
+    Reproducibility: with a fixed per-device batch, meshes of 2, 4, ... devices give bitwise-equal
+    results; a 1-device mesh compiles as a single-partition program whose f64 reductions XLA may
+    associate differently (observed: a few ulp on outputs; up to 3e-12 relative on derived metrics in
+    benchmarks/bench_sensitivity.py)."""
+    specs = (P(),) * n_rep + (P("s"),) * n_shard
+    # check_vma=False: library code (e.g. formats' lax.scan with a fresh zero carry) is written for
+    # plain arrays; every value here is per-device anyway
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("s"), check_vma=False))
 
 
 @functools.lru_cache(maxsize=64)
 def _draw_fn(head_dim: int, l_max: int, mesh: Mesh):
-    rep, shard = _shardings(mesh)
     fn = jax.vmap(lambda key, k_scale, i: draw(jax.random.fold_in(key, i), l_max, head_dim, k_scale),
                   in_axes=(None, None, 0))
-    return jax.jit(fn, in_shardings=(rep, rep, shard), out_shardings=shard)
+    return _sharded(fn, mesh, 2, 1)
 
 
 @functools.lru_cache(maxsize=64)
 def _roundtrip_fn(fmt: str, mesh: Mesh):
-    _, shard = _shardings(mesh)
-    return jax.jit(jax.vmap(lambda x: roundtrip(x, fmt)), in_shardings=shard, out_shardings=shard)
+    return _sharded(jax.vmap(lambda x: roundtrip(x, fmt)), mesh, 0, 1)
 
 
 @functools.lru_cache(maxsize=64)
 def _outputs_fn(kv_lens: tuple, hot_windows: tuple, mesh: Mesh, channels: bool):
-    _, shard = _shardings(mesh)
     fn = jax.vmap(lambda q, k, v, kq, vq: sample_outputs(q, k, v, kq, vq, kv_lens, hot_windows,
                                                          channels=channels))
-    return jax.jit(fn, in_shardings=shard, out_shardings=shard)
+    return _sharded(fn, mesh, 0, 5)
 
 
 def run_group(group: Group, *, mesh: Mesh | None = None, channels: bool = True,
@@ -501,14 +509,14 @@ def run_group(group: Group, *, mesh: Mesh | None = None, channels: bool = True,
     """Per-sample results of a group (numpy float64): METRICS -> [S, n_L, n_W] (axes: samples,
     group.kv_lens, group.hot_windows); with ``channels``: ``ch_k`` [S, n_L, D], ``ch_v`` [S, n_L, D],
     ``ch_check`` [S, n_L] (at the smallest hot window). Samples run in batches of ``batch`` (default:
-    bounded by memory, a multiple of the mesh size), each sharded over ``mesh`` (default: all devices).
-    A sample's numbers do not depend on the batching or the mesh."""
+    mesh size x min(8, memory bound); a multiple of the mesh size), each sharded over ``mesh`` (default:
+    all devices). A sample's inputs do not depend on the batching or the mesh; its metrics are bitwise
+    equal on meshes of >= 2 devices and within ~1e-11 relative of the 1-device ones (``_sharded``)."""
     mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
     l_max, d = max(group.kv_lens), group.head_dim
-    if batch is None:
-        per_dev = max(1, _BATCH_ELEMS // (l_max * d))
-        batch = n_dev * min(per_dev, -(-group.samples // n_dev))
+    if batch is None:  # per-device batch independent of the device count (reproducibility)
+        batch = n_dev * max(1, min(_BATCH_PER_DEVICE, _BATCH_ELEMS // (l_max * d)))
     if batch % n_dev:
         raise ValueError(f"batch: {batch} is not a multiple of the mesh size {n_dev}")
     draw_fn = _draw_fn(d, l_max, mesh)

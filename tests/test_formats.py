@@ -222,6 +222,8 @@ def test_dequantize_jit_vmap_and_leading_shapes():
     _same_bits32(F.dequantize(raw.reshape(-1), f), want.reshape(-1))  # one row, no leading axes
     _same_bits32(F.dequantize(raw.reshape(2, 1, 2, -1), f), want.reshape(2, 1, 2, -1))
     assert F.dequantize(np.zeros((3, 0), np.uint8), f).shape == (3, 0)
+    x = np.asarray(want)  # quantize under vmap too (the cache quantizes inside jit/vmap)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda r: F.quantize(r, f))(x)), np.asarray(_q(x, f)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -558,6 +560,25 @@ def test_quantize_matches_ggml_ref(libggml_base, name):
     x = _awkward_floats(11, _BLOCK_KINDS)
     x[:, :32] = np.random.default_rng(1).standard_normal(32)  # iq4_nl: block 0 of a row never tiny
     np.testing.assert_array_equal(np.asarray(_q(x, F.get_format(name))), _ggml_row_ref(libggml_base, name, x))
+
+
+@pytest.mark.parametrize("name", QUANT)
+def test_quantize_inf_matches_ggml_ref(libggml_base, name):
+    """Blocks with +-Inf (one, several, all; and FLT_MAX pairs whose range overflows): ggml's running
+    min/max start at +-FLT_MAX, casts of NaN/Inf give 0, scales overflow to F16 Inf."""
+    r = np.random.default_rng(13)
+    x = r.standard_normal((8, 64)).astype(np.float32)
+    x[0, 3] = np.inf
+    x[1, 40] = -np.inf
+    x[2, :32] = np.inf
+    x[3, 32:] = -np.inf
+    x[4, 5], x[4, 9] = np.inf, -np.inf
+    x[5, 0], x[5, 1] = 3.4e38, -3.4e38
+    x[6, :32] = np.float32(3.4028235e38)
+    x[:, 32:][7] = np.inf * np.sign(r.standard_normal(32))
+    with np.errstate(all="ignore"):
+        want = _ggml_row_ref(libggml_base, name, x)
+    np.testing.assert_array_equal(np.asarray(F.quantize(x, name)), want)
 
 
 def test_table_matches_ggml_type_traits(libggml_base):

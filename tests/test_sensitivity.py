@@ -62,7 +62,11 @@ def test_error_falls_as_bits_rise(sweep_results, dist):
     for f5 in ("q5_0", "q5_1"):
         assert ci["q8_0"][1] * 20 < ci[f5][0], (f5, ci)
         for f4 in ("q4_0", "q4_1"):
-            assert ci[f5][1] * 1.5 < ci[f4][0], (f5, f4, ci)  # 1 bit ~ 4x; ask for 1.5x
+            # same family (q5_0/q4_0, q5_1/q4_1): 1 bit ~ 4x, ask 2x. Across families only separation:
+            # with K outliers the min+range formats gain ~2x (see the block-statistics test), so
+            # q5_0 vs q4_1 is ~2x apart
+            factor = 2.0 if f5[-1] == f4[-1] else 1.0
+            assert ci[f5][1] * factor < ci[f4][0], (f5, f4, ci)
 
 
 @pytest.mark.parametrize("dist", ["normal", "outliers"])
@@ -233,23 +237,31 @@ import json, sys, numpy as np, jax
 import jaxkv
 from jaxkv import sensitivity as sens
 assert len(jax.devices()) == 4, jax.devices()
-g = sens.Group("q4_0", "q8_0", "outliers", 32, (48, 96), (0, 16, 96), 10, 5)
+g = sens.Group("iq4_nl", "q5_1", "outliers", 32, (48, 96), (0, 16, 96), 10, 5)  # scan-based quantizers
 res = {n: sens.run_group(g, mesh=sens.make_mesh(n)) for n in (1, 2, 4)}
-same = {n: all(np.array_equal(res[1][m], res[n][m]) for m in res[1]) for n in (2, 4)}
-print(json.dumps(dict(same=same, nmse=float(res[1]["nmse"].mean()))))
+bitwise = all(np.array_equal(res[2][m], res[4][m]) for m in res[1])
+rel = max(float(np.max(np.abs(res[n][m] - res[1][m]) / np.maximum(np.abs(res[1][m]), 1e-300)
+                 * (res[1][m] != res[n][m]))) for n in (2, 4) for m in res[1] if m != "ch_check")
+rows = {n: sens.summarize(g, res[n]) for n in (1, 4)}
+srel = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-300) for a, b in zip(rows[1], rows[4]) for k in a
+           if isinstance(a[k], float) and a[k] == a[k])
+print(json.dumps(dict(bitwise=bitwise, rel=rel, srel=srel, nmse=float(res[1]["nmse"].mean()))))
 """
 
 
-def test_sharded_and_unsharded_runs_agree_bitwise():
-    """Same seed, 1 / 2 / 4 CPU devices (XLA_FLAGS in a subprocess; 10 samples: padded batches too):
-    bitwise-equal per-sample metrics."""
+def test_sharded_and_unsharded_runs_agree():
+    """Same seed on 1 / 2 / 4 CPU devices (XLA_FLAGS in a subprocess; 10 samples, so batches are padded):
+    2 and 4 devices agree bitwise; 1 device (a single-partition XLA program, which may associate f64
+    reductions differently: observed <= 2 ulp) agrees to 1e-12 relative, per sample and in every summary
+    statistic (the bootstrap is deterministic)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     p = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["same"] == {"2": True, "4": True}, out
+    assert out["bitwise"], out
+    assert out["rel"] < 1e-12 and out["srel"] < 1e-12, out
     assert out["nmse"] > 0
 
 
@@ -273,6 +285,7 @@ _SMALL = ["--formats", "q8_0,q4_0", "--kv-len", "64,128", "--head-dim", "32", "-
     (["--bogus"], "unrecognized"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, needle, capsys, tmp_path):
+    jax.devices()  # backend started: --devices cannot add CPU devices in-process any more
     rc = sensitivity_cmd.main(argv + ["--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2

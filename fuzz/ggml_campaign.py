@@ -1,0 +1,429 @@
+"""A campaign against live ggml: random cases through :mod:`fuzz.ggml_targets`, judged against the
+``ggml-cpu`` precision model (:mod:`jaxkv.ggml_cpu` at the wheel's ISA) with jaxkv.verify's budgets.
+
+    python -m fuzz.ggml_campaign [--n N] [--seed S] [--menu ci|full] [--out DIR]
+
+A case is a JSON-ready dict (:func:`draw_case` / :func:`case_strategy`): ``op`` ('ggml', 'ggml-unfused',
+'ggml-mixed'), ``bucket`` (a fixed shape: :data:`BUCKETS`), ``k_fmt``/``v_fmt`` (ggml type names, K and V
+independent), ``flags`` (which optional operands exist: mask, per-head mask, softcap, ALiBi, sinks),
+``mask`` kind, ``softcap``, ``max_bias``, ``threads`` (1..4), ``scale``, value ``dist`` and ``seed``.
+Shapes are bucketed so the JAX model compiles a few programs; values, masks and parameters vary freely.
+
+Layout as everywhere: q [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv], mask
+[B|1, H|1, n_q, n_kv], sinks [H], out [B, n_q, H, Dv].
+
+Verdict per case (:func:`check`): the kernel (live ggml) passes when (1) jaxkv.verify's budget holds
+against an independent float64 golden computed here in numpy on the operands ggml stores
+(``error <= 3 * error(model) + 4 f32 units``) and (2) the sharp emulation check holds (within
+``EMU_UNITS`` accumulator roundings of the emulation: ``verify.emu_check``). Bitwise equality with the
+model is recorded (it is expected everywhere: the model is bit-faithful to the wheel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import sys
+
+import numpy as np
+
+__all__ = ["BUCKETS", "FORMATS", "MENUS", "draw_case", "case_strategy", "arrays", "golden", "check",
+           "Result", "main"]
+
+FORMATS = ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
+_BLOCK = FORMATS[2:]
+#: name -> (B, n_q, H, Hkv, Dk, Dv, n_kv); 'split' is ggml's split-KV path (n_q = B = 1, n_kv >= 512)
+BUCKETS = {
+    "row": (2, 3, 4, 2, 64, 64, 96),
+    "gqa3": (1, 2, 6, 2, 64, 32, 64),     # G = 3, H = 6: ALiBi's second slope series, Dk != Dv
+    "split": (1, 1, 4, 2, 64, 64, 640),
+}
+MASKS = ("none", "causal", "window", "random", "fullrow")
+#: flag sets: (mask present, per-head mask, softcap, alibi, sinks)
+FLAGSETS = {
+    "plain": (False, False, False, False, False),
+    "mask": (True, False, False, False, False),
+    "all": (True, True, True, True, True),
+    "alibi_sinks": (True, True, False, True, True),
+    "softcap_sinks": (True, False, True, False, True),
+    "alibi": (True, True, False, True, False),
+}
+#: menus of what a case may draw: 'ci' keeps the number of distinct compiled model programs small
+MENUS = {
+    "ci": dict(
+        pairs=(("F16", "F16"), ("F32", "F32"), ("Q8_0", "Q8_0"), ("Q4_0", "Q4_0"), ("Q4_1", "Q5_0"),
+               ("Q5_1", "IQ4_NL"), ("F16", "Q8_0"), ("IQ4_NL", "F32")),
+        mixed_pairs=(("Q4_0", "Q4_0"), ("Q8_0", "Q5_1")),
+        unfused_k=("F16", "Q8_0", "IQ4_NL"),
+        flagsets=("plain", "all", "alibi_sinks"),
+        split_flagsets=("all",),
+        buckets=("row",),
+    ),
+    "full": dict(
+        pairs=tuple((a, b) for a in FORMATS for b in FORMATS),
+        mixed_pairs=tuple((a, b) for a in _BLOCK for b in _BLOCK),
+        unfused_k=FORMATS,
+        flagsets=tuple(FLAGSETS),
+        split_flagsets=tuple(FLAGSETS),
+        buckets=("row", "gqa3"),
+    ),
+}
+_DISTS = ("normal", "outlier", "uniform", "big")
+HOT = 16
+FLT_MIN = 2.0 ** -126  # smallest normal float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# cases
+
+
+def draw_case(draw, menu="ci") -> dict:
+    """One case; ``draw(choices)`` picks one element of a sequence, ``draw(('int', lo, hi))`` an int,
+    ``draw(('float', lo, hi))`` a float (so the same code serves numpy RNGs and hypothesis)."""
+    m = MENUS[menu]
+    op = draw(("ggml", "ggml", "ggml-split", "ggml-unfused", "ggml-mixed"))
+    if op == "ggml-split":
+        op, bucket = "ggml", "split"
+        kf = vf = draw(("F16", "F32"))
+        flags = draw(m["split_flagsets"])
+    else:
+        bucket = draw(m["buckets"])
+        if op == "ggml-unfused":
+            kf, vf = draw(m["unfused_k"]), draw(("F16", "F32"))
+        elif op == "ggml-mixed":
+            kf, vf = draw(m["mixed_pairs"])
+        else:
+            kf, vf = draw(m["pairs"])
+        flags = draw(m["flagsets"])
+    has_mask, _, softcap, alibi, sinks = FLAGSETS[flags]
+    if op == "ggml-unfused" and (softcap or sinks):
+        flags = "alibi" if alibi else "mask"  # soft_max_ext has no softcap and no sinks
+    return dict(
+        op=op, bucket=bucket, k_fmt=kf, v_fmt=vf, flags=flags,
+        mask=draw(MASKS[1:]) if has_mask else "none", mask_param=draw(("int", 1, 48)),
+        softcap=float(np.float32(draw(("float", 1.0, 50.0)))) if softcap and op != "ggml-unfused" else 0.0,
+        max_bias=float(np.float32(draw(("float", 0.5, 12.0)))) if alibi else 0.0,
+        threads=draw(("int", 1, 4)),
+        scale=float(np.float32(draw(("float", 0.02, 0.5)))),
+        dist=draw(_DISTS), seed=draw(("int", 0, 2**31 - 1)),
+    )
+
+
+def case_strategy(menu="ci"):
+    """A hypothesis strategy of cases (:func:`draw_case`)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def case(d):
+        def draw(spec):
+            if isinstance(spec, tuple) and spec and spec[0] == "int":
+                return d(st.integers(spec[1], spec[2]))
+            if isinstance(spec, tuple) and spec and spec[0] == "float":
+                return d(st.floats(spec[1], spec[2]))
+            return d(st.sampled_from(spec))
+        return draw_case(draw, menu)
+    return case()
+
+
+def rng_drawer(rng):
+    """A ``draw`` for :func:`draw_case` from a numpy Generator."""
+    def draw(spec):
+        if isinstance(spec, tuple) and spec and spec[0] == "int":
+            return int(rng.integers(spec[1], spec[2] + 1))
+        if isinstance(spec, tuple) and spec and spec[0] == "float":
+            return float(rng.uniform(spec[1], spec[2]))
+        return spec[int(rng.integers(len(spec)))]
+    return draw
+
+
+def _values(rng, shape, dist):
+    x = rng.standard_normal(shape)
+    if dist == "outlier":
+        ch = rng.choice(shape[-1], size=max(1, shape[-1] // 16), replace=False)
+        x[..., ch] *= 30.0
+    elif dist == "uniform":
+        x = rng.uniform(-1, 1, shape)
+    elif dist == "big":
+        x = x * 40.0
+    return x.astype(np.float32)
+
+
+def _mask(rng, kind, param, B, Hm, n_q, n_kv):
+    if kind == "none":
+        return None
+    pos = n_kv - n_q + np.arange(n_q)[:, None]
+    j = np.arange(n_kv)[None, :]
+    shape = (B, Hm, n_q, n_kv)
+    m = rng.uniform(-2, 0, shape).astype(np.float32)  # finite additive bias (ALiBi multiplies it)
+    if kind in ("causal", "window"):
+        dead = j > pos
+        if kind == "window":
+            dead = dead | (j <= pos - param)
+        m = np.where(np.broadcast_to(dead, shape), -np.inf, m)
+    elif kind in ("random", "fullrow"):
+        m = np.where(rng.uniform(size=shape) < param / 64.0, -np.inf, m)
+        if kind == "fullrow":
+            rows = rng.uniform(size=(B, Hm, n_q)) < 0.3
+            rows.flat[rng.integers(rows.size)] = True
+            m = np.where(rows[..., None], -np.inf, m)
+    return m.astype(np.float16).astype(np.float32)
+
+
+def arrays(c) -> dict:
+    """Case -> dict(q, k, v (float32; stored by the target in k_fmt/v_fmt), mask, sinks, scale, softcap,
+    max_bias) for the canonical target signature."""
+    B, n_q, H, Hkv, Dk, Dv, n = BUCKETS[c["bucket"]]
+    rng = np.random.default_rng(int(c["seed"]))
+    has_mask, per_head, _, _, sinks = FLAGSETS[c["flags"]]
+    q = _values(rng, (B, n_q, H, Dk), c["dist"])
+    k = _values(rng, (B, n, Hkv, Dk), c["dist"])
+    v = _values(rng, (B, n, Hkv, Dv), "normal")
+    mask = _mask(rng, c["mask"], int(c["mask_param"]), B if per_head else 1, H if per_head else 1, n_q, n)
+    s = (rng.standard_normal(H) * 2).astype(np.float32) if sinks and c["op"] != "ggml-unfused" else None
+    return dict(q=q, k=k, v=v, mask=mask, sinks=s, scale=c["scale"], softcap=c["softcap"],
+                max_bias=c["max_bias"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the golden reference (float64 numpy, independent of jaxkv's kernels)
+
+
+def _slopes(H, max_bias):
+    if not max_bias > 0:
+        return np.ones(H)
+    n_log2 = 2 ** int(math.floor(math.log2(H)))
+    m0 = 2.0 ** (-max_bias / n_log2)
+    m1 = 2.0 ** (-(max_bias / 2.0) / n_log2)
+    h = np.arange(H)
+    return np.where(h < n_log2, m0 ** (h + 1), m1 ** (2 * (h - n_log2) + 1))
+
+
+def _dense(x):
+    if hasattr(x, "raw"):
+        from jaxkv import formats as F
+
+        return np.asarray(F.dequantize(np.asarray(x.raw), x.fmt), np.float64)
+    return np.asarray(x, np.float64)
+
+
+def golden(c, a, st) -> np.ndarray:
+    """float64 [B, n_q, H, Dv]: exact attention over the operands as ggml stores them (``st`` from
+    fuzz.ggml_targets.prepare), the mask rounded to F16 (ggml's mask type), q unrounded. A row with no
+    live key and no sink is 0."""
+    if c["op"] == "ggml-mixed":
+        k = np.concatenate([_dense(st["k_cold"]), _dense(st["k_hot"])], 1).astype(np.float16).astype(np.float64)
+        v = np.concatenate([_dense(st["v_cold"]), _dense(st["v_hot"])], 1).astype(np.float16).astype(np.float64)
+    else:
+        k, v = _dense(st["k"]), _dense(st["v"])
+    q = np.asarray(a["q"], np.float64)
+    H, Hkv = q.shape[2], k.shape[2]
+    kvh = np.arange(H) // (H // Hkv)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k[:, :, kvh]) * a["scale"]
+    if a["softcap"]:
+        s = a["softcap"] * np.tanh(s / a["softcap"])
+    if a["mask"] is not None:
+        mk = np.asarray(a["mask"], np.float16).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            s = np.where(mk == -np.inf, -np.inf, s + _slopes(H, a["max_bias"])[None, :, None, None] * mk)
+    m = s.max(-1)
+    if a["sinks"] is not None:
+        m = np.maximum(m, np.asarray(a["sinks"], np.float64)[None, :, None])
+    ms = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - ms[..., None])
+    den = p.sum(-1)
+    if a["sinks"] is not None:
+        den = den + np.exp(np.asarray(a["sinks"], np.float64)[None, :, None] - ms)
+    num = np.einsum("bhqk,bkhd->bqhd", p, v[:, :, kvh])
+    den = np.transpose(den, (0, 2, 1))[..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALiBi slopes as ggml computes them (libm powf)
+
+
+@functools.lru_cache(maxsize=1)
+def _powf():
+    import ctypes
+    import ctypes.util
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    f = libm.powf
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    return f
+
+
+def libm_slopes(n_head: int, max_bias: float) -> np.ndarray:
+    """ggml's ALiBi slopes [H] float64 (float32 values), computed exactly as ggml-cpu does: the C
+    library's ``powf`` (``m0 = powf(2, -max_bias/n_log2)``, ``slope = powf(m0, h + 1)`` ...). numpy's
+    float32 ``power`` is not libm's powf: they differ by an ulp for some bases (docs/ggml-findings.md)."""
+    mb = np.float32(max_bias)
+    if not mb > 0:
+        return np.ones(n_head, np.float64)
+    powf = _powf()
+    n_log2 = 1 << int(math.floor(math.log2(n_head)))
+    m0 = powf(2.0, float(-mb / np.float32(n_log2)))
+    m1 = powf(2.0, float(-(mb / np.float32(2.0)) / np.float32(n_log2)))
+    return np.array([powf(m0, h + 1) if h < n_log2 else powf(m1, 2 * (h - n_log2) + 1)
+                     for h in range(n_head)], np.float64)
+
+
+def model_slopes_agree(n_head: int, max_bias: float) -> bool:
+    """Whether jaxkv.ggml_cpu's slopes equal :func:`libm_slopes` (pending fix: they use numpy power)."""
+    from jaxkv import ggml_cpu as M
+
+    return bool(np.array_equal(np.asarray(M._slopes(n_head, max_bias), np.float64), libm_slopes(n_head, max_bias)))
+
+
+@contextlib.contextmanager
+def slopes_in_model(slopes):
+    """Run jaxkv.ggml_cpu with ``slopes(n_head, max_bias) -> [H]`` as its ALiBi slopes."""
+    from jaxkv import ggml_cpu as M
+
+    old = M._slopes
+    M._slopes = slopes
+    try:
+        yield
+    finally:
+        M._slopes = old
+
+
+def libm_slopes_in_model():
+    """Run jaxkv.ggml_cpu with :func:`libm_slopes` (a no-op once the model computes them so itself)."""
+    return slopes_in_model(libm_slopes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the verdict
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One case's outcome: ``ok``; ``bitwise`` (fraction of output elements equal to the model's);
+    ``nmse_model`` (kernel vs model); ``emu_units`` (verify.emu_check); ``nmse``/``budget_nmse`` (vs the
+    golden and its budget); ``why`` (the failed checks); ``ftz``: elements where ggml's output is a
+    float32 subnormal and the model's 0 (counted as equal in ``bitwise``: the model's final float32
+    cast runs inside XLA, which flushes subnormals to zero -- docs/ggml-findings.md)."""
+
+    ok: bool
+    bitwise: float
+    nmse_model: float
+    emu_units: float
+    nmse: float
+    budget_nmse: float
+    why: str | None
+    ftz: int = 0
+
+
+def _nmse(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    p = float(np.sum(b * b))
+    e = float(np.sum((a - b) ** 2))
+    return 0.0 if e == 0 else (e / p if p else math.inf)
+
+
+def run(c):
+    """Case -> (got (live ggml), model (ggml-cpu emulation), golden, acc unit)."""
+    from fuzz import ggml_targets as T
+    from jaxkv import verify as V
+
+    a = arrays(c)
+    fn = T.make_target(c["op"], int(c["threads"]), k_format=c["k_fmt"], v_format=c["v_fmt"], hot=HOT)
+    kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
+    got = fn(a["q"], a["k"], a["v"], **kw)
+    with libm_slopes_in_model():
+        model = fn.model(a["q"], a["k"], a["v"], **kw)
+    st = T.prepare(c["op"], a["k"], a["v"], k_format=c["k_fmt"], v_format=c["v_fmt"], hot=HOT)
+    g = golden(c, a, st)
+    unit = V.U16 if (c["op"] == "ggml-mixed" or c["v_fmt"] == "F16") else V.U32
+    return got, model, g, unit
+
+
+def dead_rows(a) -> np.ndarray:
+    """bool [B, n_q, H]: output rows with no live key (every mask value -inf) and no sink."""
+    B, n_q, H, _ = a["q"].shape
+    if a["mask"] is None or a["sinks"] is not None:
+        return np.zeros((B, n_q, H), bool)
+    d = np.all(np.asarray(a["mask"]) == -np.inf, axis=-1)  # [B|1, H|1, n_q]
+    return np.broadcast_to(np.transpose(d, (0, 2, 1)), (B, n_q, H)).copy()
+
+
+def check(c) -> Result:
+    """Run one case and judge it (module docstring). ggml's unfused path gives NaN on rows with no
+    live key (soft_max_ext of an all -inf row: docs/ggml-findings.md); there the kernel and the model
+    must both be NaN in exactly those rows, which are then judged as the golden's 0."""
+    from jaxkv import verify as V
+
+    got, model, g, unit = run(c)
+    why = []
+    if c["op"] == "ggml-unfused":
+        dead = dead_rows(arrays(c))[..., None]
+        for name, x in (("kernel", got), ("model", model)):
+            nan = np.isnan(x)
+            if not np.array_equal(nan, np.broadcast_to(dead, x.shape)):
+                why.append(f"{name}: NaN in {int(nan.sum())} elements, expected exactly the "
+                           f"{int(np.broadcast_to(dead, x.shape).sum())} of the rows with no live key")
+        got, model = np.where(dead, 0.0, got), np.where(dead, 0.0, model)
+    same = (got == model) | (np.isnan(got) & np.isnan(model))
+    ftz = ~same & (model == 0) & (np.abs(got) < FLT_MIN)
+    same = same | ftz
+    budget = V.derive_budget(g, model, "ggml-cpu emulation")
+    e = V.errors(got, g)
+    # explained differences (ftz) are left out of the sharp check: a row whose every output is subnormal
+    # has max|emu row| = 0, so one flushed subnormal would count as millions of accumulator units
+    emu = V.emu_check(np.where(ftz, model, got), model, unit)
+    if not budget.allows(e):
+        why.append(f"vs golden: nmse {e.nmse:.3g} (budget {budget.nmse:.3g}), max_abs {e.max_abs:.3g} "
+                   f"(budget {budget.max_abs:.3g}), NaN {e.nan_count}")
+    if not emu.ok:
+        why.append(f"vs emulation: {emu.units:.3g} units (budget {emu.budget_units:g}), {emu.n_differ} differ")
+    with np.errstate(all="ignore"):
+        nm = _nmse(np.nan_to_num(got), np.nan_to_num(model))
+    return Result(ok=not why, bitwise=float(same.mean()), nmse_model=nm, emu_units=emu.units, nmse=e.nmse,
+                  budget_nmse=budget.nmse, why="; ".join(why) or None, ftz=int(ftz.sum()))
+
+
+def main(argv=None) -> int:
+    """CLI (module docstring): prints one line per failing case and a summary; exit 1 on any failure."""
+    import argparse
+    import collections
+    import pathlib
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m fuzz.ggml_campaign")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--menu", choices=tuple(MENUS), default="full")
+    p.add_argument("--out", default=None, help="write failing cases as JSON lines here")
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    draw = rng_drawer(rng)
+    t0 = time.time()
+    fails, stats = [], collections.defaultdict(lambda: [0, 0, 0.0])
+    for i in range(args.n):
+        c = draw_case(draw, args.menu)
+        r = check(c)
+        key = f"{c['op']}/{c['bucket']}"
+        s = stats[key]
+        s[0] += 1
+        s[1] += r.bitwise == 1.0
+        s[2] = max(s[2], r.nmse_model)
+        if r.ftz:
+            print(f"ftz {r.ftz} element(s): {json.dumps(c)}", flush=True)
+        if not r.ok:
+            fails.append(dict(case=c, why=r.why, bitwise=r.bitwise))
+            print(f"FAIL {json.dumps(c)}: {r.why}", flush=True)
+    for key, (n, eq, worst) in sorted(stats.items()):
+        print(f"{key:22} cases {n:5}  bitwise-equal {eq:5}  worst nmse vs model {worst:.3g}")
+    print(f"{args.n} cases, {len(fails)} failed, {time.time() - t0:.1f} s")
+    if args.out and fails:
+        pathlib.Path(args.out).write_text("".join(json.dumps(f) + "\n" for f in fails))
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Live ggml (libggml-python wheel) against the ``ggml-cpu`` precision model: the fuzz targets
+(fuzz.ggml_targets), ``python -m fuzz record`` (fuzz.record_cmd) and a hypothesis campaign
+(fuzz.ggml_campaign) over formats (K and V independent), masks, softcap, ALiBi, sinks, thread counts,
+the per-row, split-KV, unfused and mixed-cache paths.
+
+Budgets: jaxkv.verify's (error vs an f64 golden <= 3x the model's + 4 f32 units; within EMU_UNITS
+accumulator roundings of the emulation), and bitwise equality with the emulation, which is what the
+model claims for this build (measured: every case of the campaign; docs/ggml-findings.md).
+
+Skips: only where ggml cannot load *and* the platform is not x86-64 Linux (the ``dev`` extra installs
+libggml-python there, so on x86-64 Linux a missing wheel is a failure, not a skip).
+
+Profiles: ``ci`` runs CI_CASES cases from the small ``ci`` menu (few compiled model programs);
+``HYPOTHESIS_PROFILE=fuzz`` runs max(2000, max_examples) cases from the ``full`` menu (all 64 K/V format
+pairs, every flag set, two shape buckets).
+"""
+
+import io
+import os
+import pathlib
+import platform
+import sys
+from contextlib import redirect_stderr
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from jaxkv.oracles import ggml as G
+
+_X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+if not G.available():
+    if _X86_LINUX:
+        pytest.fail("libggml-python does not load on x86-64 Linux: install the dev extra "
+                    "(pip install -e '.[dev]')", pytrace=False)
+    pytest.skip(f"ggml unavailable on {sys.platform}/{platform.machine()} (no libggml-python wheel)",
+                allow_module_level=True)
+
+from fuzz import ggml_campaign as GC  # noqa: E402
+from fuzz import ggml_targets as T  # noqa: E402
+from fuzz import record_cmd  # noqa: E402
+from jaxkv import ggml_cpu as M  # noqa: E402
+from jaxkv import trace as TR  # noqa: E402
+from jaxkv import verify as V  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RECORDED = sorted((REPO / "traces").glob("ggml020_*.gguf"))
+NAN_TRACE = REPO / "tests" / "data" / "ggml020_sm_fullrow_nan.gguf"
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE", "ci") == "fuzz"
+CI_CASES = 300
+N_CASES = max(2000, settings.default.max_examples) if FUZZ else CI_CASES
+
+
+# ----------------------------------------------------------------------------------------------------
+# the campaign
+
+@settings(max_examples=N_CASES)
+@given(GC.case_strategy("full" if FUZZ else "ci"))
+def test_live_ggml_matches_ggml_cpu_model(c):
+    r = GC.check(c)
+    assert r.ok, f"{c}: {r.why}"
+    assert r.bitwise == 1.0, f"{c}: bitwise-equal fraction {r.bitwise}, nmse vs model {r.nmse_model:.3g}"
+
+
+def test_campaign_menu_covers_every_format_and_path():
+    """The full menu draws every K and V format independently and every path (a campaign that never
+    draws a format cannot find its bugs)."""
+    full = GC.MENUS["full"]
+    assert {a for a, _ in full["pairs"]} == set(GC.FORMATS) == {b for _, b in full["pairs"]}
+    assert len(full["pairs"]) == len(GC.FORMATS) ** 2
+    rng = np.random.default_rng(0)
+    draw = GC.rng_drawer(rng)
+    cases = [GC.draw_case(draw, "full") for _ in range(400)]
+    assert {(c["op"], c["bucket"]) for c in cases} >= {("ggml", "row"), ("ggml", "gqa3"), ("ggml", "split"),
+                                                       ("ggml-unfused", "row"), ("ggml-mixed", "gqa3")}
+    assert {c["threads"] for c in cases} == {1, 2, 3, 4}
+    assert {c["mask"] for c in cases} == set(GC.MASKS)
+    split = [c for c in cases if c["bucket"] == "split"]
+    assert all(c["k_fmt"] == c["v_fmt"] and c["k_fmt"] in ("F16", "F32") for c in split)
+    B, n_q, *_, n_kv = GC.BUCKETS["split"]
+    assert (B, n_q) == (1, 1) and n_kv >= M.SPLIT_KV_MIN
+
+
+# ----------------------------------------------------------------------------------------------------
+# findings
+
+def _alibi_case(seed):
+    return dict(op="ggml", bucket="row", k_fmt="Q4_0", v_fmt="F32", flags="alibi", mask="causal",
+                mask_param=19, softcap=0.0, max_bias=6.217944145202637, threads=1,
+                scale=0.4143098294734955, dist="normal", seed=seed)
+
+
+def _numpy_slopes(H, max_bias):
+    """ALiBi slopes with numpy's float32 power (what jaxkv.ggml_cpu used as of 20:30 UTC)."""
+    n_log2 = 1 << int(np.floor(np.log2(H)))
+    mb = np.float32(max_bias)
+    m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
+    m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
+    h = np.arange(H)
+    base = np.where(h < n_log2, m0, m1).astype(np.float32)
+    ex = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
+    return np.power(base, ex, dtype=np.float32).astype(np.float64)
+
+
+def test_alibi_slopes_are_libm_powf():
+    """ggml computes ALiBi slopes with libm ``powf``; numpy's float32 power differs by an ulp for
+    some bases (here head 1 and 2 of 4). With libm slopes the model is bit-exact; with numpy's, whole
+    output rows differ by a few ulps (the case the campaign found)."""
+    c = _alibi_case(1586302505)
+    a = GC.arrays(c)
+    assert not np.array_equal(_numpy_slopes(4, c["max_bias"]), GC.libm_slopes(4, c["max_bias"]))
+    st = T.prepare("ggml", a["k"], a["v"], k_format="Q4_0", v_format="F32")
+    kw = dict(scale=a["scale"], mask=a["mask"], max_bias=a["max_bias"])
+    got = G.flash_attn_ext(a["q"], st["k"], st["v"], v_format="F32", **kw)
+    with GC.libm_slopes_in_model():
+        fixed = np.asarray(M.flash_attn_ext(a["q"], st["k"], st["v"], isa="avx2", **kw))
+    np.testing.assert_array_equal(got, fixed)
+    with GC.slopes_in_model(_numpy_slopes):
+        off = np.asarray(M.flash_attn_ext(a["q"], st["k"], st["v"], isa="avx2", **kw))
+    assert 0 < np.mean(off != got) and np.max(np.abs(off - got)) < 1e-5 * np.max(np.abs(got))
+
+
+@pytest.mark.xfail(strict=True, reason="jaxkv.ggml_cpu._slopes uses numpy float32 power, not libm powf "
+                                       "(reported; remove this mark once the model is fixed)")
+def test_model_slopes_equal_libm_powf():
+    assert all(GC.model_slopes_agree(H, mb) for H in (4, 6, 8) for mb in (3.7637746, 6.2179441, 1.8681055))
+
+
+def test_model_flushes_subnormal_outputs():
+    """A peaked softmax (outlier channels, scale 0.5) leaves output elements of ~1e-43: ggml returns the
+    float32 subnormal, the model 0 (its final float32 cast inside XLA flushes
+    subnormals). The campaign counts these as ``ftz``; nothing else differs in this case."""
+    c = dict(op="ggml", bucket="row", k_fmt="Q8_0", v_fmt="Q8_0", flags="plain", mask="none", mask_param=1,
+             softcap=0.0, max_bias=0.0, threads=1, scale=0.5, dist="outlier", seed=0)
+    got, model, g, _ = GC.run(c)
+    diff = got != model
+    assert diff.sum() == 2 and np.all(model[diff] == 0) and np.all((0 < np.abs(got[diff])) & (np.abs(got[diff]) < GC.FLT_MIN))
+    r = GC.check(c)
+    assert r.ok and r.ftz == 2 and r.bitwise == 1.0
+    # rows whose every output is subnormal (sinks dominate): the flushed elements are explained and left
+    # out of the sharp check, whose unit would otherwise be 2^-126 * 2^-11 (found by the fuzz profile)
+    c = dict(c, k_fmt="Q4_0", v_fmt="F16", flags="alibi_sinks", mask="window", max_bias=1.0, scale=0.125,
+             dist="big", seed=1)
+    r = GC.check(c)
+    assert r.ok and r.ftz == 13 and r.emu_units == 0.0
+
+
+def test_unfused_fully_masked_rows_are_nan():
+    """ggml's unfused path (soft_max_ext) gives NaN on a row whose every key is masked; the fused
+    flash_attn_ext gives 0 there. The saved trace replays bit for bit (NaN in place), the model agrees."""
+    t = TR.load(NAN_TRACE)
+    dead = GC.dead_rows(dict(q=t.q, mask=t.mask, sinks=None))
+    assert dead.any() and not dead.all()
+    live = G.soft_max_attn(np.asarray(t.q), t.k, np.asarray(t.v), scale=t.scale, mask=np.asarray(t.mask))
+    np.testing.assert_array_equal(live, np.asarray(t.out))  # NaN == NaN in assert_array_equal
+    assert np.array_equal(np.isnan(live), np.broadcast_to(dead[..., None], live.shape))
+    model = np.asarray(M.soft_max_attn(t.q, t.k, t.v, scale=t.scale, mask=t.mask, isa="avx2"))
+    np.testing.assert_array_equal(model, live)
+    fused = G.flash_attn_ext(np.asarray(t.q), t.k, np.asarray(t.v), scale=t.scale, mask=np.asarray(t.mask))
+    assert np.all(fused[dead] == 0) and np.isfinite(fused).all()
+
+
+def test_thread_count_dependence():
+    """The per-row loop does not depend on n_threads; the split-KV path does (n_threads chunks), and
+    the model with the same n_threads follows it bit for bit."""
+    row = GC.arrays(dict(_alibi_case(5), flags="plain", mask="none", max_bias=0.0))
+    outs = [T.make_target("ggml", n, k_format="Q8_0", v_format="Q4_1")(
+        row["q"], row["k"], row["v"], scale=row["scale"]) for n in (1, 3)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    c = dict(op="ggml", bucket="split", k_fmt="F32", v_fmt="F32", flags="plain", mask="none", mask_param=1,
+             softcap=0.0, max_bias=0.0, threads=1, scale=0.125, dist="normal", seed=3)
+    a = GC.arrays(c)
+    got = {n: T.make_target("ggml", n, k_format="F32", v_format="F32")(a["q"], a["k"], a["v"], scale=0.125)
+           for n in (1, 4)}
+    assert not np.array_equal(got[1], got[4])
+    model4 = T.make_model("ggml", 4, isa="avx2", k_format="F32", v_format="F32")(a["q"], a["k"], a["v"], scale=0.125)
+    np.testing.assert_array_equal(got[4], model4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the targets
+
+def test_target_api_and_errors():
+    f = T.make_target("ggml-unfused", 2)
+    assert (f.declared_precision, f.isa, f.n_threads, f.op) == ("ggml-cpu", "avx2", 2, "soft_max_attn")
+    assert callable(f.model)
+    q = np.zeros((1, 1, 2, 32), np.float32)
+    kv = np.zeros((1, 4, 1, 32), np.float16)
+    with pytest.raises(ValueError, match="^softcap"):
+        f(q, kv, kv, scale=1.0, softcap=5.0)
+    with pytest.raises(ValueError, match="^sinks"):
+        f(q, kv, kv, scale=1.0, sinks=np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="^name"):
+        T.make_target("ggml-gpu", 1)
+    with pytest.raises(ValueError, match="^n_threads"):
+        T.make_target("ggml", 0)
+    with pytest.raises(ValueError, match="^k_format"):
+        T.make_target("ggml", 1, k_format="Q2_K")
+    with pytest.raises(ValueError, match="^k_format"):
+        T.make_target("ggml-mixed", 1, k_format="F16")(q, kv, kv, scale=1.0)
+
+
+def test_module_level_targets_take_formats_from_dtypes():
+    """``--target fuzz.ggml_targets:ggml``: float16 operands are F16, float32 F32, QuantArrays their type."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((1, 2, 4, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 40, 2, 64)).astype(np.float16)
+    v = rng.standard_normal((1, 40, 2, 64)).astype(np.float32)
+    got = T.ggml(q, k, v, scale=0.125)
+    np.testing.assert_array_equal(got, G.flash_attn_ext(q, k, v, v_format="F32", scale=0.125))
+    kq = T.prepare("ggml", k, v, k_format="Q5_1")["k"]
+    np.testing.assert_array_equal(T.ggml(q, kq, v, scale=0.125),
+                                  G.flash_attn_ext(q, k.astype(np.float32), v, k_format="Q5_1", v_format="F32",
+                                                   scale=0.125))
+
+
+# ----------------------------------------------------------------------------------------------------
+# python -m fuzz record and the recorded traces
+
+@pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
+def test_recorded_trace_replays_and_matches_model(path):
+    """Each shipped trace: live ggml on its stored inputs reproduces its out bit for bit, and so does the
+    avx2 model; the producer names the ggml build."""
+    t = TR.load(path)
+    assert t.producer.startswith("ggml ") and f"n_threads={t.n_threads}" in t.producer
+    assert V.resolve_precision(t) == "ggml-cpu"
+    isa = t.metadata["ggml.isa"]
+    kw = dict(scale=t.scale, mask=None if t.mask is None else np.asarray(t.mask), max_bias=t.max_bias,
+              n_threads=t.n_threads)
+    if t.op == "mixed_flash_attn":
+        live = G.mixed_flash_attn(np.asarray(t.q), t.k_cold, t.v_cold, np.asarray(t.k_hot), np.asarray(t.v_hot),
+                                  softcap=t.softcap, sinks=t.sinks, **kw)
+        with GC.libm_slopes_in_model():
+            model = M.mixed_flash_attn(t.q, t.k_cold, t.v_cold, t.k_hot, t.v_hot, softcap=t.softcap,
+                                       sinks=t.sinks, isa=isa, **kw)
+    else:
+        k, v = (x if hasattr(x, "raw") else np.asarray(x) for x in (t.k, t.v))
+        live = G.flash_attn_ext(np.asarray(t.q), k, v, k_format=T._gfmt(k), v_format=T._gfmt(v),
+                                softcap=t.softcap, sinks=t.sinks, **kw)
+        with GC.libm_slopes_in_model():
+            model = M.flash_attn_ext(t.q, t.k, t.v, softcap=t.softcap, sinks=t.sinks, isa=isa, **kw)
+    np.testing.assert_array_equal(live, np.asarray(t.out))
+    np.testing.assert_array_equal(np.asarray(model), live)
+
+
+def test_record_writes_a_trace(tmp_path):
+    out = tmp_path / "r.gguf"
+    argv = ["--op", "flash_attn_ext", "--k-format", "q8_0", "--v-format", "iq4_nl", "--n-q", "2", "--n-kv", "70",
+            "--heads", "4", "--kv-heads", "1", "--head-dim", "32", "--mask", "window", "--softcap", "20",
+            "--max-bias", "2", "--sinks", "--threads", "3", "--seed", "9", "--out", str(out)]
+    assert record_cmd.main(argv) == 0
+    t = TR.load(out)
+    info = G.library_info()
+    assert t.producer == f"ggml {info['version']} ({info['commit']}) CPU {info['isa']} n_threads=3"
+    assert (t.types["k"], t.types["v"], t.n_threads, t.q.shape) == ("q8_0", "iq4_nl", 3, (1, 2, 4, 32))
+    assert t.sinks is not None and t.mask is not None and t.softcap == 20.0 and t.max_bias == 2.0
+    again = tmp_path / "s.gguf"
+    assert record_cmd.main(argv[:-1] + [str(again)]) == 0
+    assert np.array_equal(np.asarray(TR.load(again).out), np.asarray(t.out))  # seeded: same call, same out
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--op", "flash_attn"], "--op"),
+    (["--op", "soft_max_attn", "--softcap", "3"], "--softcap"),
+    (["--op", "soft_max_attn", "--v-format", "q8_0"], "--v-format"),
+    (["--op", "mixed_flash_attn", "--k-format", "f16"], "--k-format"),
+    (["--op", "mixed_flash_attn", "--k-format", "q8_0", "--v-format", "q8_0", "--n-cold", "999"], "--n-cold"),
+    (["--op", "flash_attn_ext", "--n-cold", "3"], "--n-cold"),
+    (["--op", "flash_attn_ext", "--heads", "6", "--kv-heads", "4"], "--kv-heads"),
+    (["--op", "flash_attn_ext", "--max-bias", "2"], "--max-bias"),
+    (["--op", "flash_attn_ext", "--threads", "0"], "--threads"),
+    (["--op", "flash_attn_ext", "--k-format", "q4_0", "--head-dim", "40"], "--k-format"),
+    (["--op", "flash_attn_ext", "--softcap", "nan"], "--softcap"),
+    (["--op", "flash_attn_ext", "--n-kv", "x"], "--n-kv"),
+])
+def test_record_bad_arguments(tmp_path, argv, field):
+    err = io.StringIO()
+    out = tmp_path / "x.gguf"
+    with redirect_stderr(err):
+        rc = record_cmd.main(argv + ["--out", str(out)])
+    msg = err.getvalue()
+    assert rc == 2 and msg.count("\n") == 1 and field in msg and "Traceback" not in msg, msg
+    assert not out.exists()
