@@ -1,14 +1,15 @@
 """Decode attention speed: jaxkv split-K ``flash_decode`` against XLA's attention and numpy.
 
-    python benchmarks/bench_decode.py [--n-kv 4096,32768] [--chunk 1024] [--repeat 7]
-                                      [--peak-gbs GB/S] [--markdown]
+    python benchmarks/bench_decode.py [--n-kv 4096,32768] [--chunk 1024[,4096,...]] [--repeat 7]
+                                      [--peak-gbs GB/S] [--markdown] [--emitted]
 
 One query token (B=1, n_q=1), H=32 query heads over Hkv=8 KV heads, D=128, KV cache of ``n_kv`` tokens
 stored F16 in the canonical layout ``[B, n_kv, Hkv, D]``. Decode attention is memory-bound: its limit is
 the K/V bytes it reads per second. Rows:
 
 - ``jaxkv flash_decode``: ``jaxkv.attention.flash_decode`` on the F16 K/V, f32 compute, chunks of
-  ``--chunk`` keys converted inside the scan (never a whole F32 copy of the cache);
+  ``--chunk`` keys converted inside the scan (never a whole F32 copy of the cache); one row per chunk
+  size given (a chunk of n_kv or more is one pass, no loop);
 - ``jax.nn.dot_product_attention``: XLA's fused attention on the same F16 K/V (accepted on CPU by the
   installed JAX; where a JAX version rejects F16 the row says so and is skipped) and on F32 copies
   (what every JAX version accepts; it then reads twice the bytes);
@@ -21,7 +22,7 @@ divided by the time; ``vs dpa`` is the time of ``jax.nn.dot_product_attention`` 
 divided by the row's time (F32 inputs where F16 is rejected); ``% read BW`` is the row's GB/s over the
 read bandwidth measured in the same run: on CPU a numpy float32 sum over a 512 MiB array, on GPU a
 jitted sum over a 512 MiB device array (and ``--peak-gbs``, e.g. 3350 for an H100 SXM, adds a column
-against the nominal peak).
+against the nominal peak). ``--emitted`` prints the operations XLA emitted in flash_decode's loop body.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import time
 
@@ -88,12 +90,32 @@ def numpy_decode(q, k, v):
     return out
 
 
+def loop_body_ops(hlo: str) -> list[str]:
+    """The operations XLA emitted in the body of each while loop of a compiled program's HLO text:
+    one line per fusion / custom call / dot / copy / conditional, as ``name: shape kind``."""
+    bodies = re.findall(r"body=(%[\w.\-]+)", hlo)
+    out = []
+    for body in dict.fromkeys(bodies):
+        m = re.search(re.escape(body) + r" \(.*?\{\n(.*?)\n\}", hlo, re.S)
+        if not m:
+            continue
+        out.append(f"while body {body}:")
+        for line in m.group(1).splitlines():
+            op = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\S+) (fusion|custom-call|dot|copy|conditional|convert)\(",
+                          line)
+            if op:
+                kind = re.search(r"kind=(\w+)", line)
+                out.append(f"  {op.group(1)}: {op.group(2)} {op.group(3)}"
+                           + (f" {kind.group(1)}" if kind else ""))
+    return out
+
+
 def rel_err(out, ref) -> float:
     out = np.asarray(out, np.float64)
     return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def run(n_kv: int, chunk: int, repeat: int, bw: float, peak: float | None, rng) -> list[dict]:
+def run(n_kv: int, chunks: list[int], repeat: int, bw: float, peak: float | None, rng) -> list[dict]:
     q = rng.standard_normal((B, 1, H, D)).astype(np.float32)
     k16 = rng.standard_normal((B, n_kv, HKV, D)).astype(np.float16)
     v16 = rng.standard_normal((B, n_kv, HKV, D)).astype(np.float16)
@@ -110,10 +132,11 @@ def run(n_kv: int, chunk: int, repeat: int, bw: float, peak: float | None, rng) 
         rows.append(dict(n_kv=n_kv, impl=name, ms=t * 1e3, nbytes=nbytes, gbs=nbytes / t / 1e9, err=err,
                          note=note + ("" if err <= AGREE else f" DISAGREES ({err:.1e} > {AGREE:g})")))
 
-    add("jaxkv flash_decode (F16 K/V, f32 compute)",
-        lambda: A.flash_decode(qj, kj, vj, chunk=chunk, scale=SCALE), by16, f"chunk {chunk}")
+    for c in chunks:
+        add("jaxkv flash_decode (F16 K/V, f32 compute)",
+            lambda c=c: A.flash_decode(qj, kj, vj, chunk=c, scale=SCALE), by16, f"chunk {c}")
     add("jaxkv flash_decode (F32 K/V)",
-        lambda: A.flash_decode(qj, k32, v32, chunk=chunk, scale=SCALE), 2 * by16, f"chunk {chunk}")
+        lambda: A.flash_decode(qj, k32, v32, chunk=chunks[0], scale=SCALE), 2 * by16, f"chunk {chunks[0]}")
     try:
         add("jax.nn.dot_product_attention (F16 K/V)", lambda: dpa(qj.astype(jnp.float16), kj, vj), by16,
             "q cast to F16, F16 output")
@@ -147,10 +170,12 @@ def machine() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-kv", default="4096,32768")
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", default="1024", help="flash_decode chunk sizes, comma-separated")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--peak-gbs", type=float, default=None, help="nominal peak bandwidth, GB/s")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--emitted", action="store_true",
+                   help="print the operations XLA emitted in flash_decode's loop body (largest n_kv)")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     bw, how = read_bandwidth(a.repeat)
@@ -158,7 +183,7 @@ def main(argv=None) -> int:
     print(f"# read bandwidth: {bw / 1e9:.1f} GB/s ({how})")
     rows = []
     for n in (int(x) for x in a.n_kv.split(",")):
-        rows += run(n, a.chunk, a.repeat, bw, a.peak_gbs, rng)
+        rows += run(n, [min(int(c), n) for c in a.chunk.split(",")], a.repeat, bw, a.peak_gbs, rng)
     peak_h = f" | % of {a.peak_gbs:g} GB/s" if a.peak_gbs else ""
     if a.markdown:
         print(f"\n| n_kv | implementation | ms | K/V MB | GB/s | vs dpa | % read BW{peak_h} | max rel err | note |")
@@ -171,6 +196,15 @@ def main(argv=None) -> int:
         else:
             print(f"n_kv={r['n_kv']:6d}  {r['impl']:45s} {r['ms']:8.2f} ms  {r['gbs']:6.2f} GB/s  "
                   f"{r['vs_dpa']:5.2f}x dpa  {100 * r['bw_frac']:4.0f}% read BW{pk}  err {r['err']:.1e}  {r['note']}")
+    if a.emitted:
+        n = max(int(x) for x in a.n_kv.split(","))
+        q = jnp.zeros((B, 1, H, D), jnp.float32)
+        kv = jnp.zeros((B, n, HKV, D), jnp.float16)
+        c = int(a.chunk.split(",")[0])
+        hlo = A._flash_core.lower(q, kv, kv, SCALE, None, 0.0, None, None, chunk=c,
+                                  precision="f32").compile().as_text()
+        print(f"\nXLA's loop body of flash_decode (F16 K/V, n_kv={n}, chunk {c}):")
+        print("\n".join(loop_body_ops(hlo)))
     bad = [r for r in rows if "DISAGREES" in r["note"]]
     return 1 if bad else 0
 

@@ -21,7 +21,6 @@ import pathlib
 import sys
 import time
 
-import gguf
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -29,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import jaxkv  # noqa: E402,F401  (x64)
 from jaxkv.oracles import ggml as og  # noqa: E402
+from jaxkv.oracles.ggml_replay import read_trace, replay  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
@@ -44,46 +44,6 @@ def bitwise(x, ref) -> float:
 
 
 # --- part 1: traces ----------------------------------------------------------------------------------------
-
-
-def read_trace(path):
-    from jaxkv import layout
-
-    r = gguf.GGUFReader(path)
-    md = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("trace.")}
-    roles = {"q": "q", "k": "k", "v": "v_t" if md.get("trace.v_transposed") else "v", "k_cold": "k",
-             "v_cold": "v", "k_hot": "k", "v_hot": "v", "mask": "mask", "out": "out"}
-    ts = {}
-    for t in r.tensors:
-        ne = [int(x) for x in t.shape] + [1] * (4 - len(t.shape))
-        d = np.array(t.data)
-        if t.name == "sinks":
-            ts[t.name] = (t.tensor_type.name, d.reshape(-1))
-            continue
-        d = d.reshape(ne[::-1]) if t.tensor_type.name in ("F32", "F16") else d.reshape(ne[3], ne[2], ne[1], -1)
-        ts[t.name] = (t.tensor_type.name, np.asarray(layout.ggml_to_canonical(roles[t.name], d)))
-    return md, ts
-
-
-def replay(md, ts):
-    q = ts["q"][1]
-    mask = ts["mask"][1][:, :, : q.shape[1], :].astype(np.float32) if "mask" in ts else None
-    kw = dict(scale=md["trace.scale"], n_threads=int(md["trace.n_threads"]), mask=mask, max_bias=md["trace.max_bias"])
-
-    def kv(name):
-        tname, a = ts[name]
-        return a, (None if tname == "F16" else tname)
-
-    if md["trace.op"] == "flash_attn_ext":
-        (k, kf), (v, vf) = kv("k"), kv("v")
-        return og.flash_attn_ext(q, k, v, k_format=kf, v_format=vf, softcap=md["trace.logit_softcap"],
-                                 sinks=ts["sinks"][1] if "sinks" in ts else None, **kw)
-    if md["trace.op"] == "soft_max_attn":
-        (k, kf), (v, _) = kv("k"), kv("v")
-        return og.soft_max_attn(q, k, v, k_format=kf, **kw)
-    (kc, kcf), (vc, vcf), (kh, _), (vh, _) = kv("k_cold"), kv("v_cold"), kv("k_hot"), kv("v_hot")
-    return og.mixed_flash_attn(q, kc, vc, kh, vh, cold_format=(kcf, vcf), kv_order=md["trace.kv_order"],
-                               softcap=md["trace.logit_softcap"], **kw)
 
 
 def part_traces():

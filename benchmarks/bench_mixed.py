@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
-from bench_decode import B, D, H, HKV, SCALE, best_time, machine, rel_err  # noqa: E402
+from bench_decode import B, D, H, HKV, SCALE, best_time, loop_body_ops, machine, rel_err  # noqa: E402
 from jaxkv import attention as A  # noqa: E402
 from jaxkv import cache as C  # noqa: E402
 from jaxkv import formats as F  # noqa: E402
@@ -57,14 +57,17 @@ def build(fmt: str, k16, v16, window: int) -> C.MixedCache:
                         v_hot=jnp.asarray(v16[:, nc:]), n_cold=jnp.int32(nc), n_hot=jnp.int32(window))
 
 
+def compiled_attend(cache: C.MixedCache, q, chunk: int):
+    """The compiled program :func:`jaxkv.cache.attend` runs for this cache (no mask, sinks, softcap)."""
+    return C._regions_jit.lower(q, cache.k_cold, cache.v_cold, cache.k_hot, cache.v_hot, cache.n_cold,
+                                cache.n_hot, SCALE, None, 0.0, None, None, chunk=chunk,
+                                precision="f32").compile()
+
+
 def temp_bytes(cache: C.MixedCache, q, chunk: int) -> float:
     """Temporary buffer bytes of the compiled attend program (nan where the backend does not say)."""
     try:
-        lowered = C._regions_jit.lower(q, cache.k_cold, cache.v_cold, cache.k_hot, cache.v_hot,
-                                       cache.n_cold, cache.n_hot, SCALE, None, 0.0, None, None,
-                                       chunk=chunk, precision="f32")
-        ma = lowered.compile().memory_analysis()
-        return float(ma.temp_size_in_bytes)
+        return float(compiled_attend(cache, q, chunk).memory_analysis().temp_size_in_bytes)
     except Exception:  # memory_analysis is optional per backend
         return float("nan")
 
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--dequant", action="store_true", help="also measure the per-chunk decode rate")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--emitted", action="store_true",
+                   help="print the operations XLA emitted in attend's loop bodies (first format)")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     n = a.n_kv
@@ -142,6 +147,10 @@ def main(argv=None) -> int:
         for fmt in [None] + a.formats.split(","):
             rate = decode_rate(fmt, k16, a.chunk, a.repeat)
             print(f"  {fmt or 'F16':6s} {rate / 1e9:.2f} G elements/s")
+    if a.emitted:
+        fmt = a.formats.split(",")[0]
+        print(f"\nXLA's loop bodies of attend ({fmt} cold + F16 hot, chunk {a.chunk}):")
+        print("\n".join(loop_body_ops(compiled_attend(build(fmt, k16, v16, a.window), q, a.chunk).as_text())))
     bad = [r for r in rows if not r["err"] <= 1e-4]
     return 1 if bad else 0
 

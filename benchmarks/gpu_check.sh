@@ -54,8 +54,9 @@ step "formats bit-exactness" $PY -m pytest -q -p no:cacheprovider tests/test_for
 step "shared ggml traces, f64 and ggml-cpu modes" $PY -m pytest -q -p no:cacheprovider tests/test_ggml_cpu.py tests/test_verify.py
 
 # --- benchmarks ------------------------------------------------------------------------------------
-step "bench_decode" $PY benchmarks/bench_decode.py --markdown --peak-gbs "$PEAK_GBS"
+step "bench_decode" $PY benchmarks/bench_decode.py --markdown --peak-gbs "$PEAK_GBS" --chunk 1024,4096,32768 --emitted
 step "bench_mixed" $PY benchmarks/bench_mixed.py --markdown --dequant
+step "bench_mixed (one chunk)" $PY benchmarks/bench_mixed.py --markdown --chunk 32768
 
 say ""; say "gpu_check: $FAILED failed step(s); log in $LOG"
 exit "$FAILED"
