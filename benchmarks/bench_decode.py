@@ -1,6 +1,6 @@
 """Decode attention speed: jaxkv split-K ``flash_decode`` against XLA's attention and numpy.
 
-    python benchmarks/bench_decode.py [--n-kv 4096,32768] [--chunk 1024[,4096,...]] [--repeat 7]
+    python benchmarks/bench_decode.py [--n-kv 4096,32768] [--chunk 2048,1024] [--repeat 7]
                                       [--peak-gbs GB/S] [--markdown] [--emitted]
 
 One query token (B=1, n_q=1), H=32 query heads over Hkv=8 KV heads, D=128, KV cache of ``n_kv`` tokens
@@ -170,7 +170,8 @@ def machine() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-kv", default="4096,32768")
-    p.add_argument("--chunk", default="1024", help="flash_decode chunk sizes, comma-separated")
+    p.add_argument("--chunk", default="2048,1024", help="flash_decode chunk sizes, comma-separated (the first "
+                   "also runs the F32 row and --emitted)")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--peak-gbs", type=float, default=None, help="nominal peak bandwidth, GB/s")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")

@@ -1,7 +1,7 @@
 """Mixed-precision cache attention speed: quantized cold region + F16 hot window vs all-F16.
 
     python benchmarks/bench_mixed.py [--n-kv 32768] [--window 128] [--formats Q4_0,Q8_0]
-                                     [--chunk 1024] [--repeat 7] [--markdown]
+                                     [--chunk 2048] [--repeat 7] [--markdown]
 
 Decode shape of bench_decode.py (B=1, n_q=1, H=32, Hkv=8, D=128): a ``jaxkv.cache.MixedCache`` whose
 ``n_kv - window`` oldest tokens are stored in a ggml block format (K and V) and whose ``window`` newest
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-kv", type=int, default=32768)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--formats", default="Q4_0,Q8_0")
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--dequant", action="store_true", help="also measure the per-chunk decode rate")
     p.add_argument("--markdown", action="store_true")

@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxkv._checks import check_attention_shapes
+
 __all__ = [
     "PRECISIONS",
     "State",
@@ -188,32 +190,19 @@ def _shape(x) -> tuple:
 def _check(q, k, v, mask, sinks, precision, allowed=("f64", "f32")):
     if precision not in allowed:
         raise ValueError(f"precision: expected one of {allowed}, got {precision!r}")
-    qs, ks, vs = _shape(q), _shape(k), _shape(v)
-    if len(qs) != 4:
-        raise ValueError(f"q: expected [B, n_q, H, Dk], got shape {list(qs)}")
-    if len(ks) != 4:
-        raise ValueError(f"k: expected [B, n_kv, Hkv, Dk], got shape {list(ks)}")
-    if len(vs) != 4:
-        raise ValueError(f"v: expected [B, n_kv, Hkv, Dv], got shape {list(vs)}")
-    B, n_q, H, Dk = qs
-    if ks[0] != B or ks[3] != Dk:
-        raise ValueError(f"k: shape {list(ks)} does not match q {list(qs)} (B, Dk)")
-    if vs[0] != B or vs[1] != ks[1] or vs[2] != ks[2]:
-        raise ValueError(f"v: shape {list(vs)} does not match k {list(ks)} (B, n_kv, Hkv)")
-    Hkv = ks[2]
-    if Hkv < 1 or H % Hkv != 0:
-        raise ValueError(f"k: n_head_kv={Hkv} must divide n_head={H}")
-    if mask is not None:
-        ms = _shape(mask)
-        if (len(ms) != 4 or ms[0] not in (1, B) or ms[1] not in (1, H) or ms[2] != n_q
-                or ms[3] != ks[1]):
-            raise ValueError(
-                f"mask: expected [B|1, H|1, n_q, n_kv] = [{B}|1, {H}|1, {n_q}, {ks[1]}], "
-                f"got {list(ms)}")
-    if sinks is not None:
-        ss = _shape(sinks)
-        if ss != (H,):
-            raise ValueError(f"sinks: expected shape [{H}], got {list(ss)}")
+    check_attention_shapes(q, k, v, mask, sinks)
+
+
+def _operands(q, k, v, mask, sinks, max_bias, precision):
+    """Validate (:func:`_check`) and convert the public functions' operands -> (q, k, v, mask, sinks,
+    slopes) as JAX arrays (QuantArrays kept), slopes from :func:`_slopes_arg`."""
+    _check(q, k, v, mask, sinks, precision)
+    q = jnp.asarray(q)
+    k = k if _is_quant(k) else jnp.asarray(k)
+    v = v if _is_quant(v) else jnp.asarray(v)
+    mask = None if mask is None else jnp.asarray(mask)
+    sinks = None if sinks is None else jnp.asarray(sinks)
+    return q, k, v, mask, sinks, _slopes_arg(q.shape[2], max_bias, mask)
 
 
 def _to_compute(x, dtype):
@@ -278,27 +267,6 @@ def _zero_dead_columns(kc, vc, dead):
     return kc, vc
 
 
-def _chunk_state(qg, kc, vc, scale, softcap, bias, slopes_g, live) -> State:
-    """Grouped partial state (m, l: [B, n_q, Hkv, G]; acc [..., Dv]) of one chunk of keys."""
-    if bias is not None or live is not None:
-        # dead-column test needs only the mask, not the logits
-        pre = None
-        if bias is not None:
-            b = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
-            pre = b == -jnp.inf
-        if live is not None:
-            nl = ~live[None, None, None, None, :]
-            pre = nl if pre is None else (pre | nl)
-        kc, vc = _zero_dead_columns(kc, vc, pre)
-    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, live)
-    m = lax.stop_gradient(jnp.max(s, axis=-1))
-    m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
-    p = jnp.exp(s - m_safe[..., None])
-    l = jnp.sum(p, axis=-1)
-    acc = jnp.einsum("bqhgc,bchd->bqhgd", p, vc, precision=_HI)
-    return State(m=m, l=l, acc=acc)
-
-
 def _ungroup_state(st: State) -> State:
     B, n_q, hkv, g = st.m.shape
     return State(m=st.m.reshape(B, n_q, hkv * g), l=st.l.reshape(B, n_q, hkv * g),
@@ -317,9 +285,9 @@ def _slopes_arg(n_head, max_bias, mask):
 # the standard reference
 
 
-@partial(jax.jit, static_argnames=("precision",))
-def _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
-    dt = _COMPUTE[precision]
+def _grouped_logits(q, k, v, scale, mask, softcap, slopes, dt):
+    """Grouped operands in dt and all logits: (qg [B, n_q, Hkv, G, Dk], kc, vc (masked-out keys zeroed
+    where the mask kills them for every row), s [B|1, n_q, Hkv, G, n_kv])."""
     hkv = k.shape[2]
     qg = _group_q(_to_compute(q, dt), hkv)
     kc, vc = _to_compute(k, dt), _to_compute(v, dt)
@@ -329,7 +297,15 @@ def _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
     if bias is not None:
         pre = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
         kc, vc = _zero_dead_columns(kc, vc, pre == -jnp.inf)
-    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, None)  # [B, n_q, Hkv, G, n_kv]
+    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, None)
+    return qg, kc, vc, s
+
+
+@partial(jax.jit, static_argnames=("precision",))
+def _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
+    dt = _COMPUTE[precision]
+    qg, kc, vc, s = _grouped_logits(q, k, v, scale, mask, softcap, slopes, dt)  # s [B, n_q, Hkv, G, n_kv]
+    hkv, g = qg.shape[2:4]
     m = jnp.max(s, axis=-1) if s.shape[-1] else jnp.full(s.shape[:-1], -jnp.inf, dt)
     if sinks is not None:
         sk = sinks.astype(dt).reshape(hkv, g)
@@ -363,13 +339,7 @@ def attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=Non
                                        max_bias=max_bias, sinks=sinks, **model_kwargs)
     if model_kwargs:
         raise ValueError(f"model_kwargs: {sorted(model_kwargs)} only apply to precision='ggml-cpu'")
-    _check(q, k, v, mask, sinks, precision)
-    q = jnp.asarray(q)
-    k = k if _is_quant(k) else jnp.asarray(k)
-    v = v if _is_quant(v) else jnp.asarray(v)
-    mask = None if mask is None else jnp.asarray(mask)
-    sinks = None if sinks is None else jnp.asarray(sinks)
-    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    q, k, v, mask, sinks, slopes = _operands(q, k, v, mask, sinks, max_bias, precision)
     return _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, precision=precision)
 
 
@@ -380,17 +350,9 @@ def attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=Non
 @partial(jax.jit, static_argnames=("precision",))
 def _online_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
     dt = _COMPUTE[precision]
-    hkv = k.shape[2]
-    qg = _group_q(_to_compute(q, dt), hkv)
-    kc, vc = _to_compute(k, dt), _to_compute(v, dt)
-    B, n_q, _, g, _ = qg.shape
+    qg, kc, vc, s = _grouped_logits(q, k, v, scale, mask, softcap, slopes, dt)
+    B, n_q, hkv, g, _ = qg.shape
     dv = vc.shape[-1]
-    bias = None if mask is None else _group_mask(mask, hkv, g)
-    slopes_g = None if slopes is None else slopes.reshape(hkv, g)
-    if bias is not None:
-        pre = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
-        kc, vc = _zero_dead_columns(kc, vc, pre == -jnp.inf)
-    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, None)
     s = jnp.broadcast_to(s, (B, n_q, hkv, g, s.shape[-1]))
     s_t = jnp.moveaxis(s, -1, 0)  # [n_kv, B, n_q, Hkv, G]
     v_t = jnp.moveaxis(vc, 1, 0)  # [n_kv, B, Hkv, Dv]
@@ -423,14 +385,137 @@ def online_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, si
     """ggml CPU's sequential online softmax, one key at a time (``lax.scan`` over n_kv): per live key,
     a new maximum rescales the accumulator and sum, otherwise ``vs = exp(s - M)``; sinks join after
     the loop. Same layout and semantics as :func:`attention`; precision "f64" or "f32"."""
-    _check(q, k, v, mask, sinks, precision)
-    q = jnp.asarray(q)
-    k = k if _is_quant(k) else jnp.asarray(k)
-    v = v if _is_quant(v) else jnp.asarray(v)
-    mask = None if mask is None else jnp.asarray(mask)
-    sinks = None if sinks is None else jnp.asarray(sinks)
-    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    q, k, v, mask, sinks, slopes = _operands(q, k, v, mask, sinks, max_bias, precision)
     return _online_core(q, k, v, scale, mask, softcap, slopes, sinks, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the split-K chunk kernel (key-major)
+#
+# Inside split-K a chunk's logits are laid out key-major, ``[B, c, Hkv, R]`` with ``R = n_q * G`` query
+# rows per KV head, so that both products are reductions that XLA:CPU fuses and streams: q.k reduces
+# the contiguous feature axis of each K row, p.v reduces the key axis over contiguous V rows. A
+# query-major ``[..., c]`` layout makes XLA transpose every K chunk first (several times slower on CPU;
+# measured in docs/benchmarks.md).
+
+_AXES = "bchrd"  # batch, key, KV head, query row (n_q * G), feature
+
+# Split-K runs in two passes (every chunk's logits, then every chunk's (m, p, l) at once and every
+# chunk's p.v, then one merge) when the logits of a whole KV region have at most this many elements
+# (decode: n_kv * H per query row and batch row), else as a sequential scan that merges one chunk state
+# at a time (memory bounded by one chunk). Both compute the same per-chunk states; the two-pass form has
+# no loop-carried merge and 2 instead of 15 operations per chunk (faster on CPU, docs/benchmarks.md).
+TWO_PASS_MAX_LOGITS = 1 << 22
+
+
+def _contract(x, xa: str, y, ya: str, out: str):
+    """``einsum(f"{xa},{ya}->{out}", x, y)`` as a broadcast multiply and sum, every axis string in
+    ``_AXES`` order. Unit axes are dropped before the product and restored in the result: XLA:CPU's
+    fused reductions run several times slower with them."""
+    size: dict[str, int] = {}
+    for t, ta in ((x, xa), (y, ya)):
+        for a, n in zip(ta, t.shape):
+            size[a] = max(size.get(a, 1), n)
+    keep = [a for a in _AXES if size.get(a, 1) != 1]
+
+    def spread(t, ta):
+        live = [a for a, n in zip(ta, t.shape) if n != 1]
+        t = t.reshape([n for n in t.shape if n != 1])
+        return t[tuple(slice(None) if a in live else None for a in keep)]
+
+    red = tuple(i for i, a in enumerate(keep) if a not in out)
+    r = jnp.sum(spread(x, xa) * spread(y, ya), axis=red)
+    return r.reshape([size.get(a, 1) for a in out])
+
+
+def _rows_q(qg):
+    """[B, n_q, Hkv, G, D] -> [B, Hkv, R = n_q * G, D] (query rows per KV head)."""
+    B, n_q, hkv, g, d = qg.shape
+    return jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(B, hkv, n_q * g, d)
+
+
+def _rows_bias(bias, slopes_g, n_q, hkv, g):
+    """Grouped chunk mask [B|1, n_q, Hkv|1, G|1, c] (times ALiBi slopes [Hkv, G]) -> [B|1, c, Hkv, R]."""
+    b = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
+    b = jnp.broadcast_to(b, (b.shape[0], n_q, hkv, g, b.shape[-1]))
+    return jnp.transpose(b, (0, 4, 2, 1, 3)).reshape(b.shape[0], b.shape[-1], hkv, n_q * g)
+
+
+def _dead_keys(b, live):
+    """Dead logits [B|1, c, Hkv|1, R|1] bool (masked with -inf, or not live) or None, and the dead
+    columns [B|1, c, Hkv|1, 1]: keys dead for every query row of a batch row and head."""
+    dead = None
+    if b is not None:
+        dead = b == -jnp.inf
+    if live is not None:
+        nl = ~live[None, :, None, None]
+        dead = nl if dead is None else (dead | nl)
+    if dead is None:
+        return None, None
+    return dead, jnp.all(dead, axis=3, keepdims=True)
+
+
+def _zero_rows(x, col):
+    """Zero the K/V rows [B, c, Hkv, D] of dead columns, so that unread values (NaN/inf in unused
+    slots) cannot reach the output or its gradient."""
+    return x if col is None else jnp.where(col, jnp.zeros_like(x), x)
+
+
+def _rows_logits(qr, kc, scale, softcap, b, dead):
+    """Logits of one chunk, key-major: qr [B, Hkv, R, Dk], kc [B, c, Hkv, Dk] (dead rows zeroed),
+    b [B|1, c, Hkv, R] or None, dead or None -> s [B, c, Hkv, R] with -inf at dead keys."""
+    dt = qr.dtype
+    cap = jnp.asarray(softcap, dt)
+    cap_on = cap != 0
+    cap_safe = jnp.where(cap_on, cap, jnp.ones_like(cap))
+    factor = jnp.where(cap_on, jnp.asarray(scale, dt) / cap_safe, jnp.asarray(scale, dt))
+    s = _contract(kc, "bchd", qr, "bhrd", "bchr") * factor
+    # softcap is traced (one program for every value): tanh only runs when it is on
+    s = lax.cond(cap_on, lambda x: cap_safe * jnp.tanh(x), lambda x: x, s)
+    if b is not None:
+        s = s + b.astype(dt)
+    if dead is not None:
+        s = jnp.where(dead, -jnp.inf, s)
+    return s
+
+
+def _softmax_part(s, axis):
+    """(m, p, l) of logits s along the key axis: m = max (a constant under differentiation; -inf for
+    no live key), p = exp(s - m) (0 at -inf), l = sum p."""
+    m = lax.stop_gradient(jnp.max(s, axis=axis))
+    m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+    p = jnp.exp(s - jnp.expand_dims(m_safe, axis))
+    return m, p, jnp.sum(p, axis=axis)
+
+
+def _rows_state(qr, kc, vc, scale, softcap, b, live) -> State:
+    """Partial state of one chunk in rows layout: qr [B, Hkv, R, Dk]; kc [B, c, Hkv, Dk] and vc
+    [B, c, Hkv, Dv] in the compute dtype; b [B|1, c, Hkv, R] biased mask or None; live [c] bool or None
+    -> State(m, l: [B, Hkv, R], acc: [B, Hkv, R, Dv])."""
+    dead, col = _dead_keys(b, live)
+    s = _rows_logits(qr, _zero_rows(kc, col), scale, softcap, b, dead)
+    m, p, l = _softmax_part(s, 1)
+    return State(m=m, l=l, acc=_contract(p, "bchr", _zero_rows(vc, col), "bchd", "bhrd"))
+
+
+def _merge_all(st: State) -> State:
+    """Log-sum-exp merge of partial states stacked along their leading axis (an empty state, m = -inf,
+    contributes nothing; all empty gives the empty state)."""
+    m = jnp.max(st.m, axis=0)
+    m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+    w = jnp.exp(st.m - m_safe)
+    return State(m=m, l=jnp.sum(w * st.l, axis=0), acc=jnp.sum(w[..., None] * st.acc, axis=0))
+
+
+def _grouped_state(st: State, n_q: int, g: int) -> State:
+    """Rows layout (m, l: [B, Hkv, R]; acc [..., Dv]) -> grouped (m, l: [B, n_q, Hkv, G])."""
+    B, hkv = st.m.shape[:2]
+
+    def back(x, tail):
+        x = x.reshape((B, hkv, n_q, g) + tail)
+        return jnp.transpose(x, (0, 2, 1, 3) + tuple(range(4, 4 + len(tail))))
+
+    return State(m=back(st.m, ()), l=back(st.l, ()), acc=back(st.acc, st.acc.shape[-1:]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,29 +549,50 @@ def _split_k_state(qg, k, v, scale, softcap, bias, slopes_g, n_valid, chunk: int
     n_chunks = -(-n // c)
     ragged = n_chunks * c != n
 
-    def chunk_state(i):
+    qr = _rows_q(qg)
+    rows = (B, hkv, n_q * g)
+
+    def at(i):
+        """Chunk i: its first key, rows bias, dead logits and dead columns."""
         start = i * c
         st = jnp.minimum(start, n - c) if ragged else start
-        kc = _slice_kv(k, st, c, dt)
-        vc = _slice_kv(v, st, c, dt)
         live = None
         if ragged or n_valid is not None:
             pos = st + jnp.arange(c)
             live = pos >= start
             if n_valid is not None:
                 live = live & (pos < n_valid)
-        bc = None if bias is None else lax.dynamic_slice_in_dim(bias, st, c, axis=bias.ndim - 1)
-        return _chunk_state(qg, kc, vc, scale, softcap, bc, slopes_g, live)
+        b = None
+        if bias is not None:
+            bc = lax.dynamic_slice_in_dim(bias, st, c, axis=bias.ndim - 1)
+            b = _rows_bias(bc, slopes_g, n_q, hkv, g)
+        return (st, b) + _dead_keys(b, live)
+
+    def logits(i):
+        st, b, dead, col = at(i)
+        return _rows_logits(qr, _zero_rows(_slice_kv(k, st, c, dt), col), scale, softcap, b, dead)
+
+    def values(i, p):
+        st, _, _, col = at(i)
+        return _contract(p, "bchr", _zero_rows(_slice_kv(v, st, c, dt), col), "bchd", "bhrd")
+
+    def chunk_state(i):
+        m, p, l = _softmax_part(logits(i), 1)
+        return State(m=m, l=l, acc=values(i, p))
 
     if n_chunks == 1:
-        return chunk_state(0)
+        return _grouped_state(chunk_state(0), n_q, g)
+    if B * n_q * hkv * g * n <= TWO_PASS_MAX_LOGITS:
+        s = lax.map(logits, jnp.arange(n_chunks))  # [n_chunks, B, c, Hkv, R]
+        m, p, l = _softmax_part(s, 2)
+        acc = lax.map(lambda xs: values(*xs), (jnp.arange(n_chunks), p))  # [n_chunks, B, Hkv, R, Dv]
+        return _grouped_state(_merge_all(State(m=m, l=l, acc=acc)), n_q, g)
 
     def body(carry, i):
         return merge(carry, chunk_state(i)), None
 
-    init = _empty((B, n_q, hkv, g), dv, dt)
-    out, _ = lax.scan(body, init, jnp.arange(n_chunks))
-    return out
+    out, _ = lax.scan(body, _empty(rows, dv, dt), jnp.arange(n_chunks))
+    return _grouped_state(out, n_q, g)
 
 
 def _prep_split(q, k, mask, slopes, precision):
@@ -518,14 +624,8 @@ def flash_decode(q, k, v, *, chunk, scale, mask=None, softcap=0.0, max_bias=0.0,
     each converted to the compute dtype (QuantArrays dequantized) inside a ``lax.scan``, reduced to a
     partial :class:`State` and merged by log-sum-exp; sinks join in :func:`finalize`.
     precision: "f64" or "f32"."""
-    _check(q, k, v, mask, sinks, precision)
+    q, k, v, mask, sinks, slopes = _operands(q, k, v, mask, sinks, max_bias, precision)
     _check_chunk(chunk)
-    q = jnp.asarray(q)
-    k = k if _is_quant(k) else jnp.asarray(k)
-    v = v if _is_quant(v) else jnp.asarray(v)
-    mask = None if mask is None else jnp.asarray(mask)
-    sinks = None if sinks is None else jnp.asarray(sinks)
-    slopes = _slopes_arg(q.shape[2], max_bias, mask)
     return _flash_core(q, k, v, scale, mask, softcap, slopes, sinks, chunk=int(chunk),
                        precision=precision)
 
@@ -538,8 +638,10 @@ def _partial_core(q, k, v, scale, mask, softcap, slopes, *, precision):
     if n == 0:
         st = _empty(qg.shape[:4], _shape(v)[-1], dt)
     else:
-        st = _chunk_state(qg, _to_compute(k, dt), _to_compute(v, dt), scale, softcap, bias,
-                          slopes_g, None)
+        B, n_q, hkv, g, _ = qg.shape
+        b = None if bias is None else _rows_bias(bias, slopes_g, n_q, hkv, g)
+        st = _grouped_state(_rows_state(_rows_q(qg), _to_compute(k, dt), _to_compute(v, dt), scale,
+                                        softcap, b, None), n_q, g)
     return _ungroup_state(st)
 
 
@@ -548,10 +650,5 @@ def partial_state(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, preci
     QuantArray), mask [B|1, H|1, n_q, c] -> State(m, l: [B, n_q, H], acc: [B, n_q, H, Dv]).
     ``finalize(merge(partial_state(chunk 1), partial_state(chunk 2)), sinks)`` equals attention over
     the concatenated keys. ``max_bias`` is ggml's ALiBi (needs the full head count H of q)."""
-    _check(q, k, v, mask, None, precision)
-    q = jnp.asarray(q)
-    k = k if _is_quant(k) else jnp.asarray(k)
-    v = v if _is_quant(v) else jnp.asarray(v)
-    mask = None if mask is None else jnp.asarray(mask)
-    slopes = _slopes_arg(q.shape[2], max_bias, mask)
+    q, k, v, mask, _, slopes = _operands(q, k, v, mask, None, max_bias, precision)
     return _partial_core(q, k, v, scale, mask, softcap, slopes, precision=precision)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from contextlib import contextmanager
 
@@ -26,10 +27,11 @@ import numpy as np
 from jaxkv import mutations
 
 __all__ = [
-    "PRECISIONS", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16",
+    "PRECISIONS", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
     "Errors", "Budget", "EmuCheck", "Verdict", "Timings",
-    "resolve_precision", "case_from_trace", "errors", "derive_budget", "emu_check",
-    "model_output", "golden_output", "verify_trace", "verify_case", "dense_model_fn",
+    "resolve_precision", "trace_isa", "case_from_trace", "errors", "derive_budget", "emu_check",
+    "model_output", "golden_output", "golden_for", "dead_rows", "verify_trace", "verify_case",
+    "dense_model_fn",
 ]
 
 PRECISIONS = ("auto", "ggml-cpu", "f16", "f32", "f64")
@@ -44,6 +46,8 @@ FLOOR_UNITS = 4.0
 EMU_UNITS = 4.0
 U32 = 2.0 ** -24
 U16 = 2.0 ** -11
+#: spacing of float32 subnormals: the resolution of a float32 output near zero
+DENORM32 = 2.0 ** -149
 _TINY = 2.0 ** -126
 
 
@@ -199,7 +203,10 @@ def derive_budget(golden, model, model_name: str, factor: float = FACTOR) -> Bud
 class EmuCheck:
     """The sharp ``ggml-cpu`` check: kernel vs emulation. ``unit``: the V accumulator's unit roundoff
     (``U16`` for an F16 accumulator or F16 probabilities, ``U32`` otherwise); ``units`` = max over output
-    rows of max|got - emu| / (unit * max|emu row|); passes when ``units <= budget_units``."""
+    rows of max|got - emu| / max(unit * max|emu row|, ``DENORM32``); passes when ``units <= budget_units``.
+    The floor ``DENORM32`` (2^-149, the spacing of float32 subnormals) is the output's own resolution:
+    in a row of zeros or float32 subnormals (a sink-dominated softmax) one output rounding moves a value
+    by one such spacing, which is one unit, and the row scale is never zero."""
 
     max_abs: float
     units: float
@@ -213,15 +220,18 @@ class EmuCheck:
 
 
 def emu_check(got, emu, unit: float, budget_units: float = EMU_UNITS) -> EmuCheck:
-    """Compare got with the emulation's output emu (both [B, n_q, H, Dv])."""
+    """Compare got with the emulation's output emu (both [B, n_q, H, Dv]); :class:`EmuCheck` defines
+    the units. ``unit`` > 0."""
+    if not (isinstance(unit, (int, float, np.floating)) and 0 < unit < 1):
+        raise ValueError(f"unit: expected a unit roundoff in (0, 1), got {unit!r}")
     got = np.asarray(got, np.float64)
     emu = np.asarray(emu, np.float64)
     with np.errstate(all="ignore"):
         d = np.abs(got - emu)
     d = np.where(np.isnan(got) & np.isnan(emu), 0.0, d)
     d = np.where(np.isnan(d), np.inf, d)
-    scale = unit * np.maximum(np.max(np.abs(np.nan_to_num(emu)), axis=-1), _TINY)
-    units = float(np.max(d.max(axis=-1) / scale, initial=0.0))
+    scale = np.maximum(unit * np.max(np.abs(np.nan_to_num(emu)), axis=-1, initial=0.0), DENORM32)
+    units = float(np.max(d.max(axis=-1, initial=0.0) / scale, initial=0.0))
     return EmuCheck(max_abs=float(d.max(initial=0.0)), units=units, unit=unit,
                     budget_units=budget_units, n_differ=int(np.count_nonzero(d)))
 
@@ -320,11 +330,63 @@ def resolve_precision(trace, precision: str = "auto") -> str:
     return "f16"
 
 
+_ISA_WORD = re.compile(r"\b(avx512\w*|avx2|avx|sse\w*|neon|sve\w*|scalar)\b", re.IGNORECASE)
+
+
+def trace_isa(trace) -> str:
+    """The SIMD build of ggml-cpu that wrote a trace, as a :data:`jaxkv.ggml_cpu.ISAS` name: metadata
+    ``ggml.isa`` if present (``python -m fuzz record`` writes it), else an ISA word in ``trace.producer``
+    (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512``), else
+    ``jaxkv.ggml_cpu.DEFAULT_ISA`` (``avx512``: the shared traces say ``ggml cpu (n_threads=N)``, and
+    came from an AVX-512 build). An ISA the model does not emulate raises ValueError naming the field."""
+    from jaxkv import ggml_cpu
+
+    md = getattr(trace, "metadata", None) or {}
+    if md.get("ggml.isa") is not None:
+        field, word = "ggml.isa", str(md["ggml.isa"])
+    else:
+        m = _ISA_WORD.search(str(getattr(trace, "producer", "") or ""))
+        if m is None:
+            return ggml_cpu.DEFAULT_ISA
+        field, word = "producer", m.group(1)
+    isa = word.lower()
+    isa = "avx512" if isa.startswith("avx512") else isa
+    if isa not in ggml_cpu.ISAS:
+        raise ValueError(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
+                         f"{', '.join(ggml_cpu.ISAS)})")
+    return isa
+
+
 def golden_output(case: mutations.Case) -> np.ndarray:
     """The float64 golden reference of a case: :func:`jaxkv.mutations.golden` (numpy; equal to
     ``jaxkv.attention.attention(precision="f64")`` within float64 rounding, tested) — numpy because
     every trace has its own shapes and a compiled function per trace would cost more than the sums."""
     return mutations.golden(case)
+
+
+def dead_rows(q, mask, sinks=None) -> np.ndarray:
+    """bool [B, n_q, H]: output rows with no live key (every mask value -inf) and no sink, for q
+    [B, n_q, H, Dk], mask [B|1, H|1, n_q, n_kv] or None, sinks [H] or None."""
+    B, n_q, H = np.shape(q)[:3]
+    if mask is None or sinks is not None:
+        return np.zeros((B, n_q, H), bool)
+    d = np.all(np.asarray(mask) == -np.inf, axis=-1)  # [B|1, H|1, n_q]
+    return np.broadcast_to(np.transpose(d, (0, 2, 1)), (B, n_q, H)).copy()
+
+
+def golden_for(op: str, case: mutations.Case, precision: str) -> np.ndarray:
+    """The golden a trace of ``op`` is judged against: :func:`golden_output`, except that under
+    ``ggml-cpu`` the unfused op's rows with no live key are NaN. ggml defines them so: ``soft_max_ext``
+    of an all -inf row computes ``exp(-inf - -inf)`` (docs/ggml-findings.md, finding 2), where the fused
+    op's ``S == 0`` guard gives 0. NaN in both the golden and the kernel is no error, so a kernel that
+    reproduces ggml passes, and the sharp check against the emulation (NaN there too) still requires NaN
+    in exactly those rows."""
+    g = golden_output(case)
+    if precision == "ggml-cpu" and op == "soft_max_attn":
+        dead = dead_rows(case.q, case.mask, case.sinks)
+        if dead.any():
+            g = np.where(dead[..., None], np.nan, g)
+    return g
 
 
 def _acc_unit(trace) -> float:
@@ -337,7 +399,8 @@ def _acc_unit(trace) -> float:
 
 def model_output(trace, case: mutations.Case, precision: str, **config) -> np.ndarray:
     """The honest model's output [B, n_q, H, Dv] for a resolved precision (not ``auto``). ``config``
-    (ggml-cpu only): ``n_threads`` / ``isa`` overriding the trace's."""
+    (ggml-cpu only): ``n_threads`` / ``isa`` overriding the trace's (the ISA comes from
+    :func:`trace_isa` otherwise)."""
     if precision == "f64":
         return golden_output(case)
     if precision == "f32":
@@ -353,9 +416,8 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
     if precision == "ggml-cpu":
         from jaxkv import ggml_cpu
 
-        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias)
-        if "isa" in config:
-            kw["isa"] = config["isa"]
+        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias,
+                  isa=config["isa"] if config.get("isa") is not None else trace_isa(trace))
         if trace.op == "soft_max_attn":
             out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
         else:
@@ -499,22 +561,22 @@ def verify_trace(trace, precision: str = "auto", *, name: str | None = None,
     got = np.asarray(trace.out, np.float64)
     model = model_output(trace, case, prec)
     emu = model if prec == "ggml-cpu" else None
-    v = verify_case(case, got, model, prec, name=name, emu=emu, emu_unit=_acc_unit(trace),
+    g = golden_for(trace.op, case, prec)
+    v = verify_case(case, got, model, prec, name=name, emu=emu, emu_unit=_acc_unit(trace), golden=g,
                     diagnose=diagnose, model_fn=dense_model_fn(trace, prec))
     if diagnose and v.status == "fail" and emu is not None and not v.emu.ok:
-        extra = tuple(_config_findings(trace, case, got, v.budget, v.emu.unit))
+        extra = tuple(_config_findings(trace, case, got, v.budget, v.emu.unit, g))
         if extra:
             v = dataclasses.replace(v, diagnosis=v.diagnosis + extra, localization=None)
     return v
 
 
-def _config_findings(trace, case, got, budget, unit) -> list[dict]:
+def _config_findings(trace, case, got, budget, unit, g) -> list[dict]:
     """ggml configured otherwise than the trace says: the mixed cache's regions in the other order
     (mask alike), another thread count (split-KV chunking), another SIMD build. Each is the emulation
     rerun so configured; it explains the output when both checks then pass."""
     from jaxkv import ggml_cpu
 
-    g = golden_output(case)
     tries = []
     if trace.op == "mixed_flash_attn" and hasattr(trace, "with_kv_order"):
         other = "hot,cold" if trace.kv_order == "cold,hot" else "cold,hot"
@@ -532,9 +594,10 @@ def _config_findings(trace, case, got, budget, unit) -> list[dict]:
                 chunks.add(c)
                 tries.append((f"ran with n_threads={nt} ({c} split-KV chunks), not the recorded "
                               f"{case.n_threads}", trace, {"n_threads": nt}))
-    for isa in getattr(ggml_cpu, "ISAS", ()):
-        if isa != getattr(ggml_cpu, "DEFAULT_ISA", isa):
-            tries.append((f"a ggml-cpu {isa} build, not {ggml_cpu.DEFAULT_ISA}", trace, {"isa": isa}))
+    declared = trace_isa(trace)
+    for isa in ggml_cpu.ISAS:
+        if isa != declared:
+            tries.append((f"a ggml-cpu {isa} build, not {declared}", trace, {"isa": isa}))
     found = []
     for label, t2, cfg in tries:
         try:

@@ -170,6 +170,27 @@ def test_flash_decode_equals_attention(case, chunk):
     assert _err(out, ref, case["v"]) <= F64_TOL
 
 
+@settings(max_examples=max(4, _HALF // 2), deadline=None)
+@given(case=cases(), chunk=st.sampled_from(CHUNKS))
+def test_split_k_scan_path_equals_attention(case, chunk):
+    """flash_decode has two split-K schedules (two passes over the chunks when the logits are small,
+    which every other test here hits, and a sequential scan of merges otherwise): force the scan."""
+    core = jax.jit(A._flash_core.__wrapped__, static_argnames=("chunk", "precision"))  # fresh trace
+    old = A.TWO_PASS_MAX_LOGITS
+    A.TWO_PASS_MAX_LOGITS = 0
+    try:
+        mask = None if case["mask"] is None else jnp.asarray(case["mask"])
+        slopes = A._slopes_arg(case["q"].shape[2], case["max_bias"], mask)
+        sinks = None if case["sinks"] is None else jnp.asarray(case["sinks"])
+        out = core(jnp.asarray(case["q"]), jnp.asarray(case["k"]), jnp.asarray(case["v"]), case["scale"],
+                   mask, case["softcap"], slopes, sinks, chunk=chunk, precision="f64")
+    finally:
+        A.TWO_PASS_MAX_LOGITS = old
+    ref = A.attention(**case, precision="f64")
+    assert not np.isnan(np.asarray(out)).any()
+    assert _err(out, ref, case["v"]) <= F64_TOL
+
+
 @settings(max_examples=max(4, _HALF // 2))
 @given(case=cases())
 def test_online_attention_equals_attention(case):

@@ -475,3 +475,68 @@ def test_jit_and_masked_rows():
     out = np.asarray(f(q, k, v, mask))
     assert np.array_equal(out, np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=0.125, mask=mask)))
     assert np.all(out[0, 1] == 0) and np.all(np.isfinite(out))
+
+
+# ----------------------------------------------------------------------------------------------------
+# float32 subnormals (ggml keeps them; XLA on CPU flushes them in float32 <-> float64 conversions)
+
+
+def _tiny_case(v_dtype):
+    """One key, q = 0 (so the score is exactly 0): before the sinks the accumulator is V's row."""
+    rng = np.random.default_rng(11)
+    q = np.zeros((1, 1, 2, 32), np.float32)
+    k = rng.standard_normal((1, 1, 1, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 1, 32)).astype(v_dtype)
+    return q, k, v
+
+
+@needs_glibc
+@pytest.mark.parametrize("v_dtype", [np.float32, np.float16])
+def test_sink_dominated_outputs_are_subnormal(v_dtype):
+    """A sink 100 above the only score: ggml scales the accumulator by ``ms = expf(-100)`` (a float32
+    subnormal) and S = 1*ms + 1 rounds to 1, so out = round32(v * expf(-100)) exactly: computed here in
+    numpy (float64 product of two float32 values is exact, one rounding to float32) with libm's expf."""
+    q, k, v = _tiny_case(v_dtype)
+    sinks = np.full(2, 100.0, np.float32)
+    ms = np.float64(_call_libm("expf", [-100.0])[0])
+    want = np.broadcast_to((v.astype(np.float64) * ms).astype(np.float32), (1, 1, 2, 32))
+    assert np.mean((want != 0) & (np.abs(want) < 2.0**-126)) > 0.5  # mostly nonzero subnormals
+    out = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=0.125, sinks=sinks, isa="avx2"))
+    assert _same_bits(out, want).all()
+    try:
+        from jaxkv.oracles import ggml as og
+    except Exception:  # pragma: no cover - the oracle module is missing
+        return
+    if og.available():
+        live = og.flash_attn_ext(q, k, v, k_format="F32", v_format="F32" if v_dtype == np.float32 else None,
+                                 scale=0.125, sinks=sinks)
+        assert _same_bits(live, want).all()
+
+
+def test_subnormal_inputs_reach_the_output():
+    """One key (softmax weight exactly 1): out is V's row, subnormal elements included, on the fused and
+    the unfused path (F32 V), and q's subnormal elements are not flushed (F32 K: a score built from
+    subnormal products differs from the score of a flushed q)."""
+    q, k, v = _tiny_case(np.float32)
+    v[..., ::2] *= np.float32(2.0**-130)
+    assert np.all(np.abs(v[..., ::2]) < 2.0**-126) and np.all(v[..., ::2] != 0)
+    want = np.broadcast_to(v, (1, 1, 2, 32))
+    assert _same_bits(ggml_cpu.flash_attn_ext(q, k, v, scale=0.125), want).all()
+    assert _same_bits(ggml_cpu.soft_max_attn(q, k.astype(np.float16), v, scale=0.125), want).all()
+    # two keys, q subnormal (2^-127) times K 2^127: scores 1 and 0 (a flushed q gives 0 and 0, out 0)
+    q2 = np.full((1, 1, 1, 32), 2.0**-127, np.float32)
+    k2 = np.zeros((1, 2, 1, 32), np.float32)
+    k2[0, 0, 0, 0] = 2.0**127
+    v2 = np.zeros((1, 2, 1, 32), np.float32)
+    v2[0, :, 0, 0] = [1.0, -1.0]
+    out = np.asarray(ggml_cpu.flash_attn_ext(q2, k2, v2, scale=1.0))
+    e = np.exp(-1.0)
+    np.testing.assert_allclose(out[0, 0, 0, 0], (1 - e) / (1 + e), rtol=4 * 2.0**-24)  # a few F32 roundings
+
+
+def test_traced_max_bias_is_refused_by_name():
+    """ALiBi slopes come from the C library's powf on the host, so max_bias must be a concrete number."""
+    q, k, v = _small()
+    mask = np.zeros((1, 1, 1, 8), np.float16)
+    with pytest.raises(ValueError, match="^max_bias: must be a concrete number"):
+        jax.jit(lambda mb: ggml_cpu.flash_attn_ext(q, k, v, scale=0.125, mask=mask, max_bias=mb))(2.0)

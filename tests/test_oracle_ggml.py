@@ -30,6 +30,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxkv.oracles import ggml as og
+from jaxkv.oracles.ggml_replay import read_trace
+from jaxkv.oracles.ggml_replay import replay as run_trace
 
 pytestmark = pytest.mark.skipif(not og.available(), reason="libggml-python wheel not installed (ggml oracle)")
 
@@ -101,55 +103,6 @@ def case(seed, B=2, n_q=3, H=8, Hkv=2, n_kv=96, Dk=64, Dv=64):
     k = rng.standard_normal((B, n_kv, Hkv, Dk)).astype(np.float32)
     v = rng.standard_normal((B, n_kv, Hkv, Dv)).astype(np.float32)
     return rng, q, k, v
-
-
-def read_trace(path):
-    """(metadata, {name: (type name, canonical array or raw blocks)}) of a trace v1 file.
-
-    ggml-order row-major arrays are mapped to the canonical layout with jaxkv.layout; quantized tensors
-    stay raw blocks (uint8, bytes on the last axis)."""
-    from jaxkv import layout
-
-    r = gguf.GGUFReader(path)
-    md = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("trace.")}
-    roles = {"q": "q", "k": "k", "v": "v_t" if md.get("trace.v_transposed") else "v", "k_cold": "k",
-             "v_cold": "v", "k_hot": "k", "v_hot": "v", "mask": "mask", "out": "out"}
-    out = {}
-    for t in r.tensors:
-        ne = [int(x) for x in t.shape] + [1] * (4 - len(t.shape))
-        d = np.array(t.data)
-        if t.name == "sinks":
-            out[t.name] = (t.tensor_type.name, d.reshape(-1))
-            continue
-        d = d.reshape(ne[::-1]) if t.tensor_type.name in ("F32", "F16") else d.reshape(ne[3], ne[2], ne[1], -1)
-        out[t.name] = (t.tensor_type.name, np.asarray(layout.ggml_to_canonical(roles[t.name], d)))
-    return md, out
-
-
-def run_trace(md, ts, n_threads=None):
-    """Re-run a trace's op through the oracle with the trace's inputs (raw blocks as stored)."""
-    q = ts["q"][1]
-    n_q = q.shape[1]
-    mask = ts["mask"][1][:, :, :n_q, :].astype(np.float32) if "mask" in ts else None  # drop padding rows
-    kw = dict(scale=md["trace.scale"], n_threads=n_threads or int(md["trace.n_threads"]), mask=mask,
-              max_bias=md["trace.max_bias"])
-
-    def kv(name):
-        tname, a = ts[name]
-        return a, (None if tname == "F16" else tname)
-
-    op = md["trace.op"]
-    if op == "flash_attn_ext":
-        (k, kf), (v, vf) = kv("k"), kv("v")
-        sinks = ts["sinks"][1] if "sinks" in ts else None
-        return og.flash_attn_ext(q, k, v, k_format=kf, v_format=vf, softcap=md["trace.logit_softcap"],
-                                 sinks=sinks, **kw)
-    if op == "soft_max_attn":
-        (k, kf), (v, _) = kv("k"), kv("v")
-        return og.soft_max_attn(q, k, v, k_format=kf, **kw)
-    (kc, kcf), (vc, vcf), (kh, _), (vh, _) = kv("k_cold"), kv("v_cold"), kv("k_hot"), kv("v_hot")
-    return og.mixed_flash_attn(q, kc, vc, kh, vh, cold_format=(kcf, vcf), kv_order=md["trace.kv_order"],
-                               softcap=md["trace.logit_softcap"], **kw)
 
 
 def exact_across_isa(md, ts) -> bool:
@@ -230,6 +183,26 @@ def test_quantized_path_is_thread_count_invariant():
     # the per-row loop gives each (query, head) row to one thread: results cannot depend on n_threads
     md, ts = read_trace(next(p for p in GGML_TRACES if p.stem == "fa_q4_1_decode"))
     np.testing.assert_array_equal(run_trace(md, ts, n_threads=1), run_trace(md, ts, n_threads=3))
+
+
+def test_replay_cli(tmp_path, capsys):
+    """``python -m jaxkv.oracles.ggml_replay``: exit 0 when live ggml reproduces every file bit for bit
+    (the recorded NaN trace, NaN rows listed), 1 when one differs (an F16 shared trace: another ISA),
+    2 for an unreadable file."""
+    from jaxkv.oracles import ggml_replay
+
+    nan_trace = REPO / "tests" / "data" / "ggml020_sm_fullrow_nan.gguf"
+    assert ggml_replay.main([str(nan_trace)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("SAME ") and "NaN rows 12 of 16" in out
+    f16 = next(p for p in GGML_TRACES if p.stem == "fa_f16_decode_t1")
+    assert ggml_replay.main([str(nan_trace), str(f16)]) == 1
+    assert "DIFF " in capsys.readouterr().out
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    assert ggml_replay.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR ") and err.count("\n") == 1
 
 
 # --- plumbing against float64 ------------------------------------------------------------------------------

@@ -103,6 +103,81 @@ def test_resolve_precision():
         vf.resolve_precision(T(), "bf16")
 
 
+def test_trace_isa_from_metadata_then_producer_then_default():
+    from types import SimpleNamespace as NS
+
+    from jaxkv import ggml_cpu
+
+    def t(producer, **md):
+        return NS(producer=producer, metadata=md)
+
+    assert vf.trace_isa(t("anything", **{"ggml.isa": "avx2"})) == "avx2"
+    assert vf.trace_isa(t("ggml 0.21 CPU avx2", **{"ggml.isa": "AVX512"})) == "avx512"  # metadata first
+    assert vf.trace_isa(t("ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2")) == "avx2"
+    assert vf.trace_isa(t("ggml 0.21 CPU AVX512F n_threads=4")) == "avx512"
+    assert vf.trace_isa(t("ggml cpu (n_threads=2)")) == ggml_cpu.DEFAULT_ISA == "avx512"
+    assert vf.trace_isa(NS(producer=None, metadata=None)) == "avx512"
+    with pytest.raises(ValueError, match="^ggml.isa: .*'neon'"):
+        vf.trace_isa(t("ggml cpu", **{"ggml.isa": "neon"}))
+    with pytest.raises(ValueError, match="^producer: .*'avx'"):
+        vf.trace_isa(t("ggml 0.21 CPU avx n_threads=1"))
+
+
+def test_shared_ggml_traces_declare_the_default_isa():
+    from jaxkv import trace as tr
+
+    assert GGML_TRACES
+    assert {vf.trace_isa(tr.load(p)) for p in GGML_TRACES} == {"avx512"}
+
+
+RECORDED = sorted((REPO / "traces").glob("ggml020_*.gguf"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
+def test_recorded_avx2_traces_verify_bit_exact_with_their_isa(path):
+    """traces/ggml020_*.gguf were recorded by the AVX2 libggml-python wheel (metadata ggml.isa = avx2):
+    the model at the ISA taken from the trace reproduces ``out`` bit for bit; an explicit isa overrides
+    it (the AVX-512 model's F16 lane order differs on F16 and mixed caches)."""
+    from jaxkv import trace as tr
+
+    t = tr.load(path)
+    assert vf.trace_isa(t) == "avx2"
+    case = vf.case_from_trace(t)
+    out = np.asarray(t.out, np.float64)
+    np.testing.assert_array_equal(vf.model_output(t, case, "ggml-cpu"), out)
+    np.testing.assert_array_equal(vf.model_output(t, case, "ggml-cpu", isa="avx2"), out)
+    other = vf.model_output(t, case, "ggml-cpu", isa="avx512")
+    if "q4_0_decode" not in path.stem:  # same-type block K/V: the two builds agree (no F16/F32 SIMD sum)
+        assert not np.array_equal(other, out)
+    v = vf.verify_trace(t)
+    assert v.status == "pass" and v.emu.units == 0.0
+
+
+def test_unfused_nan_rows_are_ggml_behaviour_under_ggml_cpu():
+    """soft_max_ext gives NaN on rows with no live key (docs/ggml-findings.md, finding 2): under ggml-cpu
+    the unfused op's golden is NaN there, so the recorded trace passes; a kernel giving 0 there (or NaN
+    in a live row) fails, and so does the NaN output under a precision that does not claim ggml."""
+    import dataclasses
+
+    from jaxkv import trace as tr
+
+    t = tr.load(REPO / "tests" / "data" / "ggml020_sm_fullrow_nan.gguf")
+    case = vf.case_from_trace(t)
+    dead = vf.dead_rows(case.q, case.mask, case.sinks)
+    assert dead.sum() == 12 and np.array_equal(np.isnan(np.asarray(t.out)).all(-1), dead)
+    v = vf.verify_trace(t, diagnose=False)
+    assert v.status == "pass" and v.emu.units == 0.0 and v.errors.nan_count == 0
+    assert np.isnan(vf.golden_for("soft_max_attn", case, "ggml-cpu")[dead]).all()
+    assert not np.isnan(vf.golden_for("flash_attn_ext", case, "ggml-cpu")).any()
+    assert not np.isnan(vf.golden_for("soft_max_attn", case, "f16")).any()
+    zeroed = np.where(dead[..., None], np.float32(0), np.asarray(t.out))
+    assert vf.verify_trace(dataclasses.replace(t, out=zeroed), diagnose=False).status == "fail"
+    live_nan = np.array(t.out, np.float32)
+    live_nan[0, 0, 0, 0] = np.nan                        # query 0 has live keys
+    assert vf.verify_trace(dataclasses.replace(t, out=live_nan), diagnose=False).status == "fail"
+    assert vf.verify_trace(t, "f16", diagnose=False).status == "fail"
+
+
 def test_emu_check_units():
     emu = np.zeros((1, 1, 2, 4))
     emu[0, 0, 0] = [1.0, -2.0, 0.5, 0.0]
@@ -112,6 +187,34 @@ def test_emu_check_units():
     assert c.units == pytest.approx(3.0) and c.ok and c.n_differ == 1
     got[0, 0, 1, 0] = 1e-30  # a row of zeros must stay (nearly) zero
     assert not vf.emu_check(got, emu, vf.U16).ok
+
+
+@pytest.mark.parametrize("unit", [vf.U16, vf.U32])
+def test_emu_check_rows_of_zeros_and_subnormals(unit):
+    """A row of zeros or float32 subnormals has max|row| ~ 0: the scale floors at the float32 subnormal
+    spacing (the output's resolution), so no division by zero, one output rounding there is one unit
+    whatever the accumulator, and a real difference still fails."""
+    sp = vf.DENORM32
+    emu = np.zeros((1, 1, 3, 4))
+    emu[0, 0, 0] = [1.0, -2.0, 0.5, 0.0]                 # a normal row
+    emu[0, 0, 1] = np.array([3, -7, 0, 100]) * sp         # subnormals (exact multiples of 2^-149)
+    assert np.all(np.abs(emu[0, 0, 1]) < 2.0**-126)      # row 2: zeros
+    with np.errstate(all="raise"):
+        same = vf.emu_check(emu, emu, unit)
+        assert same.ok and same.units == 0.0 and same.n_differ == 0
+        got = emu.copy()
+        got[0, 0, 1, 1] -= sp                             # one rounding in the subnormal row
+        got[0, 0, 2, 3] = sp                              # and one in the zero row
+        c = vf.emu_check(got, emu, unit)
+        assert c.units == 1.0 and c.ok and c.n_differ == 2
+        got[0, 0, 1, 2] = 1000 * sp                       # 1000 spacings: not a rounding
+        c = vf.emu_check(got, emu, unit)
+        assert c.units == 1000.0 and not c.ok
+        flushed = emu.copy()
+        flushed[0, 0, 1] = 0.0                            # a kernel flushing subnormals to zero
+        assert vf.emu_check(flushed, emu, unit).units == 100.0
+    with pytest.raises(ValueError, match="^unit"):
+        vf.emu_check(emu, emu, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------

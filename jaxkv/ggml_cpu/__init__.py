@@ -16,7 +16,9 @@ What is modelled (see ``shared/docs/ggml-cpu-rounding.md`` and the module docstr
 :mod:`.fp`, :mod:`.dot`, :mod:`.kernels`): q converted to K's ``vec_dot_type`` (F16 rounding, x86
 ``quantize_row_q8_0/q8_1``); per-ISA SIMD lane order of every dot; the online softmax with glibc
 ``expf``; the F16 accumulator rounded after every scale and every add when V is F16 (F32 otherwise);
-sinks; the ``1/S`` multiply; ggml's path selection: the split-KV path (``n_q == 1``, ``B == 1``, K and
+sinks; the ``1/S`` multiply; ALiBi slopes from the C library's ``powf`` (as ggml computes them);
+float32 subnormal inputs and outputs kept (converted on the host: XLA on CPU flushes them; under an
+outer ``jax.jit`` they flush); ggml's path selection: the split-KV path (``n_q == 1``, ``B == 1``, K and
 V both F16 or both F32, ``n_kv >= 512``: ``n_threads`` chunks, partials merged in order) and the
 per-row loop otherwise. The tiled path (F16/F32 K and V of one type with ``n_q >= 64``) is not
 modelled: such calls raise NotImplementedError.
@@ -24,12 +26,15 @@ modelled: such calls raise NotImplementedError.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkv import formats
+from jaxkv._checks import check_attention_shapes
 from jaxkv.ggml_cpu import kernels as _k
 from jaxkv.ggml_cpu.dot import ISA_TABLE, get_isa
 from jaxkv.ggml_cpu.kernels import BUILD_CONTRACT, Contract
@@ -68,18 +73,51 @@ def split_chunks(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, n_thread
     return 1
 
 
+@functools.lru_cache(maxsize=1)
+def _libm_powf():
+    """The C library's ``powf`` (ctypes), or None where no C math library can be loaded."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        f = lib.powf
+    except (OSError, AttributeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    return f
+
+
+def _concrete(x, name: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"{name}: must be a concrete number (a Python or numpy scalar), got {x!r}; "
+                         "ggml's op parameters are constants of the graph") from None
+
+
 def _slopes(n_head: int, max_bias: float) -> np.ndarray:
-    """ggml's ALiBi slopes [H] (float32 powf, as ggml computes them) as float64."""
-    mb = np.float32(max_bias)
+    """ggml's ALiBi slopes [H] as float64 holding float32 values, computed as ggml-cpu does with the C
+    library's float ``powf``: ``m0 = powf(2, -max_bias/n_log2)``, ``m1 = powf(2, -(max_bias/2)/n_log2)``,
+    slope ``powf(m0, h + 1)`` for ``h < n_log2`` else ``powf(m1, 2*(h - n_log2) + 1)``.
+
+    ``max_bias`` must be concrete (it is a float32 op parameter of ggml's graph). numpy's float32
+    ``power`` is *not* libm's powf (one ulp apart for some bases, docs/ggml-findings.md); it is used only
+    where no C math library loads (then slopes may be an ulp off ggml's)."""
+    mb = np.float32(_concrete(max_bias, "max_bias"))
     if not mb > 0:
         return np.ones(n_head, np.float64)
-    n_log2 = 1 << int(math.floor(math.log2(n_head)))
-    m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
-    m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
+    n_log2 = np.float32(1 << int(math.floor(math.log2(n_head))))
+    powf = _libm_powf()
+    if powf is None:  # fallback: numpy's float32 power (not bit-exact with every libm)
+        def powf(x, y):
+            return float(np.power(np.float32(x), np.float32(y), dtype=np.float32))
+    m0 = powf(2.0, float(-mb / n_log2))
+    m1 = powf(2.0, float(-(mb / np.float32(2.0)) / n_log2))
     h = np.arange(n_head)
-    base = np.where(h < n_log2, m0, m1).astype(np.float32)
-    ex = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
-    return np.power(base, ex, dtype=np.float32).astype(np.float64)
+    base = np.where(h < n_log2, m0, m1)
+    ex = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1)
+    return np.array([powf(float(b), float(e)) for b, e in zip(base, ex)], np.float64)
 
 
 def _contract(isa, contract) -> Contract:
@@ -90,28 +128,30 @@ def _contract(isa, contract) -> Contract:
     return contract
 
 
+def _carrier(x, dtype=np.float32):
+    """x rounded to ``dtype`` as float64 f32 carriers, converted by numpy on the host: XLA on CPU flushes
+    float32 subnormals to zero in float32 <-> float64 conversions (ggml keeps them). A traced x (the
+    model called under an outer ``jax.jit``) is converted by XLA, and loses them."""
+    if isinstance(x, jax.core.Tracer):
+        return jnp.asarray(x).astype(dtype).astype(F64)
+    return jnp.asarray(np.asarray(x).astype(dtype).astype(np.float64))
+
+
+def _out32(x, shape):
+    """The cores' f32 carriers -> float32 [shape], converted on the host (subnormals kept, as ggml's)."""
+    if isinstance(x, jax.core.Tracer):
+        return x.astype(jnp.float32).reshape(shape)
+    return jnp.asarray(np.asarray(x).astype(np.float32).reshape(shape))
+
+
+def _kv_operand(x, t: str):
+    """F32 K/V as f32 carriers converted on the host (:func:`_carrier`); F16 arrays and QuantArrays as
+    given (their values are float32-normal, XLA converts them exactly)."""
+    return _carrier(x) if t == "f32" else x
+
+
 def _check(q, k, v, mask, sinks):
-    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
-    if len(qs) != 4:
-        raise ValueError(f"q: expected [B, n_q, H, Dk], got shape {list(qs)}")
-    if len(ks) != 4:
-        raise ValueError(f"k: expected [B, n_kv, Hkv, Dk], got shape {list(ks)}")
-    if len(vs) != 4:
-        raise ValueError(f"v: expected [B, n_kv, Hkv, Dv], got shape {list(vs)}")
-    B, n_q, H, Dk = qs
-    if ks[0] != B or ks[3] != Dk:
-        raise ValueError(f"k: shape {list(ks)} does not match q {list(qs)} (B, Dk)")
-    if vs[:3] != ks[:3]:
-        raise ValueError(f"v: shape {list(vs)} does not match k {list(ks)} (B, n_kv, Hkv)")
-    if ks[2] < 1 or H % ks[2]:
-        raise ValueError(f"k: Hkv={ks[2]} must divide H={H}")
-    if mask is not None:
-        ms = tuple(mask.shape)
-        if len(ms) != 4 or ms[0] not in (1, B) or ms[1] not in (1, H) or ms[2] != n_q or ms[3] != ks[1]:
-            raise ValueError(f"mask: expected [B|1, H|1, n_q, n_kv] = [{B}|1, {H}|1, {n_q}, {ks[1]}], "
-                             f"got {list(ms)}")
-    if sinks is not None and tuple(sinks.shape) != (H,):
-        raise ValueError(f"sinks: expected [H] = [{H}], got {list(sinks.shape)}")
+    check_attention_shapes(q, k, v, mask, sinks)
     if getattr(q, "dtype", None) != jnp.float32:
         raise ValueError(f"q: expected float32 (ggml's F32 q), got {getattr(q, 'dtype', None)}")
 
@@ -120,7 +160,7 @@ def _group(q, mask, sinks, slopes, hkv):
     """q [B, n_q, H, D] -> [B, n_q, Hkv, G, D] f64; mask [B|1, H|1, n_q, n_kv] -> [B|1, n_q, Hkv|1, G|1, n_kv]."""
     B, n_q, H, D = q.shape
     g = H // hkv
-    qg = jnp.asarray(q).astype(F64).reshape(B, n_q, hkv, g, D)
+    qg = _carrier(q).reshape(B, n_q, hkv, g, D)
     mg = None
     if mask is not None:
         m = jnp.asarray(mask)
@@ -130,7 +170,7 @@ def _group(q, mask, sinks, slopes, hkv):
         mb, mh = m.shape[:2]
         m = jnp.moveaxis(m, 2, 1)  # [B|1, n_q, H|1, n_kv]
         mg = m.reshape(mb, n_q, hkv, g, m.shape[-1]) if mh == H else m[:, :, :, None, :]
-    sg = None if sinks is None else jnp.asarray(sinks, jnp.float32).astype(F64).reshape(hkv, g)
+    sg = None if sinks is None else _carrier(sinks).reshape(hkv, g)
     return qg, mg, sg, jnp.asarray(slopes, F64).reshape(hkv, g)
 
 
@@ -141,7 +181,8 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     q [B, n_q, H, Dk] float32; k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv]: float32 / float16 arrays or
     formats.QuantArray; mask [B|1, H|1, n_q, n_kv] (rounded to F16 like ggml's mask tensor); sinks [H]
     -> float32 [B, n_q, H, Dv]. ``n_threads`` matters only on the split-KV path (ggml cuts the keys
-    into that many chunks). ``scale``, ``softcap``, ``max_bias`` are float32 op parameters.
+    into that many chunks). ``scale``, ``softcap``, ``max_bias`` are float32 op parameters (concrete
+    numbers: ggml's graph constants).
     ``contract``: which ``a*b + c`` the compiler fused (:class:`Contract`); None = the default of the
     build ``isa`` names (:data:`BUILD_CONTRACT`)."""
     ctr = _contract(isa, contract)
@@ -162,10 +203,10 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     qg, mg, sg, slg = _group(q, mask, sinks, _slopes(H, max_bias), hkv)
     sc = float(np.float32(scale))
     cap = float(np.float32(softcap))
-    out = _k.fa_core(qg, k, v, jnp.asarray(sc, F64), jnp.asarray(cap if cap else 1.0, F64), slg, mg, sg,
-                     k_type=k_type, v_type=v_type, isa=get_isa(isa).name, n_chunks=nch,
-                     softcap_on=cap != 0.0, contract=ctr)
-    return out.reshape(B, n_q, H, -1)
+    out = _k.fa_core(qg, _kv_operand(k, k_type), _kv_operand(v, v_type), jnp.asarray(sc, F64),
+                     jnp.asarray(cap if cap else 1.0, F64), slg, mg, sg, k_type=k_type, v_type=v_type,
+                     isa=get_isa(isa).name, n_chunks=nch, softcap_on=cap != 0.0, contract=ctr)
+    return _out32(out, (B, n_q, H, -1))
 
 
 def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=DEFAULT_ISA, contract=None):
@@ -189,9 +230,10 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
     if k_type not in ("f16", "f32") and q.shape[-1] % 32:
         raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
     qg, mg, _, slg = _group(q, mask, None, _slopes(H, max_bias), hkv)
-    out = _k.softmax_attn_core(qg, k, v, jnp.asarray(float(np.float32(scale)), F64), slg, mg,
-                               k_type=k_type, v_type=v_type, isa=get_isa(isa).name, contract=ctr)
-    return out.reshape(B, n_q, H, -1)
+    out = _k.softmax_attn_core(qg, _kv_operand(k, k_type), _kv_operand(v, v_type),
+                               jnp.asarray(float(np.float32(scale)), F64), slg, mg, k_type=k_type,
+                               v_type=v_type, isa=get_isa(isa).name, contract=ctr)
+    return _out32(out, (B, n_q, H, -1))
 
 
 def _to_f32(x, name):

@@ -3,6 +3,8 @@ partials and their reduction) and the unfused ``mul_mat -> soft_max_ext -> mul_m
 
 Inputs here are already validated and grouped; see :mod:`jaxkv.ggml_cpu` for the public API.
 Shapes: q [B, n_q, Hkv, G, Dk] f32 carriers; k / v per type (below); bias inputs [B, n_q, Hkv, G, n_kv].
+Inputs and outputs are f32 carriers (float64): XLA on CPU flushes float32 subnormals to zero in every
+float32 <-> float64 conversion, so the public functions convert on the host (numpy).
 
 Compiler contractions: where the compiler fused ``a*b + c`` into one FMA depends on the build of
 ggml, not on the source, so it is data (:class:`Contract`, one default per modelled build in
@@ -108,7 +110,8 @@ def _v_rows(v, v_type: str):
 def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_type, isa, n_chunks,
             softcap_on, contract):
     """qg [B, n_q, Hkv, G, Dk] f32 carriers; slopes_g [Hkv, G]; mask_g [B|1, n_q|1, Hkv|1, G|1, n_kv]
-    or None; sinks_g [Hkv, G] or None -> out f32 [B, n_q, Hkv, G, Dv].
+    or None; sinks_g [Hkv, G] or None -> out f32 carriers (float64) [B, n_q, Hkv, G, Dv]: converting
+    them to float32 inside XLA would flush float32 subnormals to zero, so the caller does it on the host.
 
     n_chunks > 1: ggml's split-KV path (chunks of ceil(n_kv / n_chunks) keys, partials reduced in
     order); 1: the per-row loop over all keys."""
@@ -189,7 +192,7 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
     if P == 1:
         S1, a1 = S[0], acc[0]
         inv = jnp.where(S1 == 0, 0.0, div32(1.0, jnp.where(S1 == 0, 1.0, S1)))
-        return mul32(a1, inv[..., None]).astype(jnp.float32)
+        return mul32(a1, inv[..., None])
 
     # ggml_flash_attn_ext_reduce_partials: chunks in order, skipping S == 0
     Mf = jnp.full(lead, -jnp.inf, F64)
@@ -209,7 +212,7 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
         Sf = jnp.where(use, Sf_n, Sf)
         Mf = jnp.where(use, Mn, Mf)
     inv = div32(1.0, jnp.where(Sf == 0, 1.0, Sf))
-    return jnp.where(Sf[..., None] != 0, mul32(af, inv[..., None]), af).astype(jnp.float32)
+    return jnp.where(Sf[..., None] != 0, mul32(af, inv[..., None]), af)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def _row_exp_sum(x, mx, isa):
 def softmax_attn_core(qg, k, v, scale, slopes_g, mask_g, *, k_type, v_type, isa, contract):
     """Unfused attention: kq = mul_mat(k, q); soft_max_ext(kq, mask, scale, max_bias);
     kqv = mul_mat(v^T, kq). qg [B, n_q, Hkv, G, Dk]; v [B, n_kv, Hkv, Dv] (F16 or F32) ->
-    f32 [B, n_q, Hkv, G, Dv]."""
+    f32 carriers (float64) [B, n_q, Hkv, G, Dv] (see :func:`fa_core`)."""
     kq = scores(qg, k, k_type, isa)                      # [B, n_q, Hkv, G, n_kv]
     w = mul32(kq, r32(scale))                             # ggml_vec_scale_f32
     if mask_g is not None:
@@ -258,4 +261,4 @@ def softmax_attn_core(qg, k, v, scale, slopes_g, mask_g, *, k_type, v_type, isa,
         out = _dot.dot_f16(vt, r16(p)[..., None, :], isa)
     else:
         out = _dot.dot_f32(vt, p[..., None, :], isa)
-    return out.astype(jnp.float32)
+    return out
