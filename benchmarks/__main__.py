@@ -29,6 +29,7 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "decode": ("bench_decode.py", ["--markdown"], ["--markdown", "--repeat", "3"]),
     "mixed": ("bench_mixed.py", ["--markdown", "--dequant"], ["--markdown", "--repeat", "3", "--n-kv", "8192"]),
+    "ablate-decode": ("ablate_decode.py", [], ["--repeat", "3", "--n-kv", "8192"]),
     "formats": ("bench_formats.py", ["--repeat", "9"], ["--repeat", "3", "--mib", "16", "--formats", "q4_0,q8_0"]),
     "trace": ("bench_trace.py", [], ["--repeat", "3"]),
     "fuzz": ("bench_fuzz.py", [], ["--cases", "128", "--naive-cases", "4"]),

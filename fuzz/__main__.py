@@ -1,13 +1,17 @@
 """``python -m fuzz``: fuzz campaigns that find, shrink, save and replay numerical bugs.
 
     python -m fuzz [--max-examples N | --time-budget SECONDS] [--seed S] [--properties P1,P2|all]
-                   [--target MODULE:FUNCTION] [--traces DIR] [--out DIR] [--resume] [--quiet] [--list]
-                   [--shard I/N] [--no-shrink]
+                   [--target MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed] [--threads N] [--traces DIR]
+                   [--out DIR] [--resume] [--quiet] [--list] [--shard I/N] [--no-shrink]
     python -m fuzz replay FILE          re-run a saved failure (exit 1: still fails, 0: passes now)
     python -m fuzz merge DIR...         one summary over several campaigns' results (e.g. shards)
     python -m fuzz verify ...           verify traces (fuzz.verify_cmd)
     python -m fuzz sensitivity ...      (fuzz.sensitivity_cmd, when present)
     python -m fuzz record ...           (fuzz.record_cmd, when present)
+
+``--target ggml|ggml-unfused|ggml-mixed`` fuzzes live ggml (the ``ggml`` extra, libggml-python) at
+``--threads N`` (default 1) through ``fuzz.ggml_targets.make_target``; such a target declares the
+``ggml-cpu`` precision and is judged against its emulation (jaxkv.ggml_cpu) with jaxkv.verify's budget.
 
 Exit status: 0 no property failed, 1 a property failed, 2 bad arguments or unreadable input, 130
 interrupted (the summary is still written).
@@ -43,8 +47,13 @@ def _parser():
     p.add_argument("--properties", default=None, metavar="P1,P2|all",
                    help="properties to run (default: all; with --target/--traces and no --properties: "
                         "just target/traces)")
-    p.add_argument("--target", metavar="MODULE:FUNCTION",
-                   help="kernel fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) -> out to fuzz")
+    p.add_argument("--target", metavar="MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed",
+                   help="kernel fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) -> out to fuzz; or a "
+                        "live ggml op (the 'ggml' extra): ggml = flash_attn_ext, ggml-unfused = mul_mat + "
+                        "soft_max_ext + mul_mat (no softcap, no sinks), ggml-mixed = a dequantized cold "
+                        "region + an F16 hot window; judged against the ggml-cpu model")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="n_threads of a ggml --target (default 1)")
     p.add_argument("--traces", metavar="DIR", help="verify every trace (*.gguf) under DIR")
     p.add_argument("--out", default="fuzz-out", metavar="DIR", help="results directory (default fuzz-out)")
     p.add_argument("--resume", action="store_true", help="continue the campaign recorded in --out")
@@ -90,12 +99,30 @@ def _parse_shard(s: str):
     return i, n
 
 
-def load_target(spec: str):
-    """'MODULE:FUNCTION' -> the callable (ValueError with one line otherwise)."""
+GGML_TARGETS = ("ggml", "ggml-unfused", "ggml-mixed")
+
+
+def load_target(spec: str, threads: int | None = None):
+    """'MODULE:FUNCTION' -> the callable; 'ggml' / 'ggml-unfused' / 'ggml-mixed' ->
+    fuzz.ggml_targets.make_target(spec, threads or 1). ValueError with one line otherwise (a bad
+    spec, --threads with a MODULE:FUNCTION target, ggml not installed)."""
     import importlib
 
+    if threads is not None and (isinstance(threads, bool) or not 1 <= threads <= 512):
+        raise ValueError(f"--threads: expected an int in [1, 512], got {threads!r}")
+    if spec in GGML_TARGETS:
+        from fuzz import ggml_targets
+
+        try:
+            return ggml_targets.make_target(spec, 1 if threads is None else threads)
+        except (ImportError, OSError, RuntimeError) as e:  # OracleUnavailable is a RuntimeError
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"--target {spec}: live ggml is not available (install the extra: pip install "
+                             f"'jaxkv[ggml]'): {msg}") from None
+    if threads is not None:
+        raise ValueError(f"--threads: only for --target {'|'.join(GGML_TARGETS)}, not {spec!r}")
     if ":" not in spec:
-        raise ValueError(f"--target: expected MODULE:FUNCTION, got {spec!r}")
+        raise ValueError(f"--target: expected MODULE:FUNCTION or one of {', '.join(GGML_TARGETS)}, got {spec!r}")
     mod, fn = spec.split(":", 1)
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")
@@ -137,7 +164,9 @@ def _campaign(argv) -> int:
             raise UsageError("--properties: empty list")
         for n in names:
             P.get(n)  # ValueError names the unknown one
-    target = load_target(args.target) if args.target else None
+    if args.threads is not None and not args.target:
+        raise UsageError("--threads: only with --target ggml|ggml-unfused|ggml-mixed")
+    target = load_target(args.target, args.threads) if args.target else None
     if args.traces:
         import pathlib
 
@@ -151,7 +180,7 @@ def _campaign(argv) -> int:
         max_ex = DEFAULT_EXAMPLES
     opts = Options(max_examples=max_ex, time_budget=args.time_budget, seed=args.seed, properties=tuple(names),
                    target=args.target, traces=args.traces, out=args.out, resume=args.resume,
-                   quiet=args.quiet, shard=shard, shrink=not args.no_shrink)
+                   quiet=args.quiet, shard=shard, shrink=not args.no_shrink, threads=args.threads)
     ctx = P.Context(seed=args.seed, target=target, target_spec=args.target, traces=args.traces,
                     cache_pairs=cache_pairs(args.seed))
     return Campaign(opts, ctx).run()

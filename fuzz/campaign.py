@@ -56,6 +56,7 @@ class Options:
     quiet: bool = False
     shard: tuple = (0, 1)
     shrink: bool = True
+    threads: int | None = None  # --threads of a ggml --target (recorded for replay)
 
 
 def chunk_seed(seed: int, prop: str, chunk: int) -> int:
@@ -126,21 +127,39 @@ def shrink(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHU
 # records
 
 class Records:
-    """Append-only JSON lines, one write + fsync per :meth:`write` call."""
+    """Append-only JSON lines: :meth:`write` hands its lines to the kernel in one ``os.write`` (a process
+    killed afterwards, even by SIGKILL, keeps them), :meth:`sync` fsyncs (what survives a machine crash)."""
 
     def __init__(self, path: pathlib.Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def write(self, objs):
-        if not objs:
-            return
-        data = "".join(json.dumps(o, default=_json_default) + "\n" for o in objs).encode()
-        os.write(self.fd, data)
+    def write(self, objs, sync=False):
+        if objs:
+            data = "".join(json.dumps(o, default=_json_default) + "\n" for o in objs).encode()
+            os.write(self.fd, data)
+        if sync:
+            self.sync()
+
+    def sync(self):
         os.fsync(self.fd)
 
     def close(self):
         os.close(self.fd)
+
+
+def drop_partial_line(path) -> int:
+    """Cut a results file back to its last complete line (a kill in the middle of a write can leave a
+    partial one; appending after it would corrupt the next record). Returns the bytes dropped."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        return 0
+    data = p.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(p, "r+b") as f:
+            f.truncate(keep)
+    return len(data) - keep
 
 
 def _json_default(x):
@@ -168,24 +187,46 @@ def read_records(path) -> list:
     return out
 
 
+def _slot(props, name):
+    return props.setdefault(name, dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0, skipped=None))
+
+
 def summarize(records) -> dict:
     """property -> dict(cases, failures, checks, seconds, compiles, skipped) from records (case ids
-    deduplicated: the last record of an id wins)."""
+    deduplicated: the last record of an id wins). Time and compiles come from the ``property`` records;
+    a run that was killed before writing one (SIGKILL) is counted up to its last case record (each
+    carries ``elapsed`` seconds and ``compiled`` programs since its property started in that run)."""
     cases, props = {}, {}
+    last, closed = {}, set()  # in the current run: property -> (elapsed, compiled); properties closed
+
+    def end_run():
+        for name, (el, nc) in last.items():
+            if name not in closed:
+                s = _slot(props, name)
+                s["seconds"] += el
+                s["compiles"] += nc
+        last.clear()
+        closed.clear()
+
     for r in records:
         t = r.get("type")
-        if t == "case":
+        if t == "campaign":
+            end_run()
+        elif t == "case":
             cases[r["id"]] = r
+            if "elapsed" in r:
+                last[r["property"]] = (r["elapsed"], r.get("compiled", 0))
         elif t == "property":
-            s = props.setdefault(r["property"], dict(cases=0, failures=0, checks=0, seconds=0.0,
-                                                     compiles=0, skipped=None))
+            s = _slot(props, r["property"])
             s["seconds"] += r.get("seconds", 0.0)
             s["compiles"] += r.get("compiles", 0)
             if r.get("skipped"):
                 s["skipped"] = r["skipped"]
+            if r.get("phase") != "shrink":
+                closed.add(r["property"])
+    end_run()
     for r in cases.values():
-        s = props.setdefault(r["property"], dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0,
-                                                 skipped=None))
+        s = _slot(props, r["property"])
         s["cases"] += 1
         s["checks"] += r.get("checks", 0)
         s["failures"] += 0 if r.get("ok") else 1
@@ -226,17 +267,36 @@ def _safe(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s)
 
 
-def _verdict_of_target(a, kernel):
-    """jaxkv.verify's verdict (diagnosis included) of ``kernel`` on the call ``a`` -> (Verdict, out)."""
+def _verdict_of_target(a, kernel, params):
+    """jaxkv.verify's verdict (diagnosis included) of ``kernel`` on the call ``a`` of case ``params`` ->
+    (Verdict, out, call): under the ``ggml-cpu`` precision for a target declaring it (its emulation,
+    the golden over its stored operands, the sharp check), else under ``f32``; ``call`` is ``a`` with
+    K/V as the kernel received them (float16 for a ggml-cpu target's F16 storage)."""
     from jaxkv import attention as A
     from jaxkv import mutations, verify
 
     kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
+    case = dict(op="flash_attn_ext", mask=a["mask"], sinks=a["sinks"], scale=float(a["scale"]),
+                softcap=float(a["softcap"]), max_bias=float(a["max_bias"]))
+    if P.declares_ggml_cpu(kernel):
+        k, v = P.target_operands(kernel, params, a)
+        got = np.asarray(kernel(a["q"], k, v, **kw), np.float32)
+        model, g, unit = P.ggml_cpu_reference(kernel, a, k, v, kw)
+        op = getattr(kernel, "op", "flash_attn_ext")
+        if op == "soft_max_attn":  # ggml's NaN rows (jaxkv.verify.golden_for)
+            g = np.where(verify.dead_rows(a["q"], a["mask"], a["sinks"])[..., None], np.nan, g)
+        st = kernel.prepare(k, v) if callable(getattr(kernel, "prepare", None)) else dict(k=k, v=v)
+        from fuzz.ggml_campaign import dense_operands
+
+        kd, vd = dense_operands(st)
+        c = mutations.Case(q=a["q"], k=kd, v=vd, n_threads=int(getattr(kernel, "n_threads", 1)),
+                           **dict(case, op="flash_attn_ext" if op == "mixed_flash_attn" else op))
+        return verify.verify_case(c, got, model, "ggml-cpu", name="fuzz case", emu=model, emu_unit=unit,
+                                  golden=g), got, dict(a, k=k, v=v)
     got = np.asarray(kernel(a["q"], a["k"], a["v"], **kw), np.float32)
-    case = mutations.Case(op="flash_attn_ext", q=a["q"], k=a["k"], v=a["v"], mask=a["mask"], sinks=a["sinks"],
-                          scale=float(a["scale"]), softcap=float(a["softcap"]), max_bias=float(a["max_bias"]))
+    c = mutations.Case(q=a["q"], k=a["k"], v=a["v"], **case)
     model = np.asarray(A.attention(a["q"], a["k"], a["v"], precision="f32", **kw))
-    return verify.verify_case(case, got, model, "f32", name="fuzz case"), got
+    return verify.verify_case(c, got, model, "f32", name="fuzz case"), got, a
 
 
 def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
@@ -248,7 +308,7 @@ def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
     diag, tried = None, []
     for which, a in (("case", C.attention_arrays(params)), ("padded program call", padded)):
         try:
-            v, got = _verdict_of_target(a, kernel)
+            v, got, a = _verdict_of_target(a, kernel, params)
         except Exception as e:
             tried.append(f"{which}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -294,7 +354,7 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
         arrays, call, diagnosis = _save_arrays(base, prop, minimal, ctx), "padded program call", None
     rec = dict(property=prop.name, seed=opts.seed, case_id=case_id, params=minimal, original=original,
                shrunk=minimal != original, error=outcome["error"], metrics=outcome.get("metrics"),
-               target=opts.target, traces=opts.traces, arrays=arrays, arrays_call=call,
+               target=opts.target, threads=opts.threads, traces=opts.traces, arrays=arrays, arrays_call=call,
                diagnosis=diagnosis)
     path = base.with_suffix(".json")
     rec["replay"] = f"python -m fuzz replay {path}"
@@ -334,6 +394,12 @@ class Progress:
         print(text, file=sys.stderr, flush=True)
 
 
+def _number(case_id: str) -> tuple:
+    """(chunk, k) of a case id ``property/chunk/k``."""
+    _, j, k = case_id.rsplit("/", 2)
+    return int(j), int(k)
+
+
 class Campaign:
     def __init__(self, opts: Options, ctx: P.Context):
         self.opts = opts
@@ -345,20 +411,22 @@ class Campaign:
     def run(self) -> int:
         o = self.opts
         self.out.mkdir(parents=True, exist_ok=True)
-        done = set()
+        old = []
         if o.resume:
+            drop_partial_line(self.path)
             old = read_records(self.path)
             seeds = {r.get("seed") for r in old if r.get("type") == "campaign"}
             if seeds and seeds != {o.seed}:
                 raise ValueError(f"--resume: {self.path} holds a campaign with seed {sorted(seeds)[0]}, "
                                  f"not --seed {o.seed}")
-            done = {r["id"] for r in old if r.get("type") == "case"}
         elif self.path.exists():
             self.path.unlink()
+        self.done = {r["id"] for r in old if r.get("type") == "case"}
+        self.prior = self._prior(old)
         self.rec = Records(self.path)
         self.rec.write([dict(type="campaign", seed=o.seed, properties=list(o.properties), shard=list(o.shard),
                              max_examples=o.max_examples, time_budget=o.time_budget, target=o.target,
-                             resume=o.resume, started=time.time())])
+                             threads=o.threads, resume=o.resume, started=time.time())], sync=True)
         self.progress = Progress(o.quiet, o.time_budget)
         P.set_active(o.properties)
         t0 = time.perf_counter()
@@ -368,7 +436,7 @@ class Campaign:
                 left = None
                 if o.time_budget is not None:
                     left = (o.time_budget - (time.perf_counter() - t0)) / (len(o.properties) - i)
-                self._property(P.get(name), done, left)
+                self._property(P.get(name), left)
         except KeyboardInterrupt:
             interrupted = True
             self.progress.line("interrupted: writing the summary")
@@ -384,7 +452,27 @@ class Campaign:
             return 130
         return 1 if any(s["failures"] for s in props.values()) else 0
 
-    def _property(self, prop, done, seconds):
+    @staticmethod
+    def _prior(old) -> dict:
+        """property -> [first failing case (number, id, params, outcome) or None, failure saved] from the
+        records a resumed campaign continues."""
+        prior = {}
+        for r in old:
+            if r.get("type") == "case" and not r.get("ok"):
+                p = prior.setdefault(r["property"], [None, False])
+                n = _number(r["id"])
+                if p[0] is None or n < p[0][0]:
+                    p[0] = (n, r["id"], r.get("params"),
+                            dict(ok=False, checks=r.get("checks", 1), error=r.get("error"), metrics=None))
+            elif r.get("type") == "failure":
+                prior.setdefault(r["property"], [None, False])[1] = True
+        return prior
+
+    def _property(self, prop, seconds):
+        """Evaluate ``prop``'s cases chunk by chunk. Every verdict is written (one line, one os.write)
+        the moment it is known; the file is fsync'ed after every group of ``engine.BATCH`` cases. A
+        property stops after the chunk holding its first failing case (the smallest case number; on
+        --resume also among the recorded cases), which is then shrunk and saved."""
         o, ctx = self.opts, self.ctx
         why = P.available(prop, ctx)
         if why:
@@ -395,7 +483,7 @@ class Campaign:
         c0 = COMPILES.count
         n_cases = n_fail = n_checks = 0
         shard_i, shard_n = o.shard
-        first_fail = None
+        first_fail, saved = self.prior.get(prop.name, [None, False])
         chunk = 0
         limit = None if prop.files is not None else o.max_examples  # input files: all of them
         try:
@@ -405,6 +493,8 @@ class Campaign:
                 base = chunk * CHUNK
                 if limit is not None and base >= limit:
                     break
+                if first_fail is not None and first_fail[0][0] < chunk:
+                    break  # a failing property stops after its first failing chunk: shrink and report
                 cases = generate(prop, ctx, o.seed, chunk)
                 if not cases:
                     break
@@ -412,38 +502,39 @@ class Campaign:
                     cases = cases[:limit - base]
                 todo = [(f"{prop.name}/{chunk}/{k}", c) for k, c in enumerate(cases)
                         if (base + k) % shard_n == shard_i]
-                todo = [(cid, c) for cid, c in todo if cid not in done]
+                todo = [(cid, c) for cid, c in todo if cid not in self.done]
                 for s in range(0, len(todo), BATCH):
                     if seconds is not None and time.perf_counter() - t0 >= seconds:
                         break
                     part = todo[s:s + BATCH]
-                    outs = prop.evaluate([c for _, c in part], ctx)
-                    recs = []
-                    for (cid, c), oc in zip(part, outs):
-                        recs.append(dict(type="case", id=cid, property=prop.name, ok=oc["ok"],
-                                         checks=oc["checks"], error=oc["error"], params=c))
+                    for i, oc in P.outcomes(prop, [c for _, c in part], ctx):
+                        cid, c = part[i]
+                        self.rec.write([dict(type="case", id=cid, property=prop.name, ok=oc["ok"],
+                                             checks=oc["checks"], error=oc["error"], params=c,
+                                             elapsed=round(time.perf_counter() - t0, 4),
+                                             compiled=COMPILES.count - c0)])
                         n_cases += 1
                         n_checks += oc["checks"]
                         if not oc["ok"]:
                             n_fail += 1
-                            if first_fail is None:
-                                first_fail = (cid, chunk, c, oc)
-                    self.rec.write(recs)
-                    self.progress.update(prop.name, n_cases, n_fail, n_checks, time.perf_counter() - t0)
+                            n = (chunk, int(cid.rsplit("/", 1)[1]))
+                            if first_fail is None or n < first_fail[0]:
+                                first_fail, saved = (n, cid, c, oc), False
+                        self.progress.update(prop.name, n_cases, n_fail, n_checks, time.perf_counter() - t0)
+                    self.rec.sync()
                 if prop.files is not None or len(cases) < CHUNK:
                     break
                 chunk += 1
-                if first_fail is not None:
-                    break  # a failing property stops at its first failing chunk: shrink and report
         finally:
             spent = time.perf_counter() - t0
             self.rec.write([dict(type="property", property=prop.name, seconds=spent,
-                                 compiles=COMPILES.count - c0)])
+                                 compiles=COMPILES.count - c0)], sync=True)
         self.progress.update(prop.name, n_cases, n_fail, n_checks, spent, force=True)
         self.progress.line(f"{prop.name}: {n_cases} cases, {n_fail} failures, {n_checks} checks, "
                            f"{spent:.1f} s, {COMPILES.count - c0} compiles")
-        if first_fail is not None:
-            self._report_failure(prop, *first_fail)
+        if first_fail is not None and not saved:
+            (chunk, _), cid, params, oc = first_fail
+            self._report_failure(prop, cid, chunk, params, oc)
 
     def _report_failure(self, prop, cid, chunk, params, outcome):
         o, ctx = self.opts, self.ctx
@@ -458,5 +549,5 @@ class Campaign:
         self.rec.write([dict(type="failure", property=prop.name, id=cid, file=rec["file"], error=mo["error"],
                              replay=rec["replay"]),
                         dict(type="property", property=prop.name, seconds=time.perf_counter() - t0,
-                             compiles=0, report_compiles=COMPILES.count - c0, phase="shrink")])
+                             compiles=0, report_compiles=COMPILES.count - c0, phase="shrink")], sync=True)
         self.progress.line(f"{prop.name}: FAIL {cid} shrunk in {time.perf_counter() - t0:.1f} s -> {rec['file']}")

@@ -23,8 +23,8 @@ import numpy as np
 
 from fuzz.strategies import PAD_B, PAD_D, PAD_NQ
 
-__all__ = ["DISTRIBUTIONS", "draw_values", "store", "make_mask", "attention_arrays", "pad_attention",
-           "scale_of"]
+__all__ = ["DISTRIBUTIONS", "draw_values", "store", "masked_keys", "make_mask", "attention_arrays",
+           "pad_attention", "scale_of"]
 
 
 def _normal(rng, shape):
@@ -80,36 +80,56 @@ def store(x, fmt: str) -> np.ndarray:
     raise ValueError(f"fmt: expected f32, f16 or bf16 for dense storage, got {fmt!r}")
 
 
-def make_mask(rng, kind: str, param: int, B: int, Hm: int, n_q: int, n_kv: int):
-    """Additive mask float32 [B, Hm, n_q, n_kv] (or None for 'none').
+def _positions(n_q: int, n_kv: int):
+    """(pos [n_q, 1], j [1, n_kv]): query row i sits at position n_kv - n_q + i, key j at j."""
+    return n_kv - n_q + np.arange(n_q)[:, None], np.arange(n_kv)[None, :]
 
-    kinds: none; causal (decode positions); window (causal, only the last ``param`` keys); random
-    (-inf with probability param/80); full_rows (random plus at least one fully masked row); padded
-    (the last ``param`` keys masked everywhere: unused cache slots); alibi (-|pos_i - j| distances,
-    causal)."""
+
+def masked_keys(rng, kind: str, param: int, shape, *, key_rate: float, row_rate: float) -> np.ndarray:
+    """bool ``shape`` = [B, Hm, n_q, n_kv]: the keys a mask of ``kind`` hides (decode convention).
+
+    'none': nothing; 'causal' / 'alibi': keys after the row's position; 'window': also keys ``param`` or
+    more positions before it; 'random': each key with probability ``key_rate``; 'full_rows': random,
+    plus whole rows with probability ``row_rate`` (at least one row); 'padded': the last ``param`` keys.
+    Draws from ``rng`` for 'random' and 'full_rows' only (key draws first, then rows)."""
+    B, Hm, n_q, n_kv = shape
     if kind == "none":
-        return None
-    pos = n_kv - n_q + np.arange(n_q)[:, None]
-    j = np.arange(n_kv)[None, :]
-    shape = (B, Hm, n_q, n_kv)
-    m = np.zeros(shape, np.float32)
+        return np.zeros(shape, bool)
     if kind in ("causal", "window", "alibi"):
+        pos, j = _positions(n_q, n_kv)
         dead = j > pos
         if kind == "window":
             dead = dead | (j <= pos - param)
-        if kind == "alibi":
-            m[:] = -np.abs(pos - j).astype(np.float32)
-        m = np.where(np.broadcast_to(dead, shape), -np.inf, m)
-    elif kind in ("random", "full_rows"):
-        m = np.where(rng.uniform(size=shape) < param / 80.0, -np.inf, m)
+        return np.broadcast_to(dead, shape).copy()
+    if kind in ("random", "full_rows"):
+        dead = rng.uniform(size=shape) < key_rate
         if kind == "full_rows":
-            rows = rng.uniform(size=(B, Hm, n_q)) < 0.5
+            rows = rng.uniform(size=(B, Hm, n_q)) < row_rate
             rows.flat[rng.integers(rows.size)] = True
-            m = np.where(rows[..., None], -np.inf, m)
-    elif kind == "padded":
-        m[..., max(n_kv - param, 0):] = -np.inf
-    else:
-        raise ValueError(f"mask: unknown kind {kind!r}")
+            dead = dead | rows[..., None]
+        return dead
+    if kind == "padded":
+        dead = np.zeros(shape, bool)
+        dead[..., max(n_kv - param, 0):] = True
+        return dead
+    raise ValueError(f"mask: unknown kind {kind!r}")
+
+
+def make_mask(rng, kind: str, param: int, B: int, Hm: int, n_q: int, n_kv: int):
+    """Additive mask float32 [B, Hm, n_q, n_kv] (or None for 'none'), F16-representable.
+
+    kinds (:func:`masked_keys`, -inf there): none; causal (decode positions); window (causal, only the
+    last ``param`` keys); random (-inf with probability param/80); full_rows (random plus rows with
+    probability 1/2, at least one); padded (the last ``param`` keys masked everywhere: unused cache
+    slots); alibi (-|pos_i - j| distances, causal). Live entries are 0 except for alibi."""
+    if kind == "none":
+        return None
+    shape = (B, Hm, n_q, n_kv)
+    m = np.zeros(shape, np.float32)
+    if kind == "alibi":
+        pos, j = _positions(n_q, n_kv)
+        m[:] = -np.abs(pos - j).astype(np.float32)
+    m = np.where(masked_keys(rng, kind, param, shape, key_rate=param / 80.0, row_rate=0.5), -np.inf, m)
     return m.astype(np.float16).astype(np.float32)
 
 

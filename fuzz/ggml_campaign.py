@@ -30,8 +30,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["BUCKETS", "FORMATS", "MENUS", "draw_case", "case_strategy", "arrays", "golden", "check",
-           "Result", "main"]
+__all__ = ["BUCKETS", "FORMATS", "MENUS", "draw_case", "case_strategy", "arrays", "dense_operands", "golden",
+           "check", "judge", "Result", "main"]
 
 FORMATS = ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
 _BLOCK = FORMATS[2:]
@@ -152,24 +152,17 @@ def _values(rng, shape, dist):
 
 
 def _mask(rng, kind, param, B, Hm, n_q, n_kv):
+    """Additive mask [B, Hm, n_q, n_kv]: a finite bias in [-2, 0) (ALiBi multiplies it), -inf on the
+    keys fuzz.cases.masked_keys hides ('fullrow': its 'full_rows'), rounded to F16; None for 'none'."""
     if kind == "none":
         return None
-    pos = n_kv - n_q + np.arange(n_q)[:, None]
-    j = np.arange(n_kv)[None, :]
+    from fuzz.cases import masked_keys
+
     shape = (B, Hm, n_q, n_kv)
-    m = rng.uniform(-2, 0, shape).astype(np.float32)  # finite additive bias (ALiBi multiplies it)
-    if kind in ("causal", "window"):
-        dead = j > pos
-        if kind == "window":
-            dead = dead | (j <= pos - param)
-        m = np.where(np.broadcast_to(dead, shape), -np.inf, m)
-    elif kind in ("random", "fullrow"):
-        m = np.where(rng.uniform(size=shape) < param / 64.0, -np.inf, m)
-        if kind == "fullrow":
-            rows = rng.uniform(size=(B, Hm, n_q)) < 0.3
-            rows.flat[rng.integers(rows.size)] = True
-            m = np.where(rows[..., None], -np.inf, m)
-    return m.astype(np.float16).astype(np.float32)
+    m = rng.uniform(-2, 0, shape).astype(np.float32)
+    dead = masked_keys(rng, "full_rows" if kind == "fullrow" else kind, param, shape, key_rate=param / 64.0,
+                       row_rate=0.3)
+    return np.where(dead, -np.inf, m).astype(np.float16).astype(np.float32)
 
 
 def arrays(c) -> dict:
@@ -209,15 +202,22 @@ def _dense(x):
     return np.asarray(x, np.float64)
 
 
-def golden(c, a, st) -> np.ndarray:
-    """float64 [B, n_q, H, Dv]: exact attention over the operands as ggml stores them (``st`` from
-    fuzz.ggml_targets.prepare), the mask rounded to F16 (ggml's mask type), q unrounded. A row with no
-    live key and no sink is 0."""
-    if c["op"] == "ggml-mixed":
-        k = np.concatenate([_dense(st["k_cold"]), _dense(st["k_hot"])], 1).astype(np.float16).astype(np.float64)
-        v = np.concatenate([_dense(st["v_cold"]), _dense(st["v_hot"])], 1).astype(np.float16).astype(np.float64)
-    else:
-        k, v = _dense(st["k"]), _dense(st["v"])
+def dense_operands(st):
+    """(k, v) float64 [B, n_kv, Hkv, D]: the values ggml attends over for the storage ``st``
+    (fuzz.ggml_targets.prepare): dequantized blocks, F16/F32 as stored; the mixed cache's cold and hot
+    regions concatenated and rounded to F16 (ggml-mixed converts the concatenation to F16)."""
+    if "k_cold" in st:
+        return tuple(np.concatenate([_dense(st[f"{r}_cold"]), _dense(st[f"{r}_hot"])], 1)
+                     .astype(np.float16).astype(np.float64) for r in ("k", "v"))
+    return _dense(st["k"]), _dense(st["v"])
+
+
+def golden(a, st) -> np.ndarray:
+    """float64 [B, n_q, H, Dv]: exact attention of the call ``a`` (q, mask, sinks, scale, softcap,
+    max_bias) over the operands as ggml stores them (``st`` from fuzz.ggml_targets.prepare: k, v or, for
+    the mixed cache, k_cold, v_cold, k_hot, v_hot), the mask rounded to F16 (ggml's mask type), q
+    unrounded. A row with no live key and no sink is 0."""
+    k, v = dense_operands(st)
     q = np.asarray(a["q"], np.float64)
     H, Hkv = q.shape[2], k.shape[2]
     kvh = np.arange(H) // (H // Hkv)
@@ -331,7 +331,7 @@ def run(c):
     got = fn(a["q"], a["k"], a["v"], **kw)
     model = fn.model(a["q"], a["k"], a["v"], **kw)
     st = T.prepare(c["op"], a["k"], a["v"], k_format=c["k_fmt"], v_format=c["v_fmt"], hot=HOT)
-    g = golden(c, a, st)
+    g = golden(a, st)
     unit = V.U16 if (c["op"] == "ggml-mixed" or c["v_fmt"] == "F16") else V.U32
     return got, model, g, unit
 
@@ -347,13 +347,23 @@ def dead_rows(a) -> np.ndarray:
 def check(c) -> Result:
     """Run one case and judge it (module docstring). ggml's unfused path gives NaN on rows with no
     live key (soft_max_ext of an all -inf row: docs/ggml-findings.md); there the kernel and the model
-    must both be NaN in exactly those rows, which are then judged as the golden's 0."""
+    must both be NaN in exactly those rows, which are then judged as the golden's 0 (:func:`judge`)."""
+    got, model, g, unit = run(c)
+    return judge(got, model, g, unit, dead_rows(arrays(c)) if c["op"] == "ggml-unfused" else None)
+
+
+def judge(got, model, g, unit, unfused_dead=None) -> Result:
+    """The verdict of a live-ggml output ``got`` against the ``ggml-cpu`` emulation ``model`` and the
+    float64 golden ``g`` (all [B, n_q, H, Dv]; ``unit``: the V accumulator's unit roundoff, verify.U16 or
+    verify.U32): jaxkv.verify's budget vs the golden and its sharp check vs the emulation.
+    ``unfused_dead`` (bool [B, n_q, H], the unfused path only): rows with no live key, where ggml's
+    soft_max_ext gives NaN: kernel and model must both be NaN in exactly those rows, which are then
+    judged as the golden's 0."""
     from jaxkv import verify as V
 
-    got, model, g, unit = run(c)
     why = []
-    if c["op"] == "ggml-unfused":
-        dead = dead_rows(arrays(c))[..., None]
+    if unfused_dead is not None:
+        dead = np.asarray(unfused_dead, bool)[..., None]
         for name, x in (("kernel", got), ("model", model)):
             nan = np.isnan(x)
             if not np.array_equal(nan, np.broadcast_to(dead, x.shape)):
@@ -363,7 +373,10 @@ def check(c) -> Result:
     same = (got == model) | (np.isnan(got) & np.isnan(model))
     budget = V.derive_budget(g, model, "ggml-cpu emulation")
     e = V.errors(got, g)
-    emu = V.emu_check(got, model, unit)
+    # equal infinities (an F16 accumulator overflowing in ggml and in the model alike) are no difference;
+    # emu_check would count inf - inf = NaN as one, so they are judged as 0 here (row scale: the finite rest)
+    both_inf = np.isinf(got) & (got == model)
+    emu = V.emu_check(np.where(both_inf, 0.0, got), np.where(both_inf, 0.0, model), unit)
     if not budget.allows(e):
         why.append(f"vs golden: nmse {e.nmse:.3g} (budget {budget.nmse:.3g}), max_abs {e.max_abs:.3g} "
                    f"(budget {budget.max_abs:.3g}), NaN {e.nan_count}")

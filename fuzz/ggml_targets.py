@@ -37,13 +37,15 @@ import functools
 
 import numpy as np
 
-__all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "isa", "make_target", "make_model", "prepare",
-           "ggml", "ggml_unfused", "ggml_mixed"]
+__all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "UNSUPPORTED", "isa", "make_target", "make_model", "prepare",
+           "ggml", "ggml_unfused", "ggml_mixed", "buggy_q_f16"]
 
 DECLARED_PRECISION = "ggml-cpu"
 #: target name -> trace op
 OPS = {"ggml": "flash_attn_ext", "ggml-unfused": "soft_max_attn", "ggml-mixed": "mixed_flash_attn"}
 TARGETS = tuple(OPS)
+#: target name -> optional operands it cannot take (a fuzz campaign never draws them for it)
+UNSUPPORTED = {"ggml": (), "ggml-unfused": ("softcap", "sinks"), "ggml-mixed": ()}
 DEFAULT_HOT = 16
 DEFAULT_COLD = "Q8_0"
 _BLOCK = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
@@ -139,6 +141,12 @@ def _gfmt(x):
     return None if _is_quant(x) else ("F16" if np.asarray(x).dtype == np.float16 else "F32")
 
 
+def _alibi(max_bias, mask):
+    """max_bias as ggml gets it: ALiBi scales the mask, so with no mask it changes nothing and is passed
+    as 0 (ggml asserts on max_bias > 0 without a mask)."""
+    return float(max_bias) if mask is not None else 0.0
+
+
 def _f32(x):
     return None if x is None else np.asarray(x, np.float32)
 
@@ -146,7 +154,9 @@ def _f32(x):
 def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_HOT):
     """The live-ggml kernel ``name`` ('ggml', 'ggml-unfused', 'ggml-mixed') at ``n_threads`` as a
     canonical fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) -> float32 [B, n_q, H, Dv] (numpy;
-    does not trace under JAX). Attributes: declared_precision, isa, n_threads, op, name, model."""
+    does not trace under JAX). Attributes: declared_precision, isa, n_threads, op, name, model,
+    ``unsupported`` (operands it refuses: :data:`UNSUPPORTED`) and ``prepare(k, v)`` (the storage
+    :func:`prepare` gives both the kernel and the model). OracleUnavailable when ggml does not load."""
     from jaxkv.oracles import ggml as G
 
     if name not in OPS:
@@ -159,7 +169,7 @@ def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_
     def fn(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
         st = prepare(name, k, v, k_format=k_format, v_format=v_format, hot=hot)
         q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
-        kw = dict(scale=float(scale), mask=mask, max_bias=float(max_bias), n_threads=n_threads)
+        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=n_threads)
         if name == "ggml":
             return G.flash_attn_ext(q, st["k"], st["v"], k_format=_gfmt(st["k"]), v_format=_gfmt(st["v"]),
                                     softcap=float(softcap), sinks=sinks, **kw)
@@ -172,6 +182,8 @@ def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_
     fn.__name__ = fn.__qualname__ = name.replace("-", "_")
     fn.__doc__ = f"live ggml {OPS[name]} at n_threads={n_threads} (fuzz.ggml_targets.make_target)"
     fn.name, fn.op, fn.n_threads, fn.declared_precision = name, OPS[name], n_threads, DECLARED_PRECISION
+    fn.unsupported = UNSUPPORTED[name]
+    fn.prepare = functools.partial(prepare, name, k_format=k_format, v_format=v_format, hot=hot)
     fn.isa = isa()
     fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot)
     return fn
@@ -188,7 +200,7 @@ def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, h
     def model(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
         st = prepare(name, k, v, k_format=k_format, v_format=v_format, hot=hot)
         q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
-        kw = dict(scale=float(scale), mask=mask, max_bias=float(max_bias), n_threads=int(n_threads), isa=isa)
+        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=int(n_threads), isa=isa)
         if name == "ggml":
             out = M.flash_attn_ext(q, st["k"], st["v"], softcap=float(softcap), sinks=sinks, **kw)
         elif name == "ggml-unfused":
@@ -203,16 +215,42 @@ def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, h
     return model
 
 
+class _Lazy:
+    """``make_target(name, 1)``, made on first use (importing this module does not load ggml); calls and
+    attributes (declared_precision, model, ...) go to the made target."""
+
+    def __init__(self, name, doc, wrap=None):
+        self._name, self._wrap = name, wrap
+        self.__name__ = self.__qualname__ = name.replace("-", "_")
+        self.__doc__ = doc
+
+    @functools.cached_property
+    def _target(self):
+        t = make_target(self._name, 1)
+        return self._wrap(t) if self._wrap else t
+
+    def __call__(self, q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
+        return self._target(q, k, v, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias, sinks=sinks)
+
+    def __getattr__(self, attr):
+        if attr.startswith("__") or attr == "_target":
+            raise AttributeError(attr)
+        return getattr(self._target, attr)
+
+
 def _lazy(name):
-    @functools.lru_cache(maxsize=None)
-    def get():
-        return make_target(name, 1)
+    return _Lazy(name, f"``--target fuzz.ggml_targets:{name.replace('-', '_')}``: make_target({name!r}, n_threads=1).")
 
-    def fn(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
-        return get()(q, k, v, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias, sinks=sinks)
 
-    fn.__name__ = name.replace("-", "_")
-    fn.__doc__ = f"``--target fuzz.ggml_targets:{fn.__name__}``: make_target({name!r}, n_threads=1)."
+def _q_f16(t):
+    """The live ggml target fed a query rounded to F16, claiming the honest ggml-cpu model. ggml's CPU
+    path converts the query to K's dot type itself (F16 for F16 K, so there the rounding changes
+    nothing) but keeps it F32 for F32 K: with F32 K this is a bug the campaign must find."""
+    def fn(q, k, v, **kw):
+        return t(np.asarray(q, np.float32).astype(np.float16).astype(np.float32), k, v, **kw)
+
+    for a in ("name", "op", "n_threads", "declared_precision", "unsupported", "prepare", "isa", "model"):
+        setattr(fn, a, getattr(t, a))
     return fn
 
 
@@ -220,3 +258,7 @@ def _lazy(name):
 ggml = _lazy("ggml")
 ggml_unfused = _lazy("ggml-unfused")
 ggml_mixed = _lazy("ggml-mixed")
+#: deliberately buggy (``--target fuzz.ggml_targets:buggy_q_f16``): live ggml on an F16-rounded query
+buggy_q_f16 = _Lazy("ggml", "BUG: live ggml flash_attn_ext on the query rounded to F16 (wrong for F32 K; "
+                    "declares the honest ggml-cpu model).", wrap=_q_f16)
+buggy_q_f16.__name__ = buggy_q_f16.__qualname__ = "buggy_q_f16"

@@ -26,7 +26,8 @@ from fuzz import cases as C
 from fuzz import strategies as S
 from fuzz.engine import Batched, stats, verdict
 
-__all__ = ["Property", "Context", "PROPERTIES", "get", "available"]
+__all__ = ["Property", "Context", "PROPERTIES", "get", "available", "outcomes", "each_case",
+           "declares_ggml_cpu", "target_operands", "ggml_cpu_reference"]
 
 
 @dataclasses.dataclass
@@ -52,6 +53,38 @@ class Property:
     enabled: Callable[[Context], str | None] = lambda ctx: None  # reason it cannot run, or None
     files: Callable[[Context], list] | None = None  # explicit case list instead of a strategy
     kernel: Callable | None = None  # fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) of a failure's trace
+    #: cases evaluated together (their verdicts become known together): None, a whole batch (one vmapped
+    #: program call); 1, case by case (host-side checks: nothing to batch)
+    batch: int | None = None
+    #: stream(cases, ctx) yielding (index, outcome) as each verdict is known (instead of ``batch``)
+    stream: Callable[[list, Context], Any] | None = None
+
+
+def outcomes(prop: Property, cases: list, ctx: Context):
+    """Yield (index, outcome) for ``cases`` as soon as each verdict is known: ``prop.stream`` when it
+    has one, else ``prop.evaluate`` over groups of ``prop.batch`` cases (all of them when None)."""
+    if prop.stream is not None:
+        yield from prop.stream(cases, ctx)
+        return
+    step = prop.batch or max(len(cases), 1)
+    for s in range(0, len(cases), step):
+        for i, o in enumerate(prop.evaluate(cases[s:s + step], ctx)):
+            yield s + i, o
+
+
+def each_case(check: Callable[[dict], dict]) -> Callable[[list, Context], list]:
+    """``evaluate`` of a host-side property from its per-case ``check(c) -> outcome``; an exception is a
+    failed case (its one-line message), not a crash. Register such properties with ``batch=1``."""
+    def evaluate(cases, ctx):
+        out = []
+        for c in cases:
+            try:
+                out.append(check(c))
+            except Exception as e:
+                msg = str(e).splitlines()[0][:200] if str(e) else ""
+                out.append(_outcome(False, 1, f"{type(e).__name__}: {msg}"))
+        return out
+    return evaluate
 
 
 def _outcome(ok, checks, error=None, **metrics):
@@ -279,9 +312,10 @@ def _dequant_make(fmt):
 _dequant_batched = Batched(_dequant_make)
 
 
-def _dequant_eval(cases, ctx):
-    from gguf import quants
-
+def _by_format(cases, batched, width, host, judge):
+    """Evaluate format cases, grouped by ``fmt``, through ``batched`` (one program per format): ``host(c)``
+    gives the case's input [rows, n] (rows, blocks <= 8), embedded in a fixed [8, 8 * width(format)]
+    buffer of zeros; ``judge(c, format, got)`` turns the program's output into the outcome."""
     from jaxkv import formats as F
 
     out = [None] * len(cases)
@@ -292,18 +326,25 @@ def _dequant_eval(cases, ctx):
         f = F.get_format(fmt)
         args = []
         for i in idx:
-            raw = _raw_blocks(cases[i])
-            buf = np.zeros((8, 8 * f.block_bytes), np.uint8)
-            buf[:raw.shape[0], :raw.shape[1]] = raw
+            x = host(cases[i])
+            buf = np.zeros((8, 8 * width(f)), x.dtype)
+            buf[:x.shape[0], :x.shape[1]] = x
             args.append((buf,))
-        for i, got in zip(idx, _dequant_batched.run(fmt, args)):
-            c = cases[i]
-            raw = _raw_blocks(c)
-            ref = quants.dequantize(raw, _gguf_type(fmt))
-            n = _same_floats(got[:c["rows"], :c["blocks"] * f.block_size], ref)
-            out[i] = _outcome(n == 0, 1, f"{n} value(s) differ from gguf.quants.dequantize" if n else None,
-                              differ=n)
+        for i, got in zip(idx, batched.run(fmt, args)):
+            out[i] = judge(cases[i], f, got)
     return out
+
+
+def _dequant_judge(c, f, got):
+    from gguf import quants
+
+    ref = quants.dequantize(_raw_blocks(c), _gguf_type(c["fmt"]))
+    n = _same_floats(got[:c["rows"], :c["blocks"] * f.block_size], ref)
+    return _outcome(n == 0, 1, f"{n} value(s) differ from gguf.quants.dequantize" if n else None, differ=n)
+
+
+def _dequant_eval(cases, ctx):
+    return _by_format(cases, _dequant_batched, lambda f: f.block_bytes, _raw_blocks, _dequant_judge)
 
 
 def _values(c):
@@ -323,31 +364,17 @@ def _quant_make(fmt):
 _quant_batched = Batched(_quant_make)
 
 
-def _quant_eval(cases, ctx):
+def _quant_judge(c, f, got):
     from gguf import quants
 
-    from jaxkv import formats as F
+    ref = np.asarray(quants.quantize(_values(c), _gguf_type(c["fmt"]))).view(np.uint8).reshape(c["rows"], -1)
+    mine = np.asarray(got)[:c["rows"], :c["blocks"] * f.block_bytes]
+    n = int(np.count_nonzero(mine != ref))
+    return _outcome(n == 0, 1, f"{n} byte(s) differ from gguf.quants.quantize" if n else None, differ=n)
 
-    out = [None] * len(cases)
-    groups = {}
-    for i, c in enumerate(cases):
-        groups.setdefault(c["fmt"], []).append(i)
-    for fmt, idx in groups.items():
-        f = F.get_format(fmt)
-        args = []
-        for i in idx:
-            x = _values(cases[i])
-            buf = np.zeros((8, 8 * f.block_size), np.float32)
-            buf[:x.shape[0], :x.shape[1]] = x
-            args.append((buf,))
-        for i, got in zip(idx, _quant_batched.run(fmt, args)):
-            c = cases[i]
-            ref = np.asarray(quants.quantize(_values(c), _gguf_type(fmt))).view(np.uint8).reshape(c["rows"], -1)
-            mine = np.asarray(got)[:c["rows"], :c["blocks"] * f.block_bytes]
-            n = int(np.count_nonzero(mine != ref))
-            out[i] = _outcome(n == 0, 1, f"{n} byte(s) differ from gguf.quants.quantize" if n else None,
-                              differ=n)
-    return out
+
+def _quant_eval(cases, ctx):
+    return _by_format(cases, _quant_batched, lambda f: f.block_size, _values, _quant_judge)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -556,9 +583,43 @@ def _target_call_kw(a, has_sinks):
                 sinks=a["sinks"] if has_sinks else None)
 
 
+def declares_ggml_cpu(fn) -> bool:
+    """Whether a --target declares the ``ggml-cpu`` precision (``declared_precision`` "ggml-cpu" and a
+    ``model`` with its signature: fuzz.ggml_targets.make_target's)."""
+    return getattr(fn, "declared_precision", None) == "ggml-cpu" and callable(getattr(fn, "model", None))
+
+
+def target_operands(fn, c, a):
+    """(k, v) as the kernel ``fn`` receives them for case ``c`` with arrays ``a``: float32, except that a
+    ``ggml-cpu`` target gets float16 arrays where the case draws F16 storage (ggml then stores F16)."""
+    if not declares_ggml_cpu(fn):
+        return a["k"], a["v"]
+    return tuple(np.asarray(a[r], np.float16) if c[f"{r}_fmt"] == "f16" else a[r] for r in ("k", "v"))
+
+
+def ggml_cpu_reference(fn, a, k, v, kw):
+    """(model, golden, unit) for a ``ggml-cpu`` target on the call ``a`` with operands k, v and keywords
+    ``kw``: the target's emulation ``fn.model`` and the float64 golden over the operands as the target
+    stores them (``fn.prepare(k, v)`` when it has one, else k, v as given; fuzz.ggml_campaign.golden: 0
+    on rows with no live key), both [B, n_q, H, Dv]; ``unit``: the V accumulator's unit roundoff
+    (jaxkv.verify's rule: U16 for F16 V or the mixed cache, else U32)."""
+    from fuzz import ggml_campaign as GC
+    from jaxkv import verify as V
+
+    model = np.asarray(fn.model(a["q"], k, v, **kw), np.float64)
+    st = fn.prepare(k, v) if callable(getattr(fn, "prepare", None)) else dict(k=k, v=v)
+    golden = GC.golden(dict(kw, q=a["q"]), st)
+    mixed = getattr(fn, "op", None) == "mixed_flash_attn"
+    unit = V.U16 if mixed or np.asarray(v).dtype == np.float16 else V.U32
+    return model, np.asarray(golden, np.float64), unit
+
+
 class _TargetRunner:
     """Golden + model (+ the target itself when it traces under jax.vmap) in one batched program per
-    bucket; a target that does not trace (numpy code) is called once per case on the padded arrays."""
+    bucket; a target that does not trace (numpy code) is called once per case on the padded arrays, its
+    verdicts streamed case by case. A ``ggml-cpu`` target (:func:`declares_ggml_cpu`) is judged per case
+    against its own emulation and the golden over its stored operands (fuzz.ggml_campaign.judge:
+    jaxkv.verify's budget and sharp emulation check) instead of the f32 budget."""
 
     def __init__(self):
         self.fn = None
@@ -586,13 +647,17 @@ class _TargetRunner:
             self.fn, self.traceable = fn, None
             self.full = Batched(self._make_full)
 
-    def run(self, cases):
+    def stream(self, cases):
+        """Yield (index, outcome) per case, as soon as each verdict is known."""
         groups = {}
         for i, c in enumerate(cases):
             groups.setdefault(_target_key(c), []).append(i)
-        out = [None] * len(cases)
         for key, idx in groups.items():
             args = [(C.pad_attention(cases[i]),) for i in idx]
+            if declares_ggml_cpu(self.fn):
+                for i, (a,) in zip(idx, args):
+                    yield i, self._ggml_cpu(cases[i], a)
+                continue
             if self.traceable is None:
                 try:
                     jax.eval_shape(jax.vmap(self._make_full(key)), *_stack1(args[0]))
@@ -601,21 +666,47 @@ class _TargetRunner:
                     self.traceable = False
             if self.traceable:
                 for i, r in zip(idx, self.full.run(key, args)):
-                    out[i] = _judge(r)
+                    yield i, _judge(r)
                 continue
             refs = self.ref.run(key, args)
             for i, (g, mo), (a,) in zip(idx, refs, args):
-                try:
-                    got = np.asarray(self.fn(a["q"], a["k"], a["v"], **_target_call_kw(a, key[2])))
-                except Exception as e:
-                    out[i] = _outcome(False, 1, f"target raised {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                if got.shape != g.shape:
-                    out[i] = _outcome(False, 1, f"target output shape {list(got.shape)} != {list(g.shape)}")
-                    continue
-                ok, m = verdict(_np_stats(got, g, a["valid"]), _np_stats(mo, g, a["valid"]))
-                out[i] = _outcome(ok, 1, None if ok else f"target: {_fmt_metrics(m)}", target=m)
-        return out
+                yield i, self._numpy(key, a, g, mo)
+
+    def _call(self, a, k, v, kw):
+        try:
+            return np.asarray(self.fn(a["q"], k, v, **kw)), None
+        except Exception as e:
+            return None, _outcome(False, 1, f"target raised {type(e).__name__}: {str(e)[:200]}")
+
+    def _numpy(self, key, a, g, mo):
+        got, bad = self._call(a, a["k"], a["v"], _target_call_kw(a, key[2]))
+        if bad:
+            return bad
+        if got.shape != g.shape:
+            return _outcome(False, 1, f"target output shape {list(got.shape)} != {list(g.shape)}")
+        ok, m = verdict(_np_stats(got, g, a["valid"]), _np_stats(mo, g, a["valid"]))
+        return _outcome(ok, 1, None if ok else f"target: {_fmt_metrics(m)}", target=m)
+
+    def _ggml_cpu(self, c, a):
+        from fuzz import ggml_campaign as GC
+        from jaxkv import verify as V
+
+        k, v = target_operands(self.fn, c, a)
+        kw = _target_call_kw(a, c["sinks"])
+        got, bad = self._call(a, k, v, kw)
+        if bad:
+            return bad
+        model, g, unit = ggml_cpu_reference(self.fn, a, k, v, kw)
+        if got.shape != g.shape:
+            return _outcome(False, 1, f"target output shape {list(got.shape)} != {list(g.shape)}")
+        real = (slice(0, c["B"]), slice(0, c["n_q"]), slice(None), slice(0, c["Dv"]))
+        dead = None
+        if getattr(self.fn, "op", None) == "soft_max_attn":
+            dead = V.dead_rows(a["q"], kw["mask"], kw["sinks"])[real[:3]]
+        r = GC.judge(np.asarray(got, np.float64)[real], model[real], g[real], unit, dead)
+        return _outcome(r.ok, 2, None if r.ok else f"target (ggml-cpu model): {r.why}",
+                        target=dict(bitwise=r.bitwise, emu_units=r.emu_units, nmse=r.nmse,
+                                    budget_nmse=r.budget_nmse, nmse_model=r.nmse_model))
 
 
 def _stack1(args):
@@ -630,9 +721,23 @@ _np_stats_jit = jax.jit(stats)
 _TARGET = _TargetRunner()
 
 
-def _target_eval(cases, ctx):
+def _target_stream(cases, ctx):
     _TARGET.set(ctx.target)
-    return _TARGET.run(cases)
+    return _TARGET.stream(cases)
+
+
+def _target_eval(cases, ctx):
+    out = [None] * len(cases)
+    for i, o in _target_stream(cases, ctx):
+        out[i] = o
+    return out
+
+
+def _target_strategy(ctx):
+    """Attention cases for the --target kernel, without the operands it declares unsupported
+    (``unsupported``: e.g. ggml-unfused's ('softcap', 'sinks'))."""
+    no = set(getattr(ctx.target, "unsupported", ()) or ())
+    return S.attention_case(softcap="softcap" not in no, sinks="sinks" not in no, alibi="alibi" not in no)
 
 
 def _need_target(ctx):
@@ -713,10 +818,11 @@ _register(Property(
     "rows = gguf quantize of the F16 tokens (bytes)", _cache_strategy, _append_eval, requires=("gguf",)))
 _register(Property(
     "traces", "every trace in --traces DIR verified against the reference (jaxkv.verify)",
-    None, _traces_eval, enabled=_need_traces, files=_trace_files))
+    None, _traces_eval, enabled=_need_traces, files=_trace_files, batch=1))
 _register(Property(
-    "target", "the --target kernel vs the f64 reference within the f32 budget",
-    _s(S.attention_case()), _target_eval, call=_target_call, enabled=_need_target))
+    "target", "the --target kernel vs the f64 reference within the f32 budget (a target declaring the "
+    "ggml-cpu precision: vs its emulation with jaxkv.verify's ggml-cpu budget)",
+    _target_strategy, _target_eval, call=_target_call, enabled=_need_target, stream=_target_stream))
 
 
 def _late_properties():

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fuzz import cases as C
 from fuzz import strategies as S
-from fuzz.properties import Property, _outcome, _register, _s
+from fuzz.properties import Property, _outcome, _register, _s, each_case
 
 from jaxkv import layout as L
 from jaxkv import trace as T
@@ -84,16 +84,6 @@ def layout_check(c) -> dict:
     except ValueError:
         pass
     return _outcome(not errs, 5 + 5, "; ".join(errs) or None)
-
-
-def _layout_eval(cases, ctx):
-    out = []
-    for c in cases:
-        try:
-            out.append(layout_check(c))
-        except Exception as e:
-            out.append(_outcome(False, 1, f"{type(e).__name__}: {str(e)[:200]}"))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,16 +187,6 @@ def _roundtrip_check(c) -> dict:
     return _outcome(not errs, 8, "; ".join(errs) or None)
 
 
-def _roundtrip_eval(cases, ctx):
-    out = []
-    for c in cases:
-        try:
-            out.append(_roundtrip_check(c))
-        except Exception as e:
-            out.append(_outcome(False, 1, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
-    return out
-
-
 _CORRUPTIONS = ("truncate", "flip", "overwrite", "zero", "insert", "header")
 
 
@@ -269,10 +249,6 @@ def _robust_check(c) -> dict:
     return _outcome(True, 1)
 
 
-def _robust_eval(cases, ctx):
-    return [_robust_check(c) for c in cases]
-
-
 def save_call(path, a, ctx, producer=None, out=None) -> str:
     """Save an attention call ``a`` and a kernel's output on it (``out``; None: the --target of ``ctx``
     on ``a``) as a trace v1 file."""
@@ -288,10 +264,10 @@ def save_call(path, a, ctx, producer=None, out=None) -> str:
 _register(Property(
     "layout", "ggml views: store/resolve through permuted, padded, offset views (bitwise), permute == "
     "transpose, transpose twice == id, canonical<->ggml per role, out-of-buffer views raise",
-    _s(S.view_case()), _layout_eval))
+    _s(S.view_case()), each_case(layout_check), batch=1))
 _register(Property(
     "trace_roundtrip", "trace.save -> trace.load gives back every operand and scalar (F32/F16/block K,V; "
-    "K through a view into a larger cache buffer)", _s(trace_case()), _roundtrip_eval))
+    "K through a view into a larger cache buffer)", _s(trace_case()), each_case(_roundtrip_check), batch=1))
 _register(Property(
     "trace_robustness", "corrupted trace bytes (truncated, flipped, overwritten, zeroed, inserted) load "
-    "or raise TraceError, nothing else", _s(corrupt_case()), _robust_eval))
+    "or raise TraceError, nothing else", _s(corrupt_case()), each_case(_robust_check), batch=1))

@@ -39,7 +39,7 @@ def replay(rec: dict) -> dict:
 
     prop = P.get(rec["property"])
     P.set_active([prop.name])
-    target = load_target(rec["target"]) if rec.get("target") else None
+    target = load_target(rec["target"], rec.get("threads")) if rec.get("target") else None
     ctx = P.Context(seed=rec.get("seed", 0), target=target, target_spec=rec.get("target"),
                     traces=rec.get("traces"))
     why = P.available(prop, ctx)

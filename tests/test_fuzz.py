@@ -52,13 +52,30 @@ def test_list(env):
     ["--shard", "2/2"], ["--shard", "x"], ["--max-examples", "many"], ["--properties", "nope"],
     ["--target", "no_such_module_xyz:f"], ["--target", "fuzz.targets:no_such_fn"], ["--traces", "/no/such/dir"],
     ["--max-examples", "3", "--time-budget", "5"], ["--bogus"], ["replay", "/no/such/file.json"],
-    ["merge", "/no/such/dir"], ["replay"],
+    ["merge", "/no/such/dir"], ["replay"], ["--threads", "2"], ["--target", "ggml", "--threads", "0"],
+    ["--target", "fuzz.targets:flash_decode", "--threads", "2"], ["--target", "ggml-gpu"],
 ])
 def test_bad_args_exit_2_without_traceback(env, args, tmp_path):
     r = fuzz(env, *args, "--out", str(tmp_path)) if args[0] not in ("replay", "merge") else fuzz(env, *args)
     assert r.returncode == 2, (args, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("name", ["ggml", "ggml-unfused", "ggml-mixed"])
+def test_ggml_target_without_the_extra_is_one_line_exit_2(env, tmp_path, name):
+    """No loadable ggml (JAXKV_GGML_LIB_DIR pointing nowhere stands in for a missing libggml-python)."""
+    e = dict(env, JAXKV_GGML_LIB_DIR=str(tmp_path / "no-ggml"))
+    r = fuzz(e, "--target", name, "--threads", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"--target {name}" in r.stderr and "ggml" in r.stderr
+
+
+def test_help_names_the_ggml_targets_and_threads(env):
+    r = fuzz(env, "--help")
+    assert r.returncode == 0
+    assert "ggml|ggml-unfused|ggml-mixed" in r.stdout and "--threads N" in r.stdout
 
 
 def test_small_campaign_end_to_end(env, tmp_path):
@@ -133,7 +150,7 @@ def test_shards_are_disjoint_and_merge(env, tmp_path):
     assert row[1] == "50"
 
 
-def test_sigkill_then_resume_loses_at_most_the_batch_in_flight(env, tmp_path):
+def test_sigkill_then_resume_every_case_once(env, tmp_path):
     out = tmp_path / "o"
     args = ["--max-examples", "1000", "--properties", "trace_robustness", "--out", str(out), "--quiet"]
     p = subprocess.Popen([PY, "-m", "fuzz", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -157,6 +174,109 @@ def test_sigkill_then_resume_loses_at_most_the_batch_in_flight(env, tmp_path):
     assert [c["id"] for c in after[:len(before)]] == [c["id"] for c in before]
     row = next(x for x in r.stdout.splitlines() if x.startswith("trace_robustness")).split()
     assert row[1] == "1000"
+
+
+SLOW_TARGET = """
+import os, time
+import numpy as np
+from fuzz.targets import numpy_attention
+
+
+def f(q, k, v, **kw):
+    if isinstance(q, np.ndarray):  # a real call (not the campaign's tracing probe): log it, then work
+        with open(os.environ["FUZZ_CALL_LOG"], "a") as log:
+            log.write("call\\n")
+        time.sleep(0.02)
+    return numpy_attention(q, k, v, **kw)
+"""
+
+
+def test_sigkill_loses_at_most_the_case_in_flight(env, tmp_path):
+    """A per-case target (numpy, not vmapped): each verdict is written when known, so a SIGKILL at any
+    moment leaves at most one started case unrecorded, and --resume redoes exactly that one."""
+    (tmp_path / "slow_target.py").write_text(SLOW_TARGET)
+    log = tmp_path / "calls.log"
+    e = dict(env, PYTHONPATH=str(tmp_path) + os.pathsep + env["PYTHONPATH"], FUZZ_CALL_LOG=str(log))
+    out = tmp_path / "o"
+    n = 150
+    args = ["--max-examples", str(n), "--target", "slow_target:f", "--out", str(out), "--quiet"]
+    p = subprocess.Popen([PY, "-m", "fuzz", *args], cwd=REPO, env=e, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    res = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if res.exists() and sum('"type": "case"' in x for x in res.read_text().splitlines()) >= 45:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "campaign finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    started, recorded = len(log.read_text().splitlines()), len(cases(out))
+    assert 45 <= recorded < n
+    assert recorded <= started <= recorded + 1  # lost: at most the case in flight
+    r = fuzz(e, *args, "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ids = [c["id"] for c in cases(out)]
+    assert len(ids) == len(set(ids)) == n  # nothing missing, nothing twice
+    assert len(log.read_text().splitlines()) == n + (started - recorded)  # only the lost case redone
+
+
+def _sometimes_failing():
+    """A cheap host-side property failing on x % 7 == 3 (several failures per chunk of 64 cases)."""
+    from hypothesis import strategies as st
+
+    from fuzz import properties as P
+
+    def check(c):
+        bad = c["x"] % 7 == 3
+        return P._outcome(not bad, 1, f"x = {c['x']}" if bad else None)
+
+    return P.Property("sometimes_fails", "test property", lambda ctx: st.fixed_dictionaries(
+        {"x": st.integers(0, 10**6)}), P.each_case(check), batch=1)
+
+
+def test_resume_after_a_kill_anywhere_matches_the_uninterrupted_campaign(tmp_path, monkeypatch):
+    """Cut a finished campaign's results.jsonl anywhere (with a partial last line, as a kill in the
+    middle of a write leaves it) and --resume: the same cases exactly once, the failing property still
+    stops after its first failing chunk, its failure shrunk and saved exactly once."""
+    from fuzz import properties as P
+    from fuzz.campaign import CHUNK, Campaign, Options, read_records, summarize
+
+    prop = _sometimes_failing()
+    monkeypatch.setitem(P.PROPERTIES, prop.name, prop)
+
+    def run(out, resume=False):
+        opts = Options(max_examples=3 * CHUNK, seed=1, properties=(prop.name, "layout"), out=str(out),
+                       resume=resume, quiet=True)
+        return Campaign(opts, P.Context(seed=1)).run()
+
+    full = tmp_path / "full"
+    assert run(full) == 1
+    ref = read_records(full / "results.jsonl")
+    ref_ids = sorted(r["id"] for r in ref if r["type"] == "case")
+    ref_fail = [(r["id"], r["error"]) for r in ref if r["type"] == "failure"]
+    assert len(ref_fail) == 1
+    assert sum(i.startswith(prop.name) for i in ref_ids) == CHUNK  # stopped after the failing chunk
+    assert sum(i.startswith("layout") for i in ref_ids) == 3 * CHUNK
+    lines = (full / "results.jsonl").read_bytes().splitlines(keepends=True)
+    kinds = [json.loads(x)["type"] for x in lines]
+    first_case = kinds.index("case")
+    cuts = [first_case, first_case + 5,  # before / after the first failing case
+            kinds.index("failure") - 1,  # every case of the failing property, failure not yet saved
+            kinds.index("failure") + 30]  # inside the next property
+    for cut in cuts:
+        d = tmp_path / f"cut{cut}"
+        d.mkdir()
+        (d / "results.jsonl").write_bytes(b"".join(lines[:cut]) + lines[cut][:25])
+        assert run(d, resume=True) == 1
+        got = read_records(d / "results.jsonl")
+        ids = [r["id"] for r in got if r["type"] == "case"]
+        assert len(ids) == len(set(ids)) and sorted(ids) == ref_ids, cut
+        assert [(r["id"], r["error"]) for r in got if r["type"] == "failure"] == ref_fail, cut
+        s, s_ref = summarize(got), summarize(ref)
+        assert {k: (v["cases"], v["failures"]) for k, v in s.items()} == \
+               {k: (v["cases"], v["failures"]) for k, v in s_ref.items()}
+        assert all(v["seconds"] > 0 for v in s.values())
 
 
 def test_ctrl_c_writes_summary_exit_130(env, tmp_path):

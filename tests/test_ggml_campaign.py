@@ -219,6 +219,84 @@ def test_module_level_targets_take_formats_from_dtypes():
 
 
 # ----------------------------------------------------------------------------------------------------
+# python -m fuzz --target ggml | ggml-unfused | ggml-mixed (the campaign's `target` property)
+
+TARGET_CASES = 12
+
+
+def _target_cases(fn, n=TARGET_CASES, seed=0):
+    from fuzz import campaign as Cm
+    from fuzz import properties as P
+
+    ctx = P.Context(seed=seed, target=fn, target_spec=getattr(fn, "name", None))
+    prop = P.get("target")
+    return prop, ctx, Cm.generate(prop, ctx, seed, 0, n)
+
+
+def _spy(fn, seen):
+    """fn, recording the dtypes of the K/V it is handed (attributes copied: it declares ggml-cpu too)."""
+    def spy(q, k, v, **kw):
+        seen.append((np.asarray(k).dtype, np.asarray(v).dtype))
+        return fn(q, k, v, **kw)
+
+    for a in ("name", "op", "n_threads", "declared_precision", "unsupported", "prepare", "isa", "model"):
+        setattr(spy, a, getattr(fn, a))
+    return spy
+
+
+@pytest.mark.parametrize("name", T.TARGETS)
+def test_fuzz_target_property_judges_live_ggml_by_its_model(name):
+    """Every case passes against the ggml-cpu model (jaxkv.verify's budget + the sharp check: 2 checks a
+    case, not the f32 path's 1); F16 storage reaches ggml as float16; ggml-unfused never gets softcap or
+    sinks drawn."""
+    seen = []
+    fn = _spy(T.make_target(name, 2), seen)
+    prop, ctx, cs = _target_cases(fn)
+    if name == "ggml-unfused":
+        assert not any(c["softcap"] or c["sinks"] for c in cs)
+    else:
+        assert any(c["softcap"] for c in cs) and any(c["sinks"] for c in cs)
+    outs = prop.evaluate(cs, ctx)
+    assert all(o["ok"] and o["checks"] == 2 for o in outs), [o["error"] for o in outs if not o["ok"]]
+    order = [c for key in dict.fromkeys(P_key(c) for c in cs) for c in cs if P_key(c) == key]  # runner's order
+    assert [(str(k), str(v)) for k, v in seen] == [
+        ("float16" if c["k_fmt"] == "f16" else "float32", "float16" if c["v_fmt"] == "f16" else "float32")
+        for c in order]
+    assert any(c["k_fmt"] == "f16" for c in cs) and any(c["v_fmt"] != "f16" for c in cs)
+
+
+def P_key(c):
+    from fuzz import properties as P
+
+    return P._target_key(c)
+
+
+def test_fuzz_target_property_finds_a_buggy_ggml_target():
+    """fuzz.ggml_targets:buggy_q_f16 (live ggml on an F16-rounded query, claiming the honest model):
+    found on F32 K; with F16 K ggml rounds the query so itself, and those cases pass."""
+    prop, ctx, cs = _target_cases(T.buggy_q_f16)
+    outs = prop.evaluate(cs, ctx)
+    bad = [c for c, o in zip(cs, outs) if not o["ok"]]
+    assert bad and all(c["k_fmt"] != "f16" for c in bad)
+    assert all("ggml-cpu model" in o["error"] for o in outs if not o["ok"])
+
+
+def test_python_m_fuzz_target_ggml_with_threads(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "o"
+    env = dict(os.environ, JAXKV_FUZZ_CACHE=str(tmp_path / "xla"))
+    r = subprocess.run([sys.executable, "-m", "fuzz", "--target", "ggml-mixed", "--threads", "2",
+                        "--max-examples", "4", "--out", str(out), "--quiet"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert recs[0]["type"] == "campaign" and recs[0]["target"] == "ggml-mixed" and recs[0]["threads"] == 2
+    assert sum(x["type"] == "case" and x["ok"] for x in recs) == 4
+
+
+# ----------------------------------------------------------------------------------------------------
 # python -m fuzz record and the recorded traces
 
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
