@@ -7,17 +7,28 @@ test body only records the examples. Case ``k`` of chunk ``j`` has id ``p/j/k`` 
 sharding or resumption. ``--shard I/N`` evaluates the cases with ``number % N == I`` (disjoint, no
 coordination); ``--max-examples`` counts the campaign's cases (all shards together).
 
-Records. ``OUT/results.jsonl``: one JSON line per event, appended, flushed and fsync'ed after every
-evaluated batch (one ``os.write`` + ``fsync``), so a campaign killed with SIGKILL loses at most the batch
-in flight (``engine.BATCH`` cases, evaluated together). ``--resume`` re-reads it, skips completed case ids
-and adds the new counts to the old. Lines: ``campaign`` (arguments), ``case`` (id, property, ok,
-checks, error), ``property`` (seconds and compiles spent on a property in one run), ``failure``
-(the saved minimal case).
+Records. ``OUT/results.jsonl``: one JSON line per event, appended. A case's line is handed to the
+kernel (one ``os.write``, ``O_APPEND``) the moment its verdict is known, so it survives the process
+being killed, SIGKILL included; the file is fsync'ed after every group of ``engine.BATCH`` cases and at
+the end of each property (what a machine crash could lose beyond that). Verdicts become known per case
+for properties checked case by case (``batch=1``: layout, trace round trip and robustness, traces; a
+``--target`` that does not trace under JAX, e.g. numpy code or live ggml, streams its verdicts case by
+case) and per vmapped batch (at most ``engine.BATCH`` cases, one program call) for the batched JAX
+programs. A SIGKILL therefore loses at most the case in flight, resp. the batch in flight. ``--resume``
+drops a line cut by a kill in the middle of a write, re-reads the file, skips exactly the recorded case
+ids and adds the new counts to the old; a failing property still stops after its first failing chunk,
+and its failure is shrunk and saved then if the killed run had not saved it (a shrink in progress at
+the kill is redone). Lines: ``campaign`` (arguments), ``case`` (id, property, ok, checks, error, params,
+``elapsed`` seconds and ``compiled`` programs since its property started in this run: the time of a
+killed run), ``property`` (seconds and compiles spent on a property in one run), ``failure`` (the saved
+minimal case).
 
-Failures. The first failing case of a property is shrunk by hypothesis (the failing chunk's run replayed
-with the shrink phase; the test body raises on a failing case) and saved under ``OUT/failures/`` as a JSON
-record (property, seed, ids, minimal and original parameters, error, diagnosis, replay command) plus the
-arrays of the attention call (trace v1 ``.gguf`` via ``jaxkv.trace.save`` when available, else ``.npz``).
+Failures. The first failing case of a property (the smallest case number) is shrunk by hypothesis (the
+failing chunk's run replayed with the shrink phase; the test body raises on a failing case) and saved
+under ``OUT/failures/`` as a JSON record (property, seed, ids, minimal and original parameters, error,
+diagnosis, replay command, ``--target`` and ``--threads``) plus the arrays of the attention call (trace v1
+``.gguf`` via ``jaxkv.trace.save`` when available, else ``.npz``). A ``--target`` declaring the
+``ggml-cpu`` precision is diagnosed under it (its emulation, the sharp check), others under ``f32``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,14 @@ that format with ggml's own ``ggml_quantize_chunk`` (block formats need Dk/Dv mu
 Every target carries ``declared_precision`` (``DECLARED_PRECISION`` = "ggml-cpu"), ``isa`` (the wheel's
 SIMD build, from ``library_info()``), ``n_threads``, ``op`` (the trace op) and ``model``: the
 :mod:`jaxkv.ggml_cpu` emulation with the same signature, the same storage conversion and the same
-``n_threads``/``isa`` -- the precision model the target's output is judged against.
+``n_threads``/``isa`` -- the precision model the target's output is judged against; ``unsupported``
+(the optional operands it refuses, which ``python -m fuzz --target`` then never draws) and
+``prepare(k, v)`` (the storage it gives k and v, for a golden over the stored values). ALiBi scales the
+mask, so ``max_bias`` without a mask changes nothing and reaches ggml as 0 (which asserts otherwise).
+
+``python -m fuzz --target ggml|ggml-unfused|ggml-mixed --threads N`` calls ``make_target(name, N)``; the
+module-level ``ggml``, ``ggml_unfused``, ``ggml_mixed`` (n_threads 1, made on first use, attributes
+included) serve ``--target fuzz.ggml_targets:NAME``, and ``buggy_q_f16`` is a deliberately buggy one.
 """
 
 from __future__ import annotations

@@ -4,8 +4,12 @@ A :class:`Property` has a hypothesis ``strategy(ctx)`` of case parameters (fuzz.
 ``evaluate(cases, ctx) -> [outcome]``, an outcome being ``dict(ok, checks, error, metrics)``: ``checks``
 is the number of independent assertions made on the case, ``error`` a one-line message when not ok.
 ``call(case, ctx)`` gives the arrays of the (padded) attention call a failing case made, for saving.
+``batch`` / ``stream`` say when verdicts become known (per vmapped batch, per case, or streamed):
+:func:`outcomes` yields them so, and the campaign records each as it comes.
 
 Tolerances: kernel vs float64 golden with the budget of :mod:`fuzz.engine` (jaxkv.verify's method);
+a ``--target`` declaring the ``ggml-cpu`` precision (fuzz.ggml_targets) vs its emulation and the golden
+over its stored operands with jaxkv.verify's ggml-cpu budget and sharp check (fuzz.ggml_campaign.judge);
 algebraic laws that hold exactly in IEEE arithmetic (identity, commutativity of ``merge``, byte equality
 of quantizers with the ``gguf`` package, cache bookkeeping) are checked exactly.
 """
