@@ -64,6 +64,8 @@ def _parser():
     p.add_argument("--sinks", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--v-scale", type=float, default=1.0,
+                   help="multiply the drawn V values (standard normal) by this factor")
     return p
 
 
@@ -84,6 +86,8 @@ def _validate(a):
         x = getattr(a, name)
         if not np.isfinite(x) or x < 0 or x > 1e6:
             raise _UsageError(f"--{name.replace('_', '-')}: must be finite, >= 0 and <= 1e6, got {x}")
+    if not np.isfinite(a.v_scale) or not 0 < a.v_scale <= 1e6:
+        raise _UsageError(f"--v-scale: must be finite, > 0 and <= 1e6, got {a.v_scale}")
     if a.max_bias > 0 and a.mask == "none":
         raise _UsageError("--max-bias: ALiBi needs a mask (ggml aborts on max_bias > 0 without one)")
     for flag, fmt, d in (("--k-format", a.k_format, a.head_dim), ("--v-format", a.v_format, a.dv)):
@@ -125,7 +129,7 @@ def record(a) -> dict:
     rng = np.random.default_rng(a.seed)
     q = rng.standard_normal((a.batch, a.n_q, a.heads, a.head_dim)).astype(np.float32)
     k = rng.standard_normal((a.batch, a.n_kv, a.kv_heads, a.head_dim)).astype(np.float32)
-    v = rng.standard_normal((a.batch, a.n_kv, a.kv_heads, a.dv)).astype(np.float32)
+    v = (rng.standard_normal((a.batch, a.n_kv, a.kv_heads, a.dv)) * a.v_scale).astype(np.float32)
     mask = GC._mask(rng, a.mask, a.mask_param, 1, 1, a.n_q, a.n_kv)
     sinks = (rng.standard_normal(a.heads) * 2).astype(np.float32) if a.sinks else None
     name = _TARGET[a.op]

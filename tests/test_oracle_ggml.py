@@ -195,6 +195,8 @@ def test_replay_cli(tmp_path, capsys):
     assert ggml_replay.main([str(nan_trace)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("SAME ") and "NaN rows 12 of 16" in out
+    assert ggml_replay.main([str(REPO / "tests" / "data" / "ggml020_fa_f16v_overflow.gguf")]) == 0
+    assert capsys.readouterr().out.startswith("SAME ")
     f16 = next(p for p in GGML_TRACES if p.stem == "fa_f16_decode_t1")
     assert ggml_replay.main([str(nan_trace), str(f16)]) == 1
     assert "DIFF " in capsys.readouterr().out

@@ -153,6 +153,24 @@ def test_recorded_avx2_traces_verify_bit_exact_with_their_isa(path):
     assert v.status == "pass" and v.emu.units == 0.0
 
 
+def test_f16_v_accumulator_overflow_is_ggml_behaviour_under_ggml_cpu():
+    """ggml's fused kernel accumulates F16 V in F16: 48 keys of |V| ~ 1e4 overflow to inf
+    (docs/ggml-findings.md, finding 7; recorded by `python -m fuzz record ... --v-scale 1e4`). The model
+    reproduces the infinities, so the trace passes under ggml-cpu with 0 units; a kernel that saturates
+    at the F16 maximum instead fails."""
+    import dataclasses
+
+    from jaxkv import trace as tr
+
+    t = tr.load(REPO / "tests" / "data" / "ggml020_fa_f16v_overflow.gguf")
+    out = np.asarray(t.out)
+    assert np.isinf(out).sum() == 2 and not np.isnan(out).any()
+    v = vf.verify_trace(t, diagnose=False)
+    assert v.status == "pass" and v.emu.units == 0.0
+    saturated = np.where(np.isinf(out), np.sign(out) * np.float32(65504), out).astype(np.float32)
+    assert vf.verify_trace(dataclasses.replace(t, out=saturated), diagnose=False).status == "fail"
+
+
 def test_unfused_nan_rows_are_ggml_behaviour_under_ggml_cpu():
     """soft_max_ext gives NaN on rows with no live key (docs/ggml-findings.md, finding 2): under ggml-cpu
     the unfused op's golden is NaN there, so the recorded trace passes; a kernel giving 0 there (or NaN
@@ -187,6 +205,21 @@ def test_emu_check_units():
     assert c.units == pytest.approx(3.0) and c.ok and c.n_differ == 1
     got[0, 0, 1, 0] = 1e-30  # a row of zeros must stay (nearly) zero
     assert not vf.emu_check(got, emu, vf.U16).ok
+
+
+def test_emu_check_equal_infinities_are_no_difference():
+    """ggml's F16 V accumulator overflows to inf for large V (docs/ggml-findings.md) and the model
+    reproduces it: the same infinity is no difference, a different one or a finite value is infinite,
+    and the row's scale comes from its finite outputs."""
+    emu = np.array([[[[np.inf, 1.0, -2.0]]]])
+    assert vf.emu_check(emu.copy(), emu, vf.U16).units == 0.0
+    for bad in (-np.inf, np.nan, 1e30):
+        got = emu.copy()
+        got[..., 0] = bad
+        assert vf.emu_check(got, emu, vf.U16).units == np.inf
+    got = emu.copy()
+    got[..., 1] = 1.0 + 4 * vf.U16 * 2.0  # 4 units of the finite row maximum |-2|
+    assert vf.emu_check(got, emu, vf.U16).units == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("unit", [vf.U16, vf.U32])

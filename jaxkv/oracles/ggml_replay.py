@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         nan_rows = np.argwhere(np.isnan(live).any(axis=-1))
         ok = np.isfinite(live) & np.isfinite(ref)
         p_ref = float(np.sum(np.where(ok, ref, 0.0) ** 2))
-        err = float(np.sum(np.where(ok, live - ref, 0.0) ** 2))
+        with np.errstate(invalid="ignore"):  # inf - inf where both overflowed: excluded by ok
+            err = float(np.sum(np.where(ok, live - ref, 0.0) ** 2))
         nmse = err / p_ref if p_ref else (0.0 if err == 0 else float("inf"))
         print(f"{'SAME' if same else 'DIFF'} {f}: op {md['trace.op']}, bitwise "
               f"{'equal' if same else 'different'}, nmse {nmse:.3g} (finite elements), NaN rows "
