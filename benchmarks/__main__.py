@@ -6,7 +6,7 @@ Each benchmark script runs in its own process (a fresh JAX, nothing shared betwe
 arguments listed in ``BENCHES`` (``--quick``: fewer repeats and smaller sizes, for a smoke run). Its
 command, exit status, wall time and complete output go into the generated part of ``--out`` (between
 the ``<!-- benchmarks:begin -->`` / ``<!-- benchmarks:end -->`` markers; the hand-written text around
-them is kept), under a header naming the machine, the software versions, the git commit and the load
+them is kept; with ``--only`` the other benchmarks' subsections are kept as they were), under a header naming the machine, the software versions, the git commit and the load
 average before and after. Exit status: 0 when every benchmark exited 0, else 1 (the document is
 written either way, with the failure shown).
 """
@@ -85,20 +85,31 @@ def run_one(name: str, quick: bool, timeout: int) -> tuple[str, int]:
     wall = time.perf_counter() - t0
     print(out.rstrip(), flush=True)
     status = "ok" if rc == 0 else f"exit {rc}"
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"### {name}", "", f"    {shown}", "",
-          f"{status}, {wall:.0f} s wall, load average {load0:.2f} before / {os.getloadavg()[0]:.2f} after.", "",
+          f"{status}, {when}, {wall:.0f} s wall, load average {load0:.2f} before / "
+          f"{os.getloadavg()[0]:.2f} after.", "",
           "```text", out.rstrip(), "```", ""]
     return "\n".join(md), rc
 
 
-def write(path: str, body: str) -> None:
+def write(path: str, head: list[str], parts: dict[str, str]) -> None:
+    """Rewrite the generated block of ``path``: the header, then one subsection per benchmark in
+    ``BENCHES`` order; benchmarks not run this time keep their previous subsection (with its own date)."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    block = f"{BEGIN}\n{body}\n{END}"
+    old: dict[str, str] = {}
     if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
+        block = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+        for chunk in block.split("\n### ")[1:]:
+            name = chunk.split("\n", 1)[0].strip()
+            old[name] = "### " + chunk.rstrip() + "\n"
+    merged = {**old, **parts}
+    body = "\n".join(head + [merged[n] for n in BENCHES if n in merged])
+    new = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
+        text = text.rstrip() + "\n\n" + new + "\n"
     with open(path, "w") as f:
         f.write(text)
 
@@ -118,14 +129,16 @@ def main(argv=None) -> int:
         return 2
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"## Latest run: `python -m benchmarks{' --quick' if a.quick else ''}"
-            f"{' --only ' + a.only if a.only != ','.join(BENCHES) else ''}` ({now})", ""] + _machine() + [""]
-    parts, worst = [], 0
+            f"{' --only ' + a.only if a.only != ','.join(BENCHES) else ''}` ({now})", "",
+            "Each subsection says when it ran (a run with --only keeps the other subsections)."] \
+        + _machine() + [""]
+    parts, worst = {}, 0
     for n in names:
         md, rc = run_one(n, a.quick, a.timeout)
-        parts.append(md)
+        parts[n] = md
         worst = worst or rc
     if not a.no_write:
-        write(a.out, "\n".join(head + parts))
+        write(a.out, head, parts)
         print(f"[benchmarks] wrote {os.path.relpath(a.out, ROOT)}")
     return 0 if worst == 0 else 1
 

@@ -86,7 +86,8 @@ def decode_rate(fmt: str | None, k16, chunk: int, repeat: int) -> float:
     @jax.jit
     def run(x):
         xs = x.reshape((n // chunk, chunk) + x.shape[1:])
-        return lax.scan(lambda acc, c: (acc + (dec(c) * w).sum(0), None), jnp.zeros((HKV, D)), xs)[0]
+        return lax.scan(lambda acc, c: (acc + (dec(c) * w).sum(0), None), jnp.zeros((HKV, D), jnp.float32),
+                        xs)[0]
 
     t = best_time(lambda: run(x), repeat)
     return n * HKV * D / t
