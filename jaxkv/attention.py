@@ -621,9 +621,11 @@ def flash_decode(q, k, v, *, chunk, scale, mask=None, softcap=0.0, max_bias=0.0,
                  precision="f32"):
     """Split-K flash decoding: same layout, semantics and result as :func:`attention` (up to
     rounding). The KV axis is cut into chunks of ``chunk`` keys (static; ragged last chunk allowed),
-    each converted to the compute dtype (QuantArrays dequantized) inside a ``lax.scan``, reduced to a
-    partial :class:`State` and merged by log-sum-exp; sinks join in :func:`finalize`.
-    precision: "f64" or "f32"."""
+    each converted to the compute dtype (QuantArrays dequantized) inside the loop, never the whole
+    cache, reduced to a partial :class:`State` and merged by log-sum-exp; sinks join in
+    :func:`finalize`. Schedule: two passes over the chunks (all logits, then all p.v, one merge) while
+    the logits fit in ``TWO_PASS_MAX_LOGITS`` elements, else a ``lax.scan`` merging chunk by chunk.
+    On CPU, chunks of 1-2k keys are fastest (docs/benchmarks.md). precision: "f64" or "f32"."""
     q, k, v, mask, sinks, slopes = _operands(q, k, v, mask, sinks, max_bias, precision)
     _check_chunk(chunk)
     return _flash_core(q, k, v, scale, mask, softcap, slopes, sinks, chunk=int(chunk),
