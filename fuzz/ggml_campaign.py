@@ -332,7 +332,7 @@ def run(c):
     model = fn.model(a["q"], a["k"], a["v"], **kw)
     st = T.prepare(c["op"], a["k"], a["v"], k_format=c["k_fmt"], v_format=c["v_fmt"], hot=HOT)
     g = golden(a, st)
-    unit = V.U16 if (c["op"] == "ggml-mixed" or c["v_fmt"] == "F16") else V.U32
+    unit = V.acc_unit(c["op"] == "ggml-mixed", c["v_fmt"] == "F16")
     return got, model, g, unit
 
 

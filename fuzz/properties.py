@@ -605,16 +605,14 @@ def ggml_cpu_reference(fn, a, k, v, kw):
     """(model, golden, unit) for a ``ggml-cpu`` target on the call ``a`` with operands k, v and keywords
     ``kw``: the target's emulation ``fn.model`` and the float64 golden over the operands as the target
     stores them (``fn.prepare(k, v)`` when it has one, else k, v as given; fuzz.ggml_campaign.golden: 0
-    on rows with no live key), both [B, n_q, H, Dv]; ``unit``: the V accumulator's unit roundoff
-    (jaxkv.verify's rule: U16 for F16 V or the mixed cache, else U32)."""
+    on rows with no live key), both [B, n_q, H, Dv]; ``unit``: jaxkv.verify.acc_unit."""
     from fuzz import ggml_campaign as GC
     from jaxkv import verify as V
 
     model = np.asarray(fn.model(a["q"], k, v, **kw), np.float64)
     st = fn.prepare(k, v) if callable(getattr(fn, "prepare", None)) else dict(k=k, v=v)
     golden = GC.golden(dict(kw, q=a["q"]), st)
-    mixed = getattr(fn, "op", None) == "mixed_flash_attn"
-    unit = V.U16 if mixed or np.asarray(v).dtype == np.float16 else V.U32
+    unit = V.acc_unit(getattr(fn, "op", None) == "mixed_flash_attn", np.asarray(v).dtype == np.float16)
     return model, np.asarray(golden, np.float64), unit
 
 

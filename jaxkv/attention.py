@@ -226,32 +226,29 @@ def _group_mask(mask, hkv, g):
     return t.reshape(mb, n_q, hkv, g, n)
 
 
-def _logits(qg, kc, scale, softcap, bias, slopes_g, live):
-    """Scaled, soft-capped, biased logits [B, n_q, Hkv, G, c] with -inf at skipped keys.
-
-    qg [B, n_q, Hkv, G, Dk]; kc [B, c, Hkv, Dk]; bias [B|1, n_q, Hkv|1, G|1, c] raw mask or None;
-    slopes_g [Hkv, G] or None; live [c] bool (positions that exist) or None. Returns (s, dead) with
-    dead [B, n_q, Hkv, G, c] bool broadcastable."""
-    dt = qg.dtype
+def _scaled_capped(dot, scale, softcap, dt):
+    """Logits from dot products: ``scale * dot``, or ``softcap * tanh(scale * dot / softcap)`` when
+    ``softcap != 0``. softcap is traced (one program for every value); tanh only runs when it is on."""
     cap = jnp.asarray(softcap, dt)
     cap_on = cap != 0
     cap_safe = jnp.where(cap_on, cap, jnp.ones_like(cap))
     factor = jnp.where(cap_on, jnp.asarray(scale, dt) / cap_safe, jnp.asarray(scale, dt))
-    s = jnp.einsum("bqhgd,bchd->bqhgc", qg, kc, precision=_HI) * factor
-    s = jnp.where(cap_on, cap_safe * jnp.tanh(s), s)
-    dead = None
+    return lax.cond(cap_on, lambda x: cap_safe * jnp.tanh(x), lambda x: x, dot * factor)
+
+
+def _logits(qg, kc, scale, softcap, bias, slopes_g):
+    """Scaled, soft-capped, biased logits [B, n_q, Hkv, G, c] with -inf at masked keys.
+
+    qg [B, n_q, Hkv, G, Dk]; kc [B, c, Hkv, Dk]; bias [B|1, n_q, Hkv|1, G|1, c] raw mask or None;
+    slopes_g [Hkv, G] or None."""
+    dt = qg.dtype
+    s = _scaled_capped(jnp.einsum("bqhgd,bchd->bqhgc", qg, kc, precision=_HI), scale, softcap, dt)
     if bias is not None:
         b = bias.astype(dt)
         if slopes_g is not None:
             b = b * slopes_g.astype(dt)[:, :, None]
-        dead = b == -jnp.inf
-        s = s + b
-    if live is not None:
-        nl = ~live
-        dead = nl if dead is None else (dead | nl)
-    if dead is not None:
-        s = jnp.where(dead, -jnp.inf, s)
-    return s, dead
+        s = jnp.where(b == -jnp.inf, -jnp.inf, s + b)
+    return s
 
 
 def _zero_dead_columns(kc, vc, dead):
@@ -297,7 +294,7 @@ def _grouped_logits(q, k, v, scale, mask, softcap, slopes, dt):
     if bias is not None:
         pre = bias if slopes_g is None else bias * slopes_g.astype(bias.dtype)[:, :, None]
         kc, vc = _zero_dead_columns(kc, vc, pre == -jnp.inf)
-    s, _ = _logits(qg, kc, scale, softcap, bias, slopes_g, None)
+    s = _logits(qg, kc, scale, softcap, bias, slopes_g)
     return qg, kc, vc, s
 
 
@@ -465,13 +462,7 @@ def _rows_logits(qr, kc, scale, softcap, b, dead):
     """Logits of one chunk, key-major: qr [B, Hkv, R, Dk], kc [B, c, Hkv, Dk] (dead rows zeroed),
     b [B|1, c, Hkv, R] or None, dead or None -> s [B, c, Hkv, R] with -inf at dead keys."""
     dt = qr.dtype
-    cap = jnp.asarray(softcap, dt)
-    cap_on = cap != 0
-    cap_safe = jnp.where(cap_on, cap, jnp.ones_like(cap))
-    factor = jnp.where(cap_on, jnp.asarray(scale, dt) / cap_safe, jnp.asarray(scale, dt))
-    s = _contract(kc, "bchd", qr, "bhrd", "bchr") * factor
-    # softcap is traced (one program for every value): tanh only runs when it is on
-    s = lax.cond(cap_on, lambda x: cap_safe * jnp.tanh(x), lambda x: x, s)
+    s = _scaled_capped(_contract(kc, "bchd", qr, "bhrd", "bchr"), scale, softcap, dt)
     if b is not None:
         s = s + b.astype(dt)
     if dead is not None:
@@ -486,16 +477,6 @@ def _softmax_part(s, axis):
     m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
     p = jnp.exp(s - jnp.expand_dims(m_safe, axis))
     return m, p, jnp.sum(p, axis=axis)
-
-
-def _rows_state(qr, kc, vc, scale, softcap, b, live) -> State:
-    """Partial state of one chunk in rows layout: qr [B, Hkv, R, Dk]; kc [B, c, Hkv, Dk] and vc
-    [B, c, Hkv, Dv] in the compute dtype; b [B|1, c, Hkv, R] biased mask or None; live [c] bool or None
-    -> State(m, l: [B, Hkv, R], acc: [B, Hkv, R, Dv])."""
-    dead, col = _dead_keys(b, live)
-    s = _rows_logits(qr, _zero_rows(kc, col), scale, softcap, b, dead)
-    m, p, l = _softmax_part(s, 1)
-    return State(m=m, l=l, acc=_contract(p, "bchr", _zero_rows(vc, col), "bchd", "bhrd"))
 
 
 def _merge_all(st: State) -> State:
@@ -635,16 +616,8 @@ def flash_decode(q, k, v, *, chunk, scale, mask=None, softcap=0.0, max_bias=0.0,
 @partial(jax.jit, static_argnames=("precision",))
 def _partial_core(q, k, v, scale, mask, softcap, slopes, *, precision):
     qg, bias, slopes_g = _prep_split(q, k, mask, slopes, precision)
-    dt = qg.dtype
-    n = _shape(k)[1]
-    if n == 0:
-        st = _empty(qg.shape[:4], _shape(v)[-1], dt)
-    else:
-        B, n_q, hkv, g, _ = qg.shape
-        b = None if bias is None else _rows_bias(bias, slopes_g, n_q, hkv, g)
-        st = _grouped_state(_rows_state(_rows_q(qg), _to_compute(k, dt), _to_compute(v, dt), scale,
-                                        softcap, b, None), n_q, g)
-    return _ungroup_state(st)
+    n = _shape(k)[1]  # the whole key set as one chunk
+    return _ungroup_state(_split_k_state(qg, k, v, scale, softcap, bias, slopes_g, None, max(n, 1)))
 
 
 def partial_state(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, precision="f32") -> State:

@@ -30,7 +30,7 @@ __all__ = [
     "PRECISIONS", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
     "Errors", "Budget", "EmuCheck", "Verdict", "Timings",
     "resolve_precision", "trace_isa", "case_from_trace", "errors", "derive_budget", "emu_check",
-    "model_output", "golden_output", "golden_for", "dead_rows", "verify_trace", "verify_case",
+    "model_output", "golden_output", "golden_for", "dead_rows", "acc_unit", "verify_trace", "verify_case",
     "dense_model_fn",
 ]
 
@@ -392,12 +392,15 @@ def golden_for(op: str, case: mutations.Case, precision: str) -> np.ndarray:
     return g
 
 
+def acc_unit(mixed: bool, v_f16: bool) -> float:
+    """Unit roundoff of the quantity ggml accumulates V in: ``U16`` for the mixed cache (``mixed``) or
+    F16 V (``v_f16``: F16 accumulator, or F16 probabilities of the unfused path), ``U32`` otherwise."""
+    return U16 if mixed or v_f16 else U32
+
+
 def _acc_unit(trace) -> float:
-    """Unit roundoff of the quantity ggml accumulates V in: F16 (F16 V, the mixed cache, or F16
-    probabilities of the unfused path with F16 V) or F32."""
-    if trace.op == "mixed_flash_attn":
-        return U16
-    return U16 if _type_name(trace.v) == "f16" else U32
+    """:func:`acc_unit` of a trace."""
+    return acc_unit(trace.op == "mixed_flash_attn", _type_name(trace.v) == "f16")
 
 
 def model_output(trace, case: mutations.Case, precision: str, **config) -> np.ndarray:
