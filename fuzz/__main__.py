@@ -8,6 +8,7 @@
     python -m fuzz verify ...           verify traces (fuzz.verify_cmd)
     python -m fuzz sensitivity ...      (fuzz.sensitivity_cmd, when present)
     python -m fuzz record ...           (fuzz.record_cmd, when present)
+    python -m fuzz capture ...          capture a real llama.cpp run as traces (fuzz.capture_cmd)
 
 ``--target ggml|ggml-unfused|ggml-mixed`` fuzzes live ggml (the ``ggml`` extra, libggml-python) at
 ``--threads N`` (default 1) through ``fuzz.ggml_targets.make_target``; such a target declares the
@@ -22,7 +23,8 @@ from __future__ import annotations
 import sys
 
 DEFAULT_EXAMPLES = 64
-SUBCOMMANDS = {"verify": "fuzz.verify_cmd", "sensitivity": "fuzz.sensitivity_cmd", "record": "fuzz.record_cmd"}
+SUBCOMMANDS = {"verify": "fuzz.verify_cmd", "sensitivity": "fuzz.sensitivity_cmd", "record": "fuzz.record_cmd",
+               "capture": "fuzz.capture_cmd"}
 
 
 class UsageError(Exception):

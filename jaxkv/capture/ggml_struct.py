@@ -1,0 +1,144 @@
+"""ggml's ``struct ggml_tensor`` read through ctypes, and the facts of a graph node.
+
+The struct layout is ggml's (``ggml.h``: type, buffer, ne[4], nb[4], op, op_params[16], flags,
+src[10], view_src, view_offs, data, name[64], extra, padding[8]); :class:`GgmlLib` checks it at run time
+against the loaded ``libggml-base`` (``ggml_nbytes``, ``ggml_get_name``, ``ggml_op_name``,
+``ggml_type_name``) before anything is read, so a mismatched build fails with one clear error instead
+of reading garbage.
+
+:class:`Node` is a frozen snapshot of one tensor's descriptor (no data): ``ne`` / ``nb`` fastest first,
+``view_src`` the root tensor's address (ggml collapses view chains, so a view's ``view_src`` is never a
+view) and ``view_offs`` the byte offset into it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+__all__ = ["GgmlTensor", "Node", "GgmlLib", "LayoutError", "MAX_SRC"]
+
+MAX_DIMS = 4
+MAX_SRC = 10
+MAX_OP_PARAMS = 64
+MAX_NAME = 64
+
+
+class LayoutError(RuntimeError):
+    """The loaded ggml does not match the ``ggml_tensor`` layout this module reads."""
+
+
+class GgmlTensor(ctypes.Structure):
+    """``struct ggml_tensor`` (ggml 0.2x, GGML_MAX_SRC = 10, GGML_MAX_NAME = 64)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * MAX_DIMS),
+        ("nb", ctypes.c_size_t * MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+OP_OFFSET = GgmlTensor.op.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """Descriptor of one ggml tensor at ``addr``: ``type`` (ggml type name), ``op`` (ggml op name),
+    ``name``, ``ne`` / ``nb`` (4 each, fastest first), ``op_params`` (16 raw int32), ``src`` (10
+    addresses, 0 = none), ``view_src`` (root address or 0), ``view_offs`` (bytes), ``data`` (address)."""
+
+    addr: int
+    type: str
+    op: str
+    name: str
+    ne: tuple
+    nb: tuple
+    op_params: tuple
+    src: tuple
+    view_src: int
+    view_offs: int
+    data: int
+
+    @property
+    def root(self) -> int:
+        """Address of the tensor that owns the bytes (itself unless a view)."""
+        return self.view_src or self.addr
+
+    def op_param_f32(self, i: int) -> float:
+        """op_params[i] reinterpreted as float32 (ggml stores float params bitwise)."""
+        return ctypes.c_float.from_buffer_copy(ctypes.c_int32(self.op_params[i])).value
+
+
+class GgmlLib:
+    """Names and sizes from a loaded ``libggml-base`` (a ``ctypes.CDLL``); reads :class:`Node`s."""
+
+    def __init__(self, base: ctypes.CDLL):
+        self.lib = base
+        for fn, res, args in (("ggml_op_name", ctypes.c_char_p, [ctypes.c_int]),
+                              ("ggml_type_name", ctypes.c_char_p, [ctypes.c_int]),
+                              ("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p]),
+                              ("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                              ("ggml_version", ctypes.c_char_p, []),
+                              ("ggml_commit", ctypes.c_char_p, [])):
+            f = getattr(base, fn)
+            f.restype, f.argtypes = res, args
+        self.ops = {}
+        for i in range(256):
+            n = base.ggml_op_name(i)
+            if not n:
+                break
+            self.ops[i] = n.decode()
+        self.op_id = {v: k for k, v in self.ops.items()}
+        self.types = {}
+        for i in range(64):
+            n = base.ggml_type_name(i)
+            if n:
+                self.types[i] = n.decode().lower()
+        for need in ("FLASH_ATTN_EXT", "MUL_MAT", "SOFT_MAX"):
+            if need not in self.op_id:
+                raise LayoutError(f"libggml-base: ggml_op_name has no op {need!r}")
+        self.checked = False
+
+    def version(self) -> str:
+        return self.lib.ggml_version().decode()
+
+    def commit(self) -> str:
+        return self.lib.ggml_commit().decode()
+
+    def op_of(self, addr: int) -> int:
+        """The op enum of the tensor at ``addr`` (one int read; the callback's fast path)."""
+        return ctypes.c_int.from_address(addr + OP_OFFSET).value
+
+    def node(self, addr: int) -> Node:
+        """Read the descriptor at ``addr``; the first call checks the struct layout against libggml."""
+        t = GgmlTensor.from_address(addr)
+        n = Node(addr=addr, type=self.types.get(t.type, f"type{t.type}"), op=self.ops.get(t.op, f"op{t.op}"),
+                 name=t.name.decode(errors="replace"), ne=tuple(t.ne), nb=tuple(t.nb),
+                 op_params=tuple(t.op_params), src=tuple(s or 0 for s in t.src), view_src=t.view_src or 0,
+                 view_offs=int(t.view_offs), data=t.data or 0)
+        if not self.checked:
+            self._check(n)
+        return n
+
+    def nbytes(self, addr: int) -> int:
+        """ggml_nbytes of the tensor at ``addr``."""
+        return int(self.lib.ggml_nbytes(addr))
+
+    def _check(self, n: Node):
+        got = (self.lib.ggml_get_name(n.addr) or b"").decode(errors="replace")
+        if got != n.name:
+            raise LayoutError(f"ggml_tensor layout: name read {n.name!r}, ggml_get_name says {got!r}")
+        if any(a < 0 or a > 1 << 40 for a in n.ne):
+            raise LayoutError(f"ggml_tensor layout: ne {list(n.ne)} of {n.name!r} is implausible")
+        self.checked = True
