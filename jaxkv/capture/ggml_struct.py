@@ -23,6 +23,11 @@ MAX_SRC = 10
 MAX_OP_PARAMS = 64
 MAX_NAME = 64
 
+# ggml.h (0.2x) enum ggml_op ids of the ops a capture reads; confirmed against ggml_op_name at load
+OP_IDS = {"MUL_MAT": 29, "SOFT_MAX": 46, "FLASH_ATTN_EXT": 74}
+# enum ggml_type ids of the types a trace v1 file can hold; other types read as "type<N>"
+TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20}
+
 
 class LayoutError(RuntimeError):
     """The loaded ggml does not match the ``ggml_tensor`` layout this module reads."""
@@ -93,21 +98,20 @@ class GgmlLib:
                               ("ggml_commit", ctypes.c_char_p, [])):
             f = getattr(base, fn)
             f.restype, f.argtypes = res, args
-        self.ops = {}
-        for i in range(256):
-            n = base.ggml_op_name(i)
-            if not n:
-                break
-            self.ops[i] = n.decode()
-        self.op_id = {v: k for k, v in self.ops.items()}
+        # ggml_op_name has no bounds check: only ids from ggml.h are read, and confirmed by name
+        self.op_id = dict(OP_IDS)
+        for name, i in OP_IDS.items():
+            got = (base.ggml_op_name(i) or b"").decode(errors="replace")
+            if got != name:
+                raise LayoutError(f"libggml-base {self.version()}: op id {i} is {got!r}, expected {name!r} "
+                                  f"(ggml.h enum ggml_op of another version)")
+        self.ops = {i: n for n, i in OP_IDS.items()}
         self.types = {}
-        for i in range(64):
-            n = base.ggml_type_name(i)
-            if n:
-                self.types[i] = n.decode().lower()
-        for need in ("FLASH_ATTN_EXT", "MUL_MAT", "SOFT_MAX"):
-            if need not in self.op_id:
-                raise LayoutError(f"libggml-base: ggml_op_name has no op {need!r}")
+        for name, i in TYPE_IDS.items():  # ggml_type_name has no bounds check either
+            got = (base.ggml_type_name(i) or b"").decode(errors="replace").lower()
+            if got != name:
+                raise LayoutError(f"libggml-base {self.version()}: type id {i} is {got!r}, expected {name!r}")
+            self.types[i] = name
         self.checked = False
 
     def version(self) -> str:
