@@ -138,6 +138,19 @@ def load_target(spec: str, threads: int | None = None):
     return f
 
 
+def default_traces() -> str | None:
+    """The real-model traces shipped in the repository (``traces/gemma3-270m``, captured from llama.cpp by
+    ``python -m fuzz capture``), next to the fuzz package or under the working directory: the default
+    campaign verifies them in its ``traces`` property; ``--traces DIR`` replaces them."""
+    import pathlib
+
+    for root in (pathlib.Path(__file__).resolve().parent.parent, pathlib.Path.cwd()):
+        p = root / "traces" / "gemma3-270m"
+        if p.is_dir():
+            return str(p)
+    return None
+
+
 def _campaign(argv) -> int:
     args = _parser().parse_args(argv)
     from fuzz import properties as P
@@ -176,6 +189,8 @@ def _campaign(argv) -> int:
             raise ValueError(f"--traces: {args.traces} does not exist")
     from fuzz.campaign import Campaign, Options
     from fuzz.properties import cache_pairs
+
+    args.traces = args.traces or default_traces()
 
     max_ex = args.max_examples
     if max_ex is None and args.time_budget is None:

@@ -28,7 +28,8 @@ _FILE = re.compile(r"^s(\d+)_(?:prefill|decode)_l(\d+)_(?:fa|sm)\.gguf$")  # jax
 class Row:
     """One call: ``name`` (file), ``layer``, ``step`` (0 = prefill), ``op``, ``status`` (pass | fail |
     error), ``units`` (max units vs the emulation, None without one), ``n_differ`` (elements differing
-    from the emulation), ``nmse`` (vs the float64 golden), ``error`` (one line), ``verdict``."""
+    from the emulation), ``nmse`` (vs the float64 golden), ``error`` (one line), ``verdict``, ``run``
+    (the capture directory: one table per run)."""
 
     name: str
     layer: int | None
@@ -40,6 +41,7 @@ class Row:
     nmse: float | None = None
     error: str | None = None
     verdict: object = None
+    run: str = ""
 
     @property
     def bit_exact(self) -> bool:
@@ -58,7 +60,8 @@ def row(name: str, trace, verdict) -> Row:
     return Row(name=str(name), layer=None if layer is None else int(layer), step=None if step is None else int(step),
                op=str(getattr(trace, "op", "?")), status=verdict.status,
                units=None if emu is None else float(emu.units), n_differ=None if emu is None else int(emu.n_differ),
-               nmse=None if e is None else float(e.nmse), error=verdict.error, verdict=verdict)
+               nmse=None if e is None else float(e.nmse), error=verdict.error, verdict=verdict,
+               run=str(pathlib.Path(str(name)).parent))
 
 
 def _cell(r: Row) -> str:
@@ -124,10 +127,12 @@ def render(rows) -> str:
     rows = list(rows)
     s = summary(rows)
     out = []
-    t = table(rows)
-    if t:
-        out += ["per-layer, per-step verdicts (= bit-exact with the ggml-cpu emulation; number: max units "
-                "from it; F fail; E not verifiable; . not captured):", t]
+    runs = sorted({r.run for r in rows})
+    for run in runs:
+        t = table([r for r in rows if r.run == run])
+        if t:
+            out += [f"{run}: per-layer, per-step verdicts (= bit-exact with the ggml-cpu emulation; number: "
+                    f"max units from it; F fail; E not verifiable; . not captured):", t]
     mx = "n/a" if s["max_units"] is None else f"{s['max_units']:.3g}"
     out.append(f"{s['n']} calls: {s['bit_exact']} bit-exact ({100 * s['fraction_bit_exact']:.1f} %), "
                f"{s['passed']} pass, {s['failed']} fail, {s['errors']} not verifiable; max {mx} units from "
