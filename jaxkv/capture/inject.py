@@ -1,0 +1,54 @@
+"""Injected bugs for captured traces: a copy of a trace whose ``out`` is what a buggy kernel would
+have written, to show that ``verify`` rejects it and names the bug.
+
+- ``out_permuted``: the kernel wrote its (real, correct) output as ``[Dv, n_q, H]`` while the reader takes
+  ggml's ``[Dv, H, n_q]`` (needs n_q > 1 and H > 1 to change anything);
+- ``kv_token_dropped``: the kernel skipped the first KV cell: the ggml-cpu emulation (bit-exact with
+  the real kernel on these captures) of the call with that key masked out; the trace keeps the real mask.
+
+The copy is written by :func:`jaxkv.trace.save` from the loaded operands (dense, no views) with the
+original metadata (``capture.*``, ``ggml.*``), so ``verify`` judges it under the same model.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+__all__ = ["BUGS", "buggy_out", "inject"]
+
+BUGS = ("out_permuted", "kv_token_dropped")
+
+
+def buggy_out(trace, bug: str) -> np.ndarray:
+    """The output [B, n_q, H, Dv] float32 of ``trace``'s call under ``bug`` (module docstring)."""
+    out = np.asarray(trace.out, np.float32)
+    B, n_q, H, Dv = out.shape
+    if bug == "out_permuted":
+        if n_q < 2 or H < 2:
+            raise ValueError(f"bug out_permuted: needs n_q > 1 and H > 1 to change the output, got n_q={n_q}, H={H}")
+        mem = np.ascontiguousarray(np.transpose(out, (0, 2, 1, 3)))  # memory [B, H, n_q, Dv] = ne [Dv, n_q, H, B]
+        return mem.reshape(B, n_q, H, Dv)
+    if bug == "kv_token_dropped":
+        from jaxkv import verify as V
+
+        n_kv = np.shape(trace.k if trace.k is not None else trace.k_cold)[1]
+        mask = np.zeros((1, 1, n_q, n_kv), np.float32) if trace.mask is None else np.array(trace.mask, np.float32)
+        mask[..., 0] = -np.inf
+        import dataclasses
+
+        t2 = dataclasses.replace(trace, mask=mask)
+        case = V.case_from_trace(t2)
+        return np.asarray(V.model_output(t2, case, "ggml-cpu"), np.float32)
+    raise ValueError(f"bug: expected one of {BUGS}, got {bug!r}")
+
+
+def inject(src, dst, bug: str) -> pathlib.Path:
+    """Write a copy of the trace file ``src`` to ``dst`` with ``out`` replaced by :func:`buggy_out`."""
+    from jaxkv import trace as T
+
+    t = T.load(src)
+    md = {k: v for k, v in (t.metadata or {}).items() if not k.startswith(("trace.", "jaxkv.", "GGUF."))}
+    md["capture.injected_bug"] = bug
+    return T.save(dst, t, out=buggy_out(t, bug), metadata=md)
