@@ -146,6 +146,9 @@ def _read_jsonl(path: pathlib.Path) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments)."""
+    if any(a == "--from-traces" or a.startswith("--from-traces=") for a in argv):  # a captured run
+        from fuzz import sensitivity_traces
+        return sensitivity_traces.main(argv)
     try:
         args = _parser().parse_args(argv)
         samples = _ints(args.samples, "--samples")
