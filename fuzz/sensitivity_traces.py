@@ -174,7 +174,7 @@ def main(argv) -> int:
     moved = [c for c in calls if c["thread_units"] > 0]
     print(f"thread counts {list(threads)}: {len(moved)} of {len(calls)} calls change output "
           f"(max {max((c['thread_units'] for c in calls), default=0):.3g} units); "
-          + (calls[0]["note"] if not moved and calls[0]["note"] else ""))
+          + (calls[-1]["note"] if not moved and calls[-1]["note"] else ""))
     if diff:
         print("\ndifferential (output NMSE vs the F16 run, mean over steps with the same tokens; P = prefill):")
         labels = sorted({d["run"] for d in diff})

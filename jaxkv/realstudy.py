@@ -27,7 +27,7 @@ import pathlib
 import numpy as np
 
 __all__ = ["Call", "load_run", "decode_sample", "sample_metrics", "sensitivity_rows", "headroom",
-           "thread_movement", "differential_rows", "F16_MAX"]
+           "thread_movement", "differential_rows", "F16_MAX", "hadamard", "rotate", "llama_rotations"]
 
 F16_MAX = 65504.0
 
@@ -40,6 +40,40 @@ class Call:
     layer: int
     step: int
     trace: object
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard matrix [n, n] (Sylvester order, entries +-1/sqrt(n); symmetric,
+    its own inverse): llama.cpp's ``attn_inp_k_rot`` / ``attn_inp_v_rot`` (n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"n: expected a power of two, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)
+
+
+def rotate(x, n: int) -> np.ndarray:
+    """x [..., D] with each block of ``n`` channels multiplied by :func:`hadamard` (n); n = 0: x."""
+    x = np.asarray(x, np.float64)
+    if not n:
+        return x
+    D = x.shape[-1]
+    if D % n:
+        raise ValueError(f"rotation size {n} does not divide the head size {D}")
+    return (x.reshape(x.shape[:-1] + (D // n, n)) @ hadamard(n)).reshape(x.shape)
+
+
+def llama_rotations(head_k: int, head_v: int) -> tuple[int, int]:
+    """(K, V) rotation sizes llama.cpp 0c1e570 applies before a quantized cache (llama-kv-cache.cpp):
+    K: the largest power of two >= 64 dividing the K head size; V: 64; 0 where the size is not a multiple
+    of 64."""
+    rk = 0
+    if head_k % 64 == 0:
+        rk = 64
+        while head_k % (rk * 2) == 0:
+            rk *= 2
+    return rk, (64 if head_v % 64 == 0 else 0)
 
 
 def load_run(directory) -> list[Call]:
@@ -102,9 +136,12 @@ def sample_metrics(q, k, v, kq, vq, scale, W) -> dict:
                 pred_nmse=float(t @ t) / rr, lin_resid=float((e - t) @ (e - t)) / ee if ee > 0 else 0.0)
 
 
-def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32)) -> list[dict]:
+def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32), rotation: bool = True) -> list[dict]:
     """One row per (layer, head, format, hot window) over the decode calls of an F16-cache run
-    (module docstring): ``<metric>_mean``, ``_ci_lo``, ``_ci_hi`` and ``samples`` (decode steps)."""
+    (module docstring): ``<metric>_mean``, ``_ci_lo``, ``_ci_hi`` and ``samples`` (decode steps).
+    ``rotation``: quantize as llama.cpp stores a quantized cache, i.e. ``H dequantize(quantize(H x))``
+    with the Hadamard blocks of :func:`llama_rotations` (q.k and p.v are invariant under the rotation,
+    only the quantisation error changes); False: quantize the values as they are."""
     from jaxkv.sensitivity import bootstrap_ci, roundtrip
 
     by_layer: dict[int, list] = {}
@@ -120,11 +157,12 @@ def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32)) -> li
         samples = [decode_sample(c.trace) for c in by_layer[il]]
         Lmax = max(s[1].shape[0] for s in samples)
         longest = next(s for s in samples if s[1].shape[0] == Lmax)
+        rk, rv = llama_rotations(longest[1].shape[-1], longest[2].shape[-1]) if rotation else (0, 0)
         rt = {}
         for f in formats:  # quantize the longest context once; a prefix quantizes identically (per token)
-            kq = np.asarray(roundtrip(np.asarray(longest[1], np.float32).transpose(1, 0, 2), f), np.float64)
-            vq = np.asarray(roundtrip(np.asarray(longest[2], np.float32).transpose(1, 0, 2), f), np.float64)
-            rt[f] = (kq.transpose(1, 0, 2), vq.transpose(1, 0, 2))
+            kq = rotate(roundtrip(np.asarray(rotate(longest[1], rk), np.float32), f), rk)
+            vq = rotate(roundtrip(np.asarray(rotate(longest[2], rv), np.float32), f), rv)
+            rt[f] = (kq, vq)
         H = samples[0][0].shape[0]
         for h in range(H):
             for f in formats:
@@ -136,7 +174,7 @@ def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32)) -> li
                             raise ValueError(f"layer {il}: cache cells changed between decode steps")
                         kq, vq = rt[f][0][:L, h // G], rt[f][1][:L, h // G]
                         per.append(sample_metrics(q[h], k[:, h // G], v[:, h // G], kq, vq, scale, W))
-                    row = dict(layer=il, head=h, format=f, hot_window=W, samples=len(per),
+                    row = dict(layer=il, head=h, format=f, hot_window=W, rot_k=rk, rot_v=rv, samples=len(per),
                                kv_len_min=min(s[1].shape[0] for s in samples), kv_len_max=Lmax)
                     for m in per[0]:
                         x = np.array([d[m] for d in per])
@@ -212,7 +250,9 @@ def thread_movement(trace, threads=(1, 2, 4, 8)) -> dict:
 def differential_rows(base, others: dict) -> list[dict]:
     """Per layer and step: how far each other run's attention output (``others`` {label: calls}) moves
     from ``base``'s (F16 cache), for calls whose step fed the same tokens (``capture.tokens``): ``nmse``
-    (|o - b|^2 / |b|^2) and ``max_abs``. Steps after the runs' generated tokens diverge are left out."""
+    (|o - b|^2 / |b|^2) and ``max_abs``. Steps after the runs' generated tokens diverge are left out. A
+    run whose V went through llama.cpp's Hadamard rotation (metadata ``capture.rot_v``) has its output
+    rotated back first (llama.cpp does the same right after the attention)."""
     ref = {(c.layer, c.step): c for c in base}
     rows = []
     for label, calls in others.items():
@@ -223,7 +263,8 @@ def differential_rows(base, others: dict) -> list[dict]:
             same = list(b.trace.metadata.get("capture.tokens", [])) == list(c.trace.metadata.get("capture.tokens", []))
             if not same:
                 continue
-            x, y = np.asarray(c.trace.out, np.float64), np.asarray(b.trace.out, np.float64)
+            x = rotate(c.trace.out, int(c.trace.metadata.get("capture.rot_v", 0) or 0))  # back from the V basis
+            y = rotate(b.trace.out, int(b.trace.metadata.get("capture.rot_v", 0) or 0))
             rows.append(dict(run=label, layer=c.layer, step=c.step, nmse=float(np.sum((x - y) ** 2) / np.sum(y * y)),
                              max_abs=float(np.abs(x - y).max())))
     return rows

@@ -13,6 +13,10 @@ What is taken, per layer ``il`` (read from the K/V view's source name ``cache_k_
   -> ``kqv = MUL_MAT(v, kq_soft_max)`` (v a view of ``cache_v_l<il>``), each operand copied when its
   node is computed (the allocator may reuse q's memory later in the graph).
 
+``rotations`` records llama.cpp's Hadamard rotations seen in the graph (``attn_inp_k_rot`` /
+``attn_inp_v_rot`` multiplied into q, k / v before a quantized cache, the output rotated back after the
+attention): the captured q, K, V and out of such a run are in the rotated basis.
+
 Every operand is copied as the **whole buffer** of its root tensor (``view_src``, or the tensor itself)
 plus the view that the kernel read (``ne``, ``nb``, ``view_offs``): :class:`Operand`. No Python
 exception ever crosses into C: errors are recorded in ``Collector.errors`` and the graph runs on.
@@ -29,6 +33,9 @@ from jaxkv import layout as L
 __all__ = ["Operand", "Call", "Collector", "cache_layer"]
 
 _CACHE = re.compile(r"^cache_([kv])_l(\d+)$")
+# llama.cpp (2026) rotates q and k (and v) by an orthonormal Walsh-Hadamard matrix before a quantized
+# cache and the attention output back: mul_mat(attn_inp_k_rot | attn_inp_v_rot, x) nodes
+_ROTATIONS = {"attn_inp_k_rot": "k", "attn_inp_v_rot": "v"}
 
 
 def cache_layer(name: str) -> tuple[str, int] | None:
@@ -79,6 +86,7 @@ class Collector:
         self.calls: list[Call] = []
         self.errors: list[str] = []
         self._pending: dict[int, dict] = {}
+        self.rotations: dict[str, int] = {}  # "k" / "v" -> Hadamard block size seen in the graph
         self._fa = lib.op_id["FLASH_ATTN_EXT"]
         self._mm = lib.op_id["MUL_MAT"]
         self._sm = lib.op_id["SOFT_MAX"]
@@ -132,6 +140,10 @@ class Collector:
             return self._keep(self._layer_of(self.lib.node(addr).src[1], "k"))
         if op == self._mm:
             n = self.lib.node(addr)
+            if n.src[0]:
+                s0 = self.lib.node(n.src[0])
+                if s0.name in _ROTATIONS:  # llama.cpp's Hadamard rotation of q/k or v (quantized caches)
+                    self.rotations[_ROTATIONS[s0.name]] = int(s0.ne[0])
             return self._keep(self._layer_of(n.src[0], "k")) or self._keep(self._layer_of(n.src[0], "v"))
         if op == self._sm:
             src0 = self.lib.node(addr).src[0]

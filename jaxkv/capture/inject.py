@@ -52,3 +52,29 @@ def inject(src, dst, bug: str) -> pathlib.Path:
     md = {k: v for k, v in (t.metadata or {}).items() if not k.startswith(("trace.", "jaxkv.", "GGUF."))}
     md["capture.injected_bug"] = bug
     return T.save(dst, t, out=buggy_out(t, bug), metadata=md)
+
+
+def main(argv=None) -> int:
+    """``python -m jaxkv.capture.inject SRC_DIR DST_DIR BUG``: inject BUG into every capture trace of a run
+    where it changes the output (out_permuted: calls with n_q > 1; kv_token_dropped: every call)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 3 or argv[2] not in BUGS:
+        print(f"usage: python -m jaxkv.capture.inject SRC_DIR DST_DIR {{{'|'.join(BUGS)}}}", file=sys.stderr)
+        return 2
+    src, dst, bug = pathlib.Path(argv[0]), pathlib.Path(argv[1]), argv[2]
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for p in sorted(src.glob("*.gguf")):
+        try:
+            inject(p, dst / p.name, bug)
+            n += 1
+        except ValueError as e:
+            print(f"skipped {p.name}: {e}", file=sys.stderr)
+    print(f"wrote {n} traces with bug {bug} to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -181,8 +181,10 @@ def run(cfg: RunConfig, *, log=None) -> RunResult:
                 calls, errs = collector.take()
                 errors += errs
                 positions = list(range(pos0, pos0 + len(batch_toks)))
+                rot = {"capture.rot_k": int(collector.rotations.get("k", 0)),
+                       "capture.rot_v": int(collector.rotations.get("v", 0))}
                 for call in calls:
-                    md = dict(run_md, **{"capture.positions": positions, "capture.tokens": list(batch_toks)})
+                    md = dict(run_md, **rot, **{"capture.positions": positions, "capture.tokens": list(batch_toks)})
                     f = pathlib.Path(cfg.out) / file_name(call)
                     try:
                         write_call(f, call, producer=producer, n_threads=cfg.threads, metadata=md)
