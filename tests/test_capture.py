@@ -219,3 +219,53 @@ def test_capture_real_model_then_verify_the_run(tmp_path):
     v = _run("verify", str(out))
     assert v.returncode == 0, v.stdout + v.stderr
     assert "6 calls: 6 bit-exact (100.0 %), 6 pass, 0 fail" in v.stdout, v.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# studies on captured runs (jaxkv.realstudy, sensitivity --from-traces)
+
+
+def test_hadamard_is_llamas_orthonormal_rotation():
+    from jaxkv import realstudy as RS
+
+    h = RS.hadamard(64)
+    assert np.allclose(h @ h, np.eye(64), atol=1e-12) and np.array_equal(h, h.T)
+    assert h[0, 0] == 1 / 8 and h[1, 1] == -1 / 8 and h[63, 63] == 1 / 8  # Sylvester order, +-1/sqrt(n)
+    assert RS.llama_rotations(256, 256) == (256, 64) and RS.llama_rotations(128, 96) == (128, 0)
+    x = np.random.default_rng(0).standard_normal((3, 256))
+    assert np.allclose(RS.rotate(RS.rotate(x, 64), 64), x)
+
+
+def test_headroom_is_the_online_accumulator_maximum():
+    """headroom on a hand-made call: two keys, the second with the larger logit, V = [[1000], [-1000]]:
+    the partial sums are 1000 (after key 0) and 1000 e^(s0 - s1) - 1000 (after key 1)."""
+    from jaxkv import realstudy as RS
+
+    class Tr:
+        q = np.ones((1, 1, 1, 1), np.float32)
+        k = np.array([[[[0.0]]], [[[2.0]]]], np.float16).reshape(1, 2, 1, 1)
+        v = np.array([1000.0, -1000.0], np.float16).reshape(1, 2, 1, 1)
+        mask, scale = None, 1.0
+
+    h = RS.headroom(Tr())
+    assert h["accumulator"] == "f16"
+    assert h["max_partial"] == pytest.approx(1000.0) and h["headroom"] == pytest.approx(65.504)
+
+
+def test_sensitivity_from_shipped_traces_cli(tmp_path):
+    from fuzz import sensitivity_cmd
+
+    out = tmp_path / "s"
+    rc = sensitivity_cmd.main(["--from-traces", str(SHIPPED / "fa_f16"), "--formats", "q8_0,q4_0",
+                               "--hot-window", "0", "--out", str(out), "--no-plot"])
+    assert rc == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "sensitivity_rows.csv")))
+    assert {(r["layer"], r["format"]) for r in rows} == {("0", "q8_0"), ("0", "q4_0")}
+    assert len(rows) == 2 * 4  # 4 query heads
+    by = {(r["format"], r["head"]): float(r["nmse_mean"]) for r in rows}
+    assert all(by[("q4_0", h)] > by[("q8_0", h)] > 0 for h in "0123")  # fewer bits, larger error
+    calls = list(csv.DictReader(open(out / "calls.csv")))
+    assert len(calls) == 2 and all(1 < float(c["headroom"]) < 1e6 for c in calls)
+    assert sensitivity_cmd.main(["--from-traces", str(tmp_path / "none")]) == 2
