@@ -156,7 +156,7 @@ def _campaign(argv) -> int:
     from fuzz import properties as P
 
     if args.list:
-        ctx = P.Context()
+        ctx = P.Context(traces=default_traces())
         w = max(len(n) for n in P.PROPERTIES)
         for name, p in P.PROPERTIES.items():
             why = P.available(p, ctx)

@@ -134,7 +134,8 @@ def main(argv) -> int:
         base = RS.load_run(a.from_traces)
         if not base:
             raise ValueError(f"{a.from_traces}: no capture traces (capture.layer / capture.step metadata)")
-        rows = RS.sensitivity_rows(base, fmts, windows)
+        skipped: list[str] = []
+        rows = RS.sensitivity_rows(base, fmts, windows, skipped=skipped)
         others = {k: RS.load_run(v) for k, v in compare.items()}
     except (ValueError, OSError) as e:
         print(f"{_PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -155,8 +156,10 @@ def main(argv) -> int:
     _write_csv(out / "differential.csv", diff)
 
     layers = sorted({r["layer"] for r in rows})
-    print(f"{a.from_traces}: {len(base)} calls, {sum(c.step > 0 for c in base)} decode calls, layers "
-          f"{layers[0]}..{layers[-1]}")
+    print(f"{a.from_traces}: {len(base)} calls, {sum(c.step > 0 for c in base)} decode calls, sensitivity "
+          f"for layers {','.join(map(str, layers)) or 'none'}")
+    for msg in skipped:
+        print(f"  sensitivity skipped: {msg}")
     W0 = windows[0]
     print(f"\nper layer (mean over heads of the per-head mean NMSE over decode steps; W={W0}; pred_ratio = "
           f"first-order / measured):")
@@ -166,7 +169,7 @@ def main(argv) -> int:
         for f in fmts:
             rs = [r for r in rows if r["layer"] == il and r["format"] == f and r["hot_window"] == W0]
             cells.append(f"{np.mean([r['nmse_mean'] for r in rs]):12.3g} {np.mean([r['pred_ratio'] for r in rs]):5.2f}")
-        hr = min(c["headroom"] for c in calls if c["layer"] == il)
+        hr = min(c["headroom"] for c in calls if c["layer"] == il)  # noqa: E501
         print(f"{il:>5} " + " ".join(cells) + f"  {hr:10.1f}")
     worst = min(calls, key=lambda c: c["headroom"])
     print(f"\nF16 accumulator headroom: min {worst['headroom']:.1f}x below 65504 (max partial sum "

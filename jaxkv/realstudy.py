@@ -136,12 +136,15 @@ def sample_metrics(q, k, v, kq, vq, scale, W) -> dict:
                 pred_nmse=float(t @ t) / rr, lin_resid=float((e - t) @ (e - t)) / ee if ee > 0 else 0.0)
 
 
-def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32), rotation: bool = True) -> list[dict]:
+def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32), rotation: bool = True,
+                     skipped: list | None = None) -> list[dict]:
     """One row per (layer, head, format, hot window) over the decode calls of an F16-cache run
     (module docstring): ``<metric>_mean``, ``_ci_lo``, ``_ci_hi`` and ``samples`` (decode steps).
     ``rotation``: quantize as llama.cpp stores a quantized cache, i.e. ``H dequantize(quantize(H x))``
     with the Hadamard blocks of :func:`llama_rotations` (q.k and p.v are invariant under the rotation,
-    only the quantisation error changes); False: quantize the values as they are."""
+    only the quantisation error changes); False: quantize the values as they are. A layer whose live
+    cells are not the cache's first cells (a sliding-window layer past its window: a ring buffer, cell
+    order is not position order) is left out, with the reason appended to ``skipped``."""
     from jaxkv.sensitivity import bootstrap_ci, roundtrip
 
     by_layer: dict[int, list] = {}
@@ -154,7 +157,13 @@ def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32), rotat
         by_layer.setdefault(c.layer, []).append(c)
     rows = []
     for il in sorted(by_layer):
-        samples = [decode_sample(c.trace) for c in by_layer[il]]
+        try:
+            samples = [decode_sample(c.trace) for c in by_layer[il]]
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append(f"layer {il}: {e}")
+            continue
         Lmax = max(s[1].shape[0] for s in samples)
         longest = next(s for s in samples if s[1].shape[0] == Lmax)
         rk, rv = llama_rotations(longest[1].shape[-1], longest[2].shape[-1]) if rotation else (0, 0)
