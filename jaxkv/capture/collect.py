@@ -154,6 +154,8 @@ class Collector:
         n = self.lib.node(addr)
         if n.op == "FLASH_ATTN_EXT":
             il = self._layer_of(n.src[1], "k")
+            if il is None:  # e.g. an F32 K cast to F16 inside the graph: not a view of the cache
+                raise ValueError(f"flash_attn_ext node {n.name!r}: k is not a view of a cache_k_l<il> buffer")
             ops = {"q": self.operand(n.src[0]), "k": self.operand(n.src[1]), "v": self.operand(n.src[2]),
                    "out": self.operand(addr)}
             if n.src[3]:
