@@ -135,18 +135,25 @@ class Collector:
         return il is not None and (self.layers is None or il in self.layers)
 
     def _wanted(self, addr: int) -> bool:
-        op = self.lib.op_of(addr)
+        # the ask path runs for every node of the graph: raw pointer and name reads only
+        lib = self.lib
+        op = lib.op_of(addr)
         if op == self._fa:
-            return self._keep(self._layer_of(self.lib.node(addr).src[1], "k"))
+            k = lib.src(addr, 1)
+            kl = cache_layer(lib.root_name(k)) if k else None
+            return kl is not None and kl[0] == "k" and self._keep(kl[1])
         if op == self._mm:
-            n = self.lib.node(addr)
-            if n.src[0]:
-                s0 = self.lib.node(n.src[0])
-                if s0.name in _ROTATIONS:  # llama.cpp's Hadamard rotation of q/k or v (quantized caches)
-                    self.rotations[_ROTATIONS[s0.name]] = int(s0.ne[0])
-            return self._keep(self._layer_of(n.src[0], "k")) or self._keep(self._layer_of(n.src[0], "v"))
+            s0 = lib.src(addr, 0)
+            if not s0:
+                return False
+            own = lib.name(s0)
+            if own in _ROTATIONS:  # llama.cpp's Hadamard rotation of q/k or v (quantized caches)
+                self.rotations[_ROTATIONS[own]] = int(lib.ne0(s0))
+                return False
+            kl = cache_layer(lib.root_name(s0))
+            return kl is not None and self._keep(kl[1])
         if op == self._sm:
-            src0 = self.lib.node(addr).src[0]
+            src0 = lib.src(addr, 0)
             return any(p.get("kq") == src0 for p in self._pending.values())
         return False
 

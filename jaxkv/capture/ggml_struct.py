@@ -55,6 +55,10 @@ class GgmlTensor(ctypes.Structure):
 
 
 OP_OFFSET = GgmlTensor.op.offset
+_SRC_OFFSET = GgmlTensor.src.offset
+_VIEW_SRC_OFFSET = GgmlTensor.view_src.offset
+_NAME_OFFSET = GgmlTensor.name.offset
+_NE_OFFSET = GgmlTensor.ne.offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,22 @@ class GgmlLib:
     def op_of(self, addr: int) -> int:
         """The op enum of the tensor at ``addr`` (one int read; the callback's fast path)."""
         return ctypes.c_int.from_address(addr + OP_OFFSET).value
+
+    def src(self, addr: int, i: int) -> int:
+        """Address of src[i] of the tensor at ``addr`` (0 = none): one pointer read."""
+        return ctypes.c_void_p.from_address(addr + _SRC_OFFSET + i * ctypes.sizeof(ctypes.c_void_p)).value or 0
+
+    def name(self, addr: int) -> str:
+        """The tensor's own name (NUL-terminated within GGML_MAX_NAME)."""
+        return ctypes.string_at(addr + _NAME_OFFSET).decode(errors="replace")
+
+    def root_name(self, addr: int) -> str:
+        """Name of the tensor that owns the bytes (view_src, or the tensor itself)."""
+        vs = ctypes.c_void_p.from_address(addr + _VIEW_SRC_OFFSET).value
+        return self.name(vs or addr)
+
+    def ne0(self, addr: int) -> int:
+        return ctypes.c_int64.from_address(addr + _NE_OFFSET).value
 
     def node(self, addr: int) -> Node:
         """Read the descriptor at ``addr``; the first call checks the struct layout against libggml."""
