@@ -78,8 +78,8 @@ def _heatmap(rows, path, W):
     fmts = sorted({r["format"] for r in rows})
     layers = sorted({r["layer"] for r in rows})
     heads = sorted({r["head"] for r in rows})
-    fig, axes = plt.subplots(1, len(fmts), figsize=(2.2 + 1.6 * len(fmts) * max(1, len(heads) / 4), 0.28 * len(layers) + 1.6),
-                             squeeze=False)
+    size = (2.2 + 1.6 * len(fmts) * max(1, len(heads) / 4), 0.28 * len(layers) + 1.6)
+    fig, axes = plt.subplots(1, len(fmts), figsize=size, squeeze=False)
     for ax, f in zip(axes[0], fmts):
         m = np.full((len(layers), len(heads)), np.nan)
         for r in rows:
@@ -169,7 +169,7 @@ def main(argv) -> int:
         for f in fmts:
             rs = [r for r in rows if r["layer"] == il and r["format"] == f and r["hot_window"] == W0]
             cells.append(f"{np.mean([r['nmse_mean'] for r in rs]):12.3g} {np.mean([r['pred_ratio'] for r in rs]):5.2f}")
-        hr = min(c["headroom"] for c in calls if c["layer"] == il)  # noqa: E501
+        hr = min(c["headroom"] for c in calls if c["layer"] == il)
         print(f"{il:>5} " + " ".join(cells) + f"  {hr:10.1f}")
     worst = min(calls, key=lambda c: c["headroom"])
     print(f"\nF16 accumulator headroom: min {worst['headroom']:.1f}x below 65504 (max partial sum "
