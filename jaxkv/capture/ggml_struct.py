@@ -1,8 +1,8 @@
 """ggml's ``struct ggml_tensor`` read through ctypes, and the facts of a graph node.
 
 The struct layout is ggml's (``ggml.h``: type, buffer, ne[4], nb[4], op, op_params[16], flags,
-src[10], view_src, view_offs, data, name[64], extra, padding[8]); :class:`GgmlLib` checks it at run time
-against the loaded ``libggml-base`` (``ggml_nbytes``, ``ggml_get_name``, ``ggml_op_name``,
+src[10], view_src, view_offs, data, name[64], extra, padding[8]; the ctypes struct is
+``jaxkv.oracles.ggml_lib.Tensor``, the live oracle's); :class:`GgmlLib` checks it at run time against the loaded ``libggml-base`` (``ggml_nbytes``, ``ggml_get_name``, ``ggml_op_name``,
 ``ggml_type_name``) before anything is read, so a mismatched build fails with one clear error instead
 of reading garbage.
 
@@ -16,12 +16,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 
-__all__ = ["GgmlTensor", "Node", "GgmlLib", "LayoutError", "MAX_SRC"]
+from jaxkv.oracles.ggml_lib import GGML_MAX_SRC as MAX_SRC
+from jaxkv.oracles.ggml_lib import Tensor as GgmlTensor  # the same ABI as the live oracle's
 
-MAX_DIMS = 4
-MAX_SRC = 10
-MAX_OP_PARAMS = 64
-MAX_NAME = 64
+__all__ = ["GgmlTensor", "Node", "GgmlLib", "LayoutError", "MAX_SRC"]
 
 # ggml.h (0.2x) enum ggml_op ids of the ops a capture reads; confirmed against ggml_op_name at load
 OP_IDS = {"MUL_MAT": 29, "SOFT_MAX": 46, "FLASH_ATTN_EXT": 74}
@@ -31,27 +29,6 @@ TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_
 
 class LayoutError(RuntimeError):
     """The loaded ggml does not match the ``ggml_tensor`` layout this module reads."""
-
-
-class GgmlTensor(ctypes.Structure):
-    """``struct ggml_tensor`` (ggml 0.2x, GGML_MAX_SRC = 10, GGML_MAX_NAME = 64)."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * MAX_DIMS),
-        ("nb", ctypes.c_size_t * MAX_DIMS),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * (MAX_OP_PARAMS // 4)),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * MAX_SRC),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * MAX_NAME),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
 
 
 OP_OFFSET = GgmlTensor.op.offset
