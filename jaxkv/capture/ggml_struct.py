@@ -2,9 +2,9 @@
 
 The struct layout is ggml's (``ggml.h``: type, buffer, ne[4], nb[4], op, op_params[16], flags,
 src[10], view_src, view_offs, data, name[64], extra, padding[8]; the ctypes struct is
-``jaxkv.oracles.ggml_lib.Tensor``, the live oracle's); :class:`GgmlLib` checks it at run time against the loaded ``libggml-base`` (``ggml_nbytes``, ``ggml_get_name``, ``ggml_op_name``,
-``ggml_type_name``) before anything is read, so a mismatched build fails with one clear error instead
-of reading garbage.
+``jaxkv.oracles.ggml_lib.Tensor``, the live oracle's); :class:`GgmlLib` checks it at run time against
+the loaded ``libggml-base`` (``ggml_get_name``, ``ggml_op_name``, ``ggml_type_name``) before anything is
+read, so a mismatched build fails with one clear error instead of reading garbage.
 
 :class:`Node` is a frozen snapshot of one tensor's descriptor (no data): ``ne`` / ``nb`` fastest first,
 ``view_src`` the root tensor's address (ggml collapses view chains, so a view's ``view_src`` is never a
