@@ -271,3 +271,19 @@ def test_sensitivity_from_shipped_traces_cli(tmp_path):
     calls = list(csv.DictReader(open(out / "calls.csv")))
     assert len(calls) == 2 and all(1 < float(c["headroom"]) < 1e6 for c in calls)
     assert sensitivity_cmd.main(["--from-traces", str(tmp_path / "none")]) == 2
+
+
+def test_verify_cli_prints_the_run_table_for_captures(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("s002_decode_l00_fa.gguf", "s002_decode_l05_fa.gguf"):
+        shutil.copy(SHIPPED / "fa_q4_0" / name, run / name)
+    (run / "s000_prefill_l00_fa.gguf").write_bytes(b"GGUF\x03\x00")  # unreadable: an E cell, exit 2
+    r = _run("verify", str(run))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    i = next(j for j, x in enumerate(lines) if x.split()[:3] == ["layer", "P", "2"])
+    assert lines[i + 1].split() == ["0", "E", "="] and lines[i + 2].split() == ["5", ".", "="]
+    assert "3 calls: 2 bit-exact (66.7 %), 2 pass, 0 fail, 1 not verifiable" in r.stdout
