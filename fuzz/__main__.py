@@ -39,7 +39,8 @@ def _parser():
             raise UsageError(message)
 
     p = Parser(prog="python -m fuzz", description="Fuzz campaigns over jaxkv's properties and kernels.",
-               epilog="subcommands: replay FILE | merge DIR... | verify ... | sensitivity ... | record ... | capture ...",
+               epilog="subcommands: replay FILE | merge DIR... | verify ... | sensitivity ... | record ... | "
+                      "capture ...",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--max-examples", type=int, metavar="N",
