@@ -17,6 +17,9 @@ Model (each step is a rounding an F16 kernel is entitled to make):
 4. the V accumulator is F16: ``acc = f16(acc + p_j * v_j)`` key after key (sequential), then
    ``out = f32(acc) / S``.
 
+NaN semantics: those of ``jaxkv.attention`` (a NaN input reaching a row makes that row NaN, never
+zeros; ``scale``/``softcap`` NaN or inf gives all NaN; a row with no live key and no sink gives zeros).
+
 Its error against the float64 golden reference is the yardstick of ``jaxkv.verify`` for
 ``--precision f16``.
 """
@@ -104,8 +107,10 @@ def _f16_core(q, k, v, scale, mask, softcap, slopes, sinks, *, dot_type, kv_f16)
 
     acc0 = jnp.zeros((B, n_q, hkv, g, dv), jnp.float16)
     acc, _ = lax.scan(step, acc0, (jnp.moveaxis(p, -1, 0), jnp.moveaxis(v, 1, 0)))
-    live = den > 0
-    out = jnp.where(live[..., None], acc.astype(f32) / jnp.where(live, den, 1)[..., None], 0)
+    empty = den == 0  # no live key, no sink: zeros; a NaN den (NaN input) propagates
+    out = jnp.where(empty[..., None], 0, acc.astype(f32) / jnp.where(empty, 1, den)[..., None])
+    ok = jnp.isfinite(jnp.asarray(scale, f32)) & jnp.isfinite(cap)
+    out = jnp.where(ok, out, jnp.nan)  # scale / softcap NaN or inf: undefined
     return out.reshape(B, n_q, H, dv)
 
 
