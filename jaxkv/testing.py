@@ -74,7 +74,8 @@ def assert_attention_close(out, q, k, v, *, scale=None, mask=None, sinks=None, s
                            allow_undecided=False) -> vf.Verdict:
     """Assert that ``out`` [B, n_q, H, Dv] is ``flash_attn_ext(q, k, v, ...)`` (layout in the module
     docstring) within the budget of ``precision`` (``"f64"``, ``"f32"``, ``"f16"``, ``"ggml-cpu"``:
-    ``jaxkv.verify.PRECISIONS``). ``scale`` defaults to ``1 / sqrt(Dk)``; ``n_threads`` and ``isa``
+    ``jaxkv.verify.PRECISIONS``). ``scale`` defaults to ``1 / sqrt(Dk)``; under ``ggml-cpu`` the mask
+    is rounded to F16 first (ggml's mask tensor is F16), otherwise used as given; ``n_threads`` and ``isa``
     (``jaxkv.ggml_cpu.ISAS``) configure the ``ggml-cpu`` emulation. Returns the
     :class:`jaxkv.verify.Verdict` when it passes (or is undecided and ``allow_undecided``); raises
     AssertionError on a failure (message: mismatches, greatest differences, NMSE, budget, diagnosis)
@@ -89,10 +90,14 @@ def assert_attention_close(out, q, k, v, *, scale=None, mask=None, sinks=None, s
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     md = {} if isa is None else {"ggml.isa": str(isa)}
+    if mask is not None:
+        mask = np.asarray(mask, np.float32)
+        if precision == "ggml-cpu":  # ggml reads its mask as F16: judge against the values it used
+            mask = mask.astype(np.float16).astype(np.float32)
     t = Trace(path=None, op="flash_attn_ext", producer="jaxkv.testing", scale=float(scale),
               max_bias=float(max_bias), softcap=float(softcap), n_threads=int(n_threads), kv_order=None,
               metadata=md, q=q, out=np.asarray(out, np.float32), k=_as_kv(k), v=_as_kv(v),
-              mask=None if mask is None else np.asarray(mask, np.float32),
+              mask=mask,
               sinks=None if sinks is None else np.asarray(sinks, np.float32))
     verdict = vf.verify_trace(t, precision, name="attention output", diagnose=diagnose)
     if verdict.status == "pass" or (verdict.status == "undecided" and allow_undecided):
