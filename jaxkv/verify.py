@@ -45,7 +45,7 @@ from jaxkv import mutations
 
 __all__ = [
     "PRECISIONS", "STATUSES", "EXIT_CODES", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
-    "Errors", "Budget", "EmuCheck", "Verdict", "Timings",
+    "Errors", "Budget", "EmuCheck", "Verdict", "Timings", "UnmodelledIsa",
     "resolve_precision", "trace_isa", "case_from_trace", "errors", "derive_budget", "emu_check",
     "model_output", "fallback_model", "undefined_inputs", "reference_undefined",
     "below_signal", "golden_output", "golden_for", "dead_rows", "acc_unit", "verify_trace", "verify_case",
@@ -355,6 +355,10 @@ def resolve_precision(trace, precision: str = "auto") -> str:
     return "f16"
 
 
+class UnmodelledIsa(ValueError, NotImplementedError):
+    """A trace from a ggml-cpu SIMD build the emulation does not model (:func:`trace_isa`)."""
+
+
 _ISA_WORD = re.compile(r"\b(avx512\w*|avx2|avx|sse\w*|neon|sve\w*|scalar)\b", re.IGNORECASE)
 
 
@@ -363,7 +367,8 @@ def trace_isa(trace) -> str:
     ``ggml.isa`` if present (``python -m fuzz record`` writes it), else an ISA word in ``trace.producer``
     (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512``), else
     ``jaxkv.ggml_cpu.DEFAULT_ISA`` (``avx512``: the shared traces say ``ggml cpu (n_threads=N)``, and
-    came from an AVX-512 build). An ISA the model does not emulate raises ValueError naming the field."""
+    came from an AVX-512 build). An ISA the model does not emulate raises :class:`UnmodelledIsa` (a
+    ValueError naming the field; also a NotImplementedError, so ``verify_trace`` falls back)."""
     from jaxkv import ggml_cpu
 
     md = getattr(trace, "metadata", None) or {}
@@ -377,7 +382,7 @@ def trace_isa(trace) -> str:
     isa = word.lower()
     isa = "avx512" if isa.startswith("avx512") else isa
     if isa not in ggml_cpu.ISAS:
-        raise ValueError(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
+        raise UnmodelledIsa(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
                          f"{', '.join(ggml_cpu.ISAS)})")
     return isa
 

@@ -678,3 +678,19 @@ def test_live_ggml_tiled_shapes_get_a_verdict(dtype):
             verdict = vf.verify_trace(t, diagnose=False)
             print(dtype, seed, n_q, n_kv, causal, verdict.line())
             assert verdict.status == "pass", verdict.line()
+
+
+def test_unmodelled_isa_falls_back_instead_of_exit_2():
+    """A trace from a SIMD build the emulation does not model (NEON) is readable: it gets a verdict under
+    the fallback budget, naming the build, not an error."""
+    import dataclasses
+
+    from jaxkv import trace as tr
+
+    t = tr.load(SHARED / "traces" / "ggml" / "fa_f16_sinks.gguf")
+    t = dataclasses.replace(t, metadata=dict(t.metadata, **{"ggml.isa": "neon"}))
+    with pytest.raises(ValueError, match="'neon' is not modelled"):
+        vf.trace_isa(t)
+    v = vf.verify_trace(t, diagnose=False)
+    assert v.status == "pass" and v.emu is None, v.line()
+    assert "'neon' is not modelled" in v.fallback and "fallback generic model (q as f16" in v.line()
