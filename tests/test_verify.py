@@ -694,3 +694,20 @@ def test_unmodelled_isa_falls_back_instead_of_exit_2():
     v = vf.verify_trace(t, diagnose=False)
     assert v.status == "pass" and v.emu is None, v.line()
     assert "'neon' is not modelled" in v.fallback and "fallback generic model (q as f16" in v.line()
+
+
+def test_overflowing_f16_model_budget_is_undecided_not_pass():
+    """The f16 model's F16 accumulator overflows on this trace (|V| ~ 1e4): its budget is infinite, which
+    passed any output before, the all-zero one included. Now undecided under f16; under auto the sharp
+    check still decides (ggml's output passes, zero fails)."""
+    import dataclasses
+
+    from jaxkv import trace as tr
+
+    t = tr.load(REPO / "tests" / "data" / "ggml020_fa_f16v_overflow.gguf")
+    zero = dataclasses.replace(t, out=np.zeros_like(np.asarray(t.out)))
+    for x in (t, zero):
+        v = vf.verify_trace(x, "f16", diagnose=False)
+        assert v.status == "undecided" and math.isinf(v.budget.nmse), v.line()
+    assert vf.verify_trace(t, diagnose=False).status == "pass"
+    assert vf.verify_trace(zero, diagnose=False).status == "fail"
