@@ -210,7 +210,7 @@ class Budget:
 def derive_budget(golden, model, model_name: str, factor: float = FACTOR) -> Budget:
     """The budget of a trace from its golden output and the honest model's output (both
     [B, n_q, H, Dv]). A model that is not finite where the golden is (it should never be) gives an
-    infinite budget, which ``verify`` reports as an error of the reference, not a pass."""
+    infinite budget, which ``verify`` reports as undecided (not below the signal), never a pass."""
     golden = np.asarray(golden, np.float64)
     me = errors(model, golden)
     gmax = float(np.max(np.abs(golden), initial=0.0, where=np.isfinite(golden)))
