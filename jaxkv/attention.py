@@ -32,10 +32,11 @@ the maximum) NaN, hence the whole output row NaN, as ggml's online softmax does 
 a NaN ``s``, then ``vs = expf(NaN)`` enters ``S`` and the accumulator). A NaN in a live key's V entry
 makes that output element NaN (here in every row of the batch row and KV head group, through
 ``0 * NaN``, where ggml skips the key in the rows that mask it). ``scale`` or ``softcap`` NaN/inf is
-undefined: every output is NaN. A key skipped by the mask in every row is never read, so NaN in its
-K/V changes nothing. ``jaxkv.verify`` does not judge an output whose reference holds such NaN: it
-gives the verdict "undecided" and names the input (docs/tolerance.md). A key that is masked for every query row and head of a batch row is skipped
-like ggml skips it: its K/V values are never read (they may be NaN/inf, e.g. unused cache slots).
+undefined: every output is NaN. ``jaxkv.verify`` does not judge an output whose reference holds such
+NaN: it gives the verdict "undecided" and names the input (docs/tolerance.md).
+
+A key that is masked for every query row and head of a batch row is skipped like ggml skips it: its K/V
+values are never read (they may be NaN/inf, e.g. unused cache slots).
 
 Precision policies: ``"f64"`` casts every input to float64 (the golden reference); ``"f32"`` computes
 in float32 (matmuls at HIGHEST precision); ``"ggml-cpu"`` (``attention`` only) dispatches to

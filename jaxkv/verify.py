@@ -15,7 +15,7 @@ On failure, :mod:`jaxkv.diagnose` tests named bug hypotheses and localizes the e
 
 Statuses (:data:`STATUSES`) and the exit codes of ``python -m fuzz verify`` (:data:`EXIT_CODES`): ``pass``
 0, ``fail`` 1, ``error`` 2 (unreadable input, bad usage), ``undecided`` 3. ``undecided`` is given when
-no verdict can be trusted (docs/tolerance.md, "Undecided"):
+no verdict can be trusted (docs/tolerance.md, "Undecided, NaN inputs and the fallback budget"):
 
 - the reference is undefined: an input the golden reads holds NaN or inf (``scale``, ``softcap``,
   ``max_bias``, a q entry, a K/V entry of a key that is live for some row, a mask entry that is NaN or

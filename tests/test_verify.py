@@ -633,7 +633,8 @@ def test_fallback_budget_when_the_model_does_not_cover_the_trace(tmp_path, monke
     monkeypatch.setattr(ggml_cpu, "flash_attn_ext", unmodelled)
     assert main([str(tmp_path / "tiled.gguf")]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith("PASS") and "[ggml-cpu -> fallback generic model (q as f16, f16 accumulator)]" in line
+    assert line.startswith("PASS")
+    assert "[ggml-cpu -> fallback generic model (q as f16, f16 accumulator)]" in line
     assert main([str(tmp_path / "tiled.gguf"), "--json"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["fallback"].startswith("the ggml-cpu model does not cover this trace (n_q=64")
