@@ -663,6 +663,8 @@ class Verdict:
                          f"{w['dim']}: got {w['got']:.6g}, expected {w['expected']:.6g}")
         lines.append("  per-head max_abs: " + " ".join(f"{x:.2g}" for x in e.per_head_max_abs))
         lines.append(f"  NaN in output: {e.nan_count}")
+        if self.status == "undecided":  # nothing to explain: no verdict
+            return "\n".join(lines)
         if self.diagnosis:
             lines.append("  diagnosis (hypotheses that explain the output):")
             lines += [f"    - {x['hypothesis']}: {x['label']} (with it: nmse {x['nmse']:.3g}, max_abs "
