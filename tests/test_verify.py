@@ -481,6 +481,11 @@ def test_cli_no_traces_found_exits_2_one_line(tmp_path):
         assert p.returncode == 2, p.stdout + p.stderr
         assert p.stdout.splitlines() == [f"ERROR {tmp_path / d}: no traces found under {tmp_path / d}"]
         assert "Traceback" not in p.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.gguf").write_bytes(b"\x00garbage")
+    p = _cli([tmp_path / "bad"])  # only unreadable traces: one ERROR line each, exit 2
+    assert p.returncode == 2 and len(p.stdout.splitlines()) == 1
+    assert p.stdout.startswith(f"ERROR {tmp_path / 'bad' / 'x.gguf'}: ")
 
 
 # NaN semantics: every precision model propagates a NaN input to its rows as ggml does
