@@ -47,6 +47,7 @@ ISAS = tuple(ISA_TABLE)          # ("avx512", "avx2")
 DEFAULT_ISA = "avx512"           # the shared traces' build (ggml-cpu-rounding.md)
 SPLIT_KV_MIN = 512               # ggml_compute_forward_flash_attn_ext_f16: nek1 >= 512
 TILE_Q = 64                      # GGML_FA_TILE_Q
+class Unmodelled(NotImplementedError): """A ggml path this model does not emulate (jaxkv.verify then judges under its fallback budget)."""  # noqa: E701,E302,E305
 
 
 def kv_type(x, name: str) -> str:
