@@ -142,8 +142,8 @@ def render(rows) -> str:
                     f". not captured):", t]
     mx = "n/a" if s["max_units"] is None else f"{s['max_units']:.3g}"
     out.append(f"{s['n']} calls: {s['bit_exact']} bit-exact ({100 * s['fraction_bit_exact']:.1f} %), "
-               f"{s['passed']} pass ({s['fallback']} under the fallback budget), {s['failed']} fail, "
-               f"{s['undecided']} undecided, {s['errors']} not verifiable; max {mx} units from the emulation")
+               f"{s['passed']} pass, {s['failed']} fail, {s['errors']} not verifiable, {s['undecided']} undecided, "
+               f"{s['fallback']} judged under the fallback budget; max {mx} units from the emulation")
     for reason, c in sorted(s["error_reasons"].items(), key=lambda kv: -kv[1]):
         out.append(f"  not verifiable ({c}): {reason}")
     f = first_failure(rows)

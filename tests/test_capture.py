@@ -286,5 +286,4 @@ def test_verify_cli_prints_the_run_table_for_captures(tmp_path):
     lines = r.stdout.splitlines()
     i = next(j for j, x in enumerate(lines) if x.split()[:3] == ["layer", "P", "2"])
     assert lines[i + 1].split() == ["0", "E", "="] and lines[i + 2].split() == ["5", ".", "="]
-    assert ("3 calls: 2 bit-exact (66.7 %), 2 pass (0 under the fallback budget), 0 fail, 0 undecided, "
-            "1 not verifiable") in r.stdout
+    assert "3 calls: 2 bit-exact (66.7 %), 2 pass, 0 fail, 1 not verifiable" in r.stdout
