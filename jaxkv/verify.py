@@ -460,7 +460,9 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
             out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
         else:
             kw.update(softcap=case.softcap, sinks=trace.sinks,
-                      n_threads=config.get("n_threads", case.n_threads))
+                      n_threads=config.get("n_threads", case.n_threads),
+                      version=ggml_cpu.tiled.trace_version(getattr(trace, "metadata", None),
+                                                           getattr(trace, "producer", None)))
             if trace.op == "mixed_flash_attn":
                 out = ggml_cpu.mixed_flash_attn(trace.q, trace.k_cold, trace.v_cold, trace.k_hot,
                                                 trace.v_hot, kv_order=trace.kv_order, **kw)

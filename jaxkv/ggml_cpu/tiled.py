@@ -45,8 +45,8 @@ from jaxkv.ggml_cpu import kernels as _k
 from jaxkv.ggml_cpu.dot import get_isa
 from jaxkv.ggml_cpu.fp import F64, add32, div32, expf, fma32, mul32, r32, sub32, tanhf
 
-__all__ = ["TiledBuild", "TILED_BUILDS", "DEFAULT_VERSION", "tiled_build", "takes_tiled", "query_tiles",
-           "regroup_tiles", "tiled_core"]
+__all__ = ["TiledBuild", "TILED_BUILDS", "DEFAULT_VERSION", "tiled_build", "trace_version", "takes_tiled",
+           "query_tiles", "regroup_tiles", "tiled_core"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,20 @@ def tiled_build(version=None) -> TiledBuild | None:
         if v >= b.since:
             found = b
     return found
+
+
+_PRODUCER_VERSION = re.compile(r"\bggml\s+v?(\d+\.\d+(?:\.\d+)?)\b")
+
+
+def trace_version(metadata, producer) -> str | None:
+    """The ggml release a trace names: metadata ``ggml.version`` (``python -m fuzz record`` writes it),
+    else a version after "ggml" in the producer ("ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"), else
+    None (the model's DEFAULT_VERSION applies)."""
+    md = metadata or {}
+    if md.get("ggml.version"):
+        return str(md["ggml.version"])
+    m = _PRODUCER_VERSION.search(str(producer or ""))
+    return m.group(1) if m else None
 
 
 def takes_tiled(n_q: int, B: int, k_type: str, v_type: str, dv: int, isa, version=None) -> bool:
