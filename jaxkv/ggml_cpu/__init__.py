@@ -210,8 +210,7 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     if n_kv == 0:
         return jnp.zeros((B, n_q, H, v.shape[-1]), jnp.float32)
     if path(n_q, B, k_type, v_type, n_kv, v.shape[-1], isa, version) == "tiled":
-        return _flash_tiled(q, k, v, k_type, scale, mask, softcap, max_bias, sinks, int(n_threads), isa,
-                            ctr, version)
+        return _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, int(n_threads), isa, version)
     if k_type not in ("f16", "f32") and q.shape[-1] % 32:
         raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
     nch = split_chunks(n_q, B, k_type, v_type, n_kv, n_threads)
@@ -224,20 +223,21 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     return _out32(out, (B, n_q, H, -1))
 
 
-def _flash_tiled(q, k, v, t, scale, mask, softcap, max_bias, sinks, n_threads, isa, ctr, version):
-    """flash_attn_ext on ggml's tiled path (:mod:`.tiled`), arguments checked by the caller."""
+def _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, n_threads, isa, version):
+    """flash_attn_ext on ggml's tiled path (:mod:`.tiled`), arguments checked by the caller. No
+    ``Contract`` applies there: its only contractible step (sinks) is :data:`.tiled.SINKS_FUSED`."""
     B, n_q, H, _ = q.shape
     hkv = k.shape[2]
     build = _tiled.tiled_build(version)
-    ids, n_tiles = _tiled.query_tiles(B, H, n_q, n_threads, build.q_tile)
+    ids, _ = _tiled.query_tiles(B, H, n_q, n_threads, build.q_tile)
     qg, mg, sg, slg = _group(q, mask, sinks, _slopes(H, max_bias), hkv)
     cap = float(np.float32(softcap))
     out = _tiled.tiled_core(qg, _carrier(k), _carrier(v), jnp.asarray(float(np.float32(scale)), F64),
                             jnp.asarray(cap if cap else 1.0, F64), slg, mg, sg,
                             jnp.asarray(_tiled.regroup_tiles(ids, hkv)), isa=get_isa(isa).name,
                             kv_tile=build.kv_tile, softcap_on=cap != 0.0,
-                            softcap_after_pad=build.softcap_after_pad, sinks_fused=ctr.sum_update,
-                            n_tiles_q=n_tiles)
+                            softcap_after_pad=build.softcap_after_pad,
+                            sinks_fused=_tiled.SINKS_FUSED[get_isa(isa).name])
     return _out32(out, (B, n_q, H, -1))
 
 

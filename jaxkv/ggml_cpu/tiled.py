@@ -17,8 +17,8 @@ split-KV path, and -- in the builds that have the rule -- ``Dv % GGML_F32_EPR ==
   double, added to the float ``S`` in double);
 - ``VKQ = simd_gemm(p, V)``: every output element is one FMA chain over the 64 key slots of the tile,
   padded slots included (their V slots hold the previous packed tile's rows, zeros in the first);
-- sinks after the last tile (``S = S*ms + vs``: whether that is one FMA is a build fact, taken from
-  ``Contract.sum_update``), then ``VKQ *= (S == 0 ? 0 : 1/S)``.
+- sinks after the last tile (``S = S*ms + vs``: whether that is one FMA is a build fact,
+  :data:`SINKS_FUSED`), then ``VKQ *= (S == 0 ? 0 : 1/S)``.
 
 Rows are independent except through the key-tile skip (which drops a tile's ``fma(v, 0, acc)`` terms:
 only the sign of a zero or an inf/NaN in V can tell); that skip is modelled with ggml's query tiles,
@@ -45,7 +45,7 @@ from jaxkv.ggml_cpu import kernels as _k
 from jaxkv.ggml_cpu.dot import get_isa
 from jaxkv.ggml_cpu.fp import F64, add32, div32, expf, fma32, mul32, r32, sub32, tanhf
 
-__all__ = ["TiledBuild", "TILED_BUILDS", "DEFAULT_VERSION", "tiled_build", "trace_version", "takes_tiled",
+__all__ = ["TiledBuild", "TILED_BUILDS", "SINKS_FUSED", "DEFAULT_VERSION", "tiled_build", "trace_version", "takes_tiled",
            "query_tiles", "regroup_tiles", "tiled_core"]
 
 
@@ -72,6 +72,12 @@ TILED_BUILDS: tuple[TiledBuild, ...] = (
     TiledBuild(since=(0, 9, 6)),
     TiledBuild(since=(0, 25, 3), dv_lanes_x86=False, softcap_after_pad=False),
 )
+#: whether the compiler fused the sinks step ``S = S*ms + vs`` of the tiled path into one FMA, per
+#: modelled build (a fact of the build, apart from ``Contract.sum_update`` of the per-row loop): the
+#: libggml-python 0.20.2 AVX2 wheel fuses it (tests/data/ggml020_tiled_f32_gqa_sinks_d40.gguf: 3.1 units
+#: unfused, bit-exact fused) although it does not fuse the per-row loop's; "avx512": assumed fused (GCC
+#: contracts by default) until a native build says otherwise.
+SINKS_FUSED: dict[str, bool] = {"avx512": True, "avx2": True}
 #: the version assumed for a trace that does not say (the shared traces: ggml 0.21)
 DEFAULT_VERSION = "0.21.0"
 
@@ -153,10 +159,9 @@ def _pad_keys(x, n_pad: int, axis: int, value):
     return jnp.concatenate([x, jnp.full(shape, value, x.dtype)], axis=axis)
 
 
-@partial(jax.jit, static_argnames=("isa", "kv_tile", "softcap_on", "softcap_after_pad", "sinks_fused",
-                                   "n_tiles_q"))
+@partial(jax.jit, static_argnames=("isa", "kv_tile", "softcap_on", "softcap_after_pad", "sinks_fused"))
 def tiled_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, tile_ids, *, isa, kv_tile, softcap_on,
-               softcap_after_pad, sinks_fused, n_tiles_q):
+               softcap_after_pad, sinks_fused):
     """qg [B, n_q, Hkv, G, Dk] f32 carriers (q unrounded); k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv] f32
     carriers (F16 or F32 values); slopes_g [Hkv, G]; mask_g [B|1, n_q, Hkv|1, G|1, n_kv] (F16 mask values)
     or None; sinks_g [Hkv, G] or None; tile_ids int [B, n_q, Hkv, G] (:func:`query_tiles`, regrouped)
@@ -192,7 +197,7 @@ def tiled_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, tile_ids, *,
         live = (mv != -jnp.inf).reshape(lead + (n_t, kv_tile)).any(-1)   # [B, n_q, Hkv, G, n_t]
         # a key tile is skipped for a whole query tile when no row of it has a live key there
         ids = tile_ids.reshape(-1)
-        tile_any = jax.ops.segment_max(live.reshape(-1, n_t).astype(jnp.int32), ids, num_segments=n_tiles_q)
+        tile_any = jax.ops.segment_max(live.reshape(-1, n_t).astype(jnp.int32), ids, num_segments=ids.size)
         live_tile = tile_any[ids].reshape(lead + (n_t,)) > 0
 
     # V slots per key tile; padded slots hold the previous tile's rows (zeros in the first)
@@ -218,9 +223,11 @@ def tiled_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, tile_ids, *,
         y, tot = _k._row_exp_sum(st, jnp.where(row, mnew, 0.0), isa)
         S = jnp.where(row, r32(S + tot), S)
         y = jnp.where(row[..., None], y, 0.0)
-        a = acc
-        for j in range(kv_tile):  # simd_gemm(VKQ, p, V): one FMA per key slot, in slot order
-            a = fma32(vt[:, None, j, :, None, :], y[..., j, None], a)
+        def slot(a, xs):  # simd_gemm(VKQ, p, V): one FMA per key slot, in slot order
+            vj, yj = xs
+            return fma32(vj[:, None, :, None, :], yj[..., None], a), None
+
+        a, _ = lax.scan(slot, acc, (jnp.moveaxis(vt, 1, 0), jnp.moveaxis(y, -1, 0)))
         acc = jnp.where(proc[..., None], a, acc)
         return (mnew, S, acc), None
 

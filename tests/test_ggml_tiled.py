@@ -1,0 +1,147 @@
+"""ggml's tiled CPU flash-attention path (jaxkv.ggml_cpu.tiled): path rule, query tiles, recorded traces.
+
+tests/data/ggml020_tiled_*.gguf were recorded from live ggml (the libggml-python 0.20.2 AVX2 wheel) by
+``python -m fuzz record`` (the exact arguments are in each file's ``record.args`` metadata); the model must
+reproduce their outputs bit for bit and ``python -m fuzz verify`` must pass them (exit 0, never 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from jaxkv import ggml_cpu
+from jaxkv import trace as tr
+from jaxkv import verify as vf
+from jaxkv.ggml_cpu import tiled
+
+TILED_TRACES = sorted((REPO / "tests" / "data").glob("ggml020_tiled_*.gguf"))
+
+
+def _model(t, **over):
+    kw = dict(scale=t.scale, mask=t.mask, softcap=t.softcap, max_bias=t.max_bias, sinks=t.sinks,
+              n_threads=t.n_threads, isa=vf.trace_isa(t), version=t.metadata["ggml.version"])
+    kw.update(over)
+    if t.op == "mixed_flash_attn":
+        return np.asarray(ggml_cpu.mixed_flash_attn(t.q, t.k_cold, t.v_cold, t.k_hot, t.v_hot,
+                                                    kv_order=t.kv_order, **kw))
+    return np.asarray(ggml_cpu.flash_attn_ext(t.q, t.k, t.v, **kw))
+
+
+def _path(t):
+    B, n_q = t.q.shape[:2]
+    if t.op == "mixed_flash_attn":
+        kt = vt = "f16"
+        n_kv, dv = t.k_cold.shape[1] + t.k_hot.shape[1], t.v_hot.shape[-1]
+    else:
+        kt, vt = ggml_cpu.kv_type(t.k, "k"), ggml_cpu.kv_type(t.v, "v")
+        n_kv, dv = t.k.shape[1], t.v.shape[-1]
+    return ggml_cpu.path(n_q, B, kt, vt, n_kv, dv, vf.trace_isa(t), t.metadata["ggml.version"])
+
+
+def test_recorded_tiled_traces_exist_and_take_the_tiled_path():
+    names = {p.stem for p in TILED_TRACES}
+    assert {"ggml020_tiled_f16_causal_t2", "ggml020_tiled_f32_gqa_sinks_d40", "ggml020_tiled_mixed_q8_0_causal",
+            "ggml020_tiled_f16_causal_n256_t4"} <= names
+    for p in TILED_TRACES:
+        t = tr.load(p)
+        assert t.metadata["ggml.version"] == "0.20.2" and vf.trace_isa(t) == "avx2"
+        assert t.q.shape[1] >= 64 and _path(t) == "tiled", p.name
+
+
+@pytest.mark.parametrize("path", TILED_TRACES, ids=[p.stem for p in TILED_TRACES])
+def test_model_reproduces_recorded_tiled_trace_bit_for_bit(path):
+    t = tr.load(path)
+    np.testing.assert_array_equal(_model(t), np.asarray(t.out))
+
+
+def test_fuzz_verify_passes_every_tiled_trace(capsys):
+    """The CLI gives a verdict (exit 0: all PASS) on every recorded prefill trace; none exits 2."""
+    from fuzz import verify_cmd
+
+    rc = verify_cmd.main([str(p) for p in TILED_TRACES])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("PASS") == len(TILED_TRACES) and "emu 0 units" in out
+
+
+def test_tiled_sinks_step_is_fused_in_the_avx2_wheel(monkeypatch):
+    """The wheel contracts the tiled path's sinks step ``S*ms + vs`` (not its per-row loop's): modelled
+    unfused, the sinks trace is off in some rows -- so the fact in SINKS_FUSED is measured, not assumed."""
+    t = tr.load(REPO / "tests" / "data" / "ggml020_tiled_f32_gqa_sinks_d40.gguf")
+    monkeypatch.setitem(tiled.SINKS_FUSED, "avx2", False)
+    assert not np.array_equal(_model(t), np.asarray(t.out))
+
+
+def test_softcap_padding_order_is_a_version_fact():
+    """ggml 0.20.2 sets the padded key slots of the last key tile to -inf before tanh/softcap (they become
+    -softcap and, with no mask, weigh in); 0.25.3 applies softcap first. The recorded 0.20.2 trace (n_kv =
+    130, no mask, softcap 20) is reproduced only by the 0.20.2 facts."""
+    t = tr.load(REPO / "tests" / "data" / "ggml020_tiled_f16_softcap_nomask_pad.gguf")
+    assert t.mask is None and t.softcap > 0 and t.k.shape[1] % 64
+    np.testing.assert_array_equal(_model(t), np.asarray(t.out))
+    assert not np.array_equal(_model(t, version="0.25.3"), np.asarray(t.out))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the path rule and the query tiles (no ggml needed)
+
+
+@pytest.mark.parametrize("args, want", [
+    ((64, 1, "f16", "f16", 100, 64, "avx2", "0.20.2"), "tiled"),
+    ((63, 1, "f16", "f16", 100, 64, "avx2", "0.20.2"), "per-row"),
+    ((64, 1, "f16", "f32", 100, 64, "avx2", "0.20.2"), "per-row"),       # K and V of one type only
+    ((64, 1, "q8_0", "q8_0", 100, 64, "avx2", "0.20.2"), "per-row"),
+    ((128, 2, "f32", "f32", 600, 40, "avx2", "0.20.2"), "tiled"),        # 40 % 8 == 0
+    ((128, 2, "f32", "f32", 600, 40, "avx512", "0.20.2"), "per-row"),    # 40 % 16 != 0
+    ((128, 2, "f32", "f32", 600, 40, "avx512", "0.25.3"), "tiled"),      # rule gone on x86
+    ((128, 1, "f16", "f16", 600, 60, "avx2", "0.21.0"), "per-row"),
+    ((128, 1, "f16", "f16", 600, 60, "avx2", "0.26.0"), "tiled"),
+    ((128, 1, "f16", "f16", 600, 64, "avx2", "0.9.5"), "per-row"),       # before the tiled path
+    ((1, 1, "f16", "f16", 512, 64, "avx2", "0.20.2"), "split-kv"),
+    ((1, 1, "f16", "f16", 511, 64, "avx2", "0.20.2"), "per-row"),
+])
+def test_path_rule(args, want):
+    assert ggml_cpu.path(*args) == want
+
+
+def test_versions():
+    assert tiled.tiled_build("0.20.2") == tiled.tiled_build(None) == tiled.tiled_build("v0.21.0")
+    assert tiled.tiled_build("0.25.3").softcap_after_pad is False
+    assert tiled.tiled_build("0.9.5") is None
+    with pytest.raises(ValueError, match="version"):
+        tiled.tiled_build("main")
+    assert tiled.trace_version({"ggml.version": "0.25.3"}, "ggml 0.20.2") == "0.25.3"
+    assert tiled.trace_version({}, "ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2") == "0.20.2"
+    assert tiled.trace_version(None, "ggml cpu (n_threads=2)") is None
+
+
+def test_query_tiles_follow_ggml_chunking():
+    # one thread: one chunk; tiles of 64 rows that stop at a head boundary
+    ids, n = tiled.query_tiles(1, 2, 100, 1)
+    assert n == 4
+    assert [int(ids[0, 0, i]) for i in (0, 63, 64, 99)] == [0, 0, 1, 1]
+    assert [int(ids[0, 1, i]) for i in (0, 63, 64, 99)] == [2, 2, 3, 3]
+    # three threads: 200 rows in 12 chunks of 17 (ceil(200 / ceil(200 / 12))): chunk 5 = rows 85..101
+    # crosses the head boundary at row 100, so it holds two tiles (85..99, 100..101)
+    ids, n = tiled.query_tiles(1, 2, 100, 3)
+    flat = ids.reshape(-1)
+    assert n == 13
+    assert len(set(flat[85:100])) == 1 and flat[84] != flat[85] and flat[99] != flat[100] == flat[101]
+    assert flat[101] != flat[102]
+
+
+def test_threads_only_regroup_rows():
+    """Rows are independent on the tiled path: n_threads changes the query tiles, not the values (finite
+    inputs)."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 70, 4, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 75, 2, 32)).astype(np.float16)
+    v = rng.standard_normal((1, 75, 2, 32)).astype(np.float16)
+    mask = np.where(rng.random((1, 1, 70, 75)) < 0.5, -np.inf, 0.0).astype(np.float16)
+    mask[..., :40, :64] = -np.inf  # the first key tile dead for the first 40 queries
+    a = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=0.17, mask=mask, n_threads=1, isa="avx2"))
+    b = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=0.17, mask=mask, n_threads=3, isa="avx2"))
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.isfinite(a))
