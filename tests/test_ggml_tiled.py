@@ -1,7 +1,8 @@
 """ggml's tiled CPU flash-attention path (jaxkv.ggml_cpu.tiled): path rule, query tiles, recorded traces.
 
-tests/data/ggml020_tiled_*.gguf were recorded from live ggml (the libggml-python 0.20.2 AVX2 wheel) by
-``python -m fuzz record`` (the exact arguments are in each file's ``record.args`` metadata); the model must
+tests/data/ggml020_tiled_*.gguf were recorded from live ggml (the libggml-python 0.20.2 AVX2 wheel),
+tests/data/ggml025_tiled_*.gguf from a native AVX-512 GCC build of ggml 0.25.3 (llama-cpp-python 0.3.36's
+libggml, through JAXKV_GGML_LIB_DIR), by ``python -m fuzz record`` (the exact arguments are in each file's ``record.args`` metadata); the model must
 reproduce their outputs bit for bit and ``python -m fuzz verify`` must pass them (exit 0, never 2).
 """
 
@@ -16,7 +17,8 @@ from jaxkv import trace as tr
 from jaxkv import verify as vf
 from jaxkv.ggml_cpu import tiled
 
-TILED_TRACES = sorted((REPO / "tests" / "data").glob("ggml020_tiled_*.gguf"))
+DATA = REPO / "tests" / "data"
+TILED_TRACES = sorted(DATA.glob("ggml02*_tiled_*.gguf"))
 
 
 def _model(t, **over):
@@ -43,10 +45,12 @@ def _path(t):
 def test_recorded_tiled_traces_exist_and_take_the_tiled_path():
     names = {p.stem for p in TILED_TRACES}
     assert {"ggml020_tiled_f16_causal_t2", "ggml020_tiled_f32_gqa_sinks_d40", "ggml020_tiled_mixed_q8_0_causal",
-            "ggml020_tiled_f16_causal_n256_t4"} <= names
+            "ggml020_tiled_f16_causal_n256_t4", "ggml025_tiled_f32_d60_sinks_t2",
+            "ggml025_tiled_mixed_q4_0_causal_d96"} <= names
     for p in TILED_TRACES:
         t = tr.load(p)
-        assert t.metadata["ggml.version"] == "0.20.2" and vf.trace_isa(t) == "avx2"
+        builds = {"ggml020": ("0.20.2", "avx2"), "ggml025": ("0.25.3", "avx512")}
+        assert (t.metadata["ggml.version"], vf.trace_isa(t)) == builds[p.stem[:7]]
         assert t.q.shape[1] >= 64 and _path(t) == "tiled", p.name
 
 
@@ -66,11 +70,14 @@ def test_fuzz_verify_passes_every_tiled_trace(capsys):
     assert out.count("PASS") == len(TILED_TRACES) and "emu 0 units" in out
 
 
-def test_tiled_sinks_step_is_fused_in_the_avx2_wheel(monkeypatch):
-    """The wheel contracts the tiled path's sinks step ``S*ms + vs`` (not its per-row loop's): modelled
-    unfused, the sinks trace is off in some rows -- so the fact in SINKS_FUSED is measured, not assumed."""
-    t = tr.load(REPO / "tests" / "data" / "ggml020_tiled_f32_gqa_sinks_d40.gguf")
-    monkeypatch.setitem(tiled.SINKS_FUSED, "avx2", False)
+@pytest.mark.parametrize("name, isa", [("ggml020_tiled_f32_gqa_sinks_d40", "avx2"),
+                                       ("ggml025_tiled_f32_d60_sinks_t2", "avx512")])
+def test_tiled_sinks_step_is_fused(monkeypatch, name, isa):
+    """Both builds contract the tiled path's sinks step ``S*ms + vs`` (the AVX2 wheel not its per-row
+    loop's): modelled unfused, the sinks traces are off in some rows -- the fact in SINKS_FUSED is
+    measured, not assumed."""
+    t = tr.load(DATA / f"{name}.gguf")
+    monkeypatch.setitem(tiled.SINKS_FUSED, isa, False)
     assert not np.array_equal(_model(t), np.asarray(t.out))
 
 
@@ -78,10 +85,20 @@ def test_softcap_padding_order_is_a_version_fact():
     """ggml 0.20.2 sets the padded key slots of the last key tile to -inf before tanh/softcap (they become
     -softcap and, with no mask, weigh in); 0.25.3 applies softcap first. The recorded 0.20.2 trace (n_kv =
     130, no mask, softcap 20) is reproduced only by the 0.20.2 facts."""
-    t = tr.load(REPO / "tests" / "data" / "ggml020_tiled_f16_softcap_nomask_pad.gguf")
-    assert t.mask is None and t.softcap > 0 and t.k.shape[1] % 64
-    np.testing.assert_array_equal(_model(t), np.asarray(t.out))
-    assert not np.array_equal(_model(t, version="0.25.3"), np.asarray(t.out))
+    old, new = (tr.load(DATA / f"ggml02{v}_tiled_f16_softcap_nomask_pad.gguf") for v in "05")
+    for t in (old, new):
+        assert t.mask is None and t.softcap > 0 and t.k.shape[1] % 64
+    assert not np.array_equal(_model(old, version="0.25.3", isa="avx2"), np.asarray(old.out))
+    assert not np.array_equal(_model(new, version="0.20.2", isa="avx512"), np.asarray(new.out))
+
+
+def test_dv_leftover_rule_is_a_version_fact():
+    """Dv = 60 is no multiple of AVX-512's 16 F32 lanes: ggml 0.25.3 still tiles (its simd_gemm has a
+    masked tail), 0.20.2 falls back to the per-row loop, whose F32 dot and softmax round differently."""
+    t = tr.load(DATA / "ggml025_tiled_f32_d60_sinks_t2.gguf")
+    assert t.v.shape[-1] == 60 and _path(t) == "tiled"
+    assert ggml_cpu.path(64, 1, "f32", "f32", t.k.shape[1], 60, "avx512", "0.20.2") == "per-row"
+    assert not np.array_equal(_model(t, version="0.20.2"), np.asarray(t.out))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,10 +73,10 @@ TILED_BUILDS: tuple[TiledBuild, ...] = (
     TiledBuild(since=(0, 25, 3), dv_lanes_x86=False, softcap_after_pad=False),
 )
 #: whether the compiler fused the sinks step ``S = S*ms + vs`` of the tiled path into one FMA, per
-#: modelled build (a fact of the build, apart from ``Contract.sum_update`` of the per-row loop): the
-#: libggml-python 0.20.2 AVX2 wheel fuses it (tests/data/ggml020_tiled_f32_gqa_sinks_d40.gguf: 3.1 units
-#: unfused, bit-exact fused) although it does not fuse the per-row loop's; "avx512": assumed fused (GCC
-#: contracts by default) until a native build says otherwise.
+#: modelled build (a fact of the build, apart from ``Contract.sum_update`` of the per-row loop), measured:
+#: the libggml-python 0.20.2 AVX2 wheel fuses it (tests/data/ggml020_tiled_f32_gqa_sinks_d40.gguf: 3.1 units
+#: unfused, bit-exact fused) although it does not fuse the per-row loop's; a native AVX-512 GCC build of
+#: ggml 0.25.3 fuses it too (tests/data/ggml025_tiled_f32_d60_sinks_t2.gguf).
 SINKS_FUSED: dict[str, bool] = {"avx512": True, "avx2": True}
 #: the version assumed for a trace that does not say (the shared traces: ggml 0.21)
 DEFAULT_VERSION = "0.21.0"
