@@ -162,3 +162,84 @@ def test_threads_only_regroup_rows():
     b = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=0.17, mask=mask, n_threads=3, isa="avx2"))
     np.testing.assert_array_equal(a, b)
     assert np.all(np.isfinite(a))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the live-ggml fuzz targets' own cases (python -m fuzz --target ggml|ggml-unfused|ggml-mixed)
+
+
+def _draws(name, n=600, seed=0, **kw):
+    from fuzz import ggml_targets as T
+
+    rng = np.random.default_rng(seed)
+
+    def draw(spec):
+        if isinstance(spec, tuple) and spec and spec[0] == "int":
+            return int(rng.integers(spec[1], spec[2] + 1))
+        if isinstance(spec, tuple) and spec and spec[0] == "float":
+            return float(rng.uniform(spec[1], spec[2]))
+        if isinstance(spec, tuple) and spec and spec[0] == "p":
+            return bool(rng.random() < spec[1])
+        return spec[int(rng.integers(len(spec)))]
+    return [T.draw_case(name, draw, **kw) for _ in range(n)]
+
+
+def test_target_cases_reach_every_path_type_and_option():
+    from fuzz import ggml_targets as T
+
+    cases = _draws("ggml")
+    paths = {ggml_cpu.path(c["n_q"], c["B"], c["k_fmt"], c["v_fmt"], c["n_kv"], c["Dv"], "avx512", "0.25.3")
+             for c in cases}
+    assert paths == {"per-row", "split-kv", "tiled"}
+    assert {c["shape"] for c in cases} == set(T.SHAPES)
+    assert {c["k_fmt"] for c in cases} == set(T.FLOATS + T.BLOCKS) == {c["v_fmt"] for c in cases}
+    assert {c["Dk"] for c in cases} >= {40, 60, 80, 96, 256, 576} and 112 in {c["Dv"] for c in cases}
+    assert max(c["heads"][0] // c["heads"][1] for c in cases) == 32
+    assert {c["threads"] for c in cases} == {1, 2, 3, 4} and {c["mask"] for c in cases} == set(T.CASE_MASKS)
+    assert all(any(c[f] for c in cases) for f in ("sinks", "softcap", "max_bias"))
+    for c in cases:  # block types only on whole 32-element blocks; ALiBi only with a mask
+        assert c["k_fmt"] in T.FLOATS or c["Dk"] % 32 == 0
+        assert c["v_fmt"] in T.FLOATS or c["Dv"] % 32 == 0
+        assert c["max_bias"] == 0 or c["mask"] != "none"
+
+
+def test_target_cases_respect_each_target():
+    from fuzz import ggml_targets as T
+
+    for c in _draws("ggml-unfused", 200, unsupported=T.UNSUPPORTED["ggml-unfused"], threads=3):
+        assert c["v_fmt"] in T.FLOATS and not c["sinks"] and c["softcap"] == 0 and c["threads"] == 3
+    mixed = _draws("ggml-mixed", 200)
+    assert all(c["k_fmt"] in T.BLOCKS and c["v_fmt"] in T.BLOCKS and c["Dk"] % 32 == c["Dv"] % 32 == 0
+               for c in mixed)
+    assert any(c["n_q"] >= 64 for c in mixed)  # the mixed cache's F16 concatenation on the tiled path
+
+
+def test_coverage_table_counts_paths_and_types():
+    from collections import Counter
+
+    from fuzz import ggml_targets as T
+
+    k16 = np.zeros((1, 100, 2, 64), np.float16)
+    cov = Counter()
+    cov[T.coverage_key("ggml", (1, 64, 4, 64), dict(k=k16, v=k16), "avx2", "0.20.2", 2)] += 1
+    cov[T.coverage_key("ggml", (1, 1, 4, 64), dict(k=k16, v=k16.astype(np.float32)), "avx2", "0.20.2", 1)] += 2
+    assert set(cov) == {("flash_attn_ext", "tiled", "f16", "f16", 2), ("flash_attn_ext", "per-row", "f16", "f32", 1)}
+    text = T.coverage_table(cov)
+    assert "tiled" in text and "f16/f32" in text and "per-row 2, tiled 1 (3 calls)" in text
+
+
+@pytest.mark.skipif(not __import__("jaxkv.oracles.ggml", fromlist=["available"]).available(),
+                    reason="live ggml not available")
+def test_live_target_on_a_tiled_case_is_bit_exact_and_counted():
+    from fuzz import ggml_targets as T
+
+    fn = T.make_target("ggml", 1)
+    c = dict(shape="tiled", heads=[4, 2], B=1, n_q=64, Dk=64, Dv=64, n_kv=100, bucket=100, k_fmt="f32",
+             v_fmt="f32", mask="causal", mask_param=5, mask_heads=False, softcap=0.0, max_bias=0.0, sinks=True,
+             threads=3, scale=0.125, dist="normal", seed=11)
+    a = fn.case_arrays(c)
+    kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"],
+              n_threads=a["n_threads"])
+    got = fn(a["q"], a["k"], a["v"], **kw)
+    np.testing.assert_array_equal(got, fn.model(a["q"], a["k"], a["v"], **kw))
+    assert fn.coverage == {("flash_attn_ext", "tiled", "f32", "f32", 3): 1}
