@@ -428,8 +428,9 @@ def _lazy(name):
 
 def _q_f16(t):
     """The live ggml target fed a query rounded to F16, claiming the honest ggml-cpu model. ggml's CPU
-    path converts the query to K's dot type itself (F16 for F16 K, so there the rounding changes
-    nothing) but keeps it F32 for F32 K: with F32 K this is a bug the campaign must find."""
+    per-row and split-KV paths convert the query to K's dot type themselves (F16 for F16 K, so there the
+    rounding changes nothing) but keep it F32 for F32 K, and the tiled path (n_q >= 64) never rounds it:
+    there this is a bug the campaign must find."""
     def fn(q, k, v, **kw):
         return t(np.asarray(q, np.float32).astype(np.float16).astype(np.float32), k, v, **kw)
 
