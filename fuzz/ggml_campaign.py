@@ -1,7 +1,7 @@
 """A campaign against live ggml: random cases through :mod:`fuzz.ggml_targets`, judged against the
 ``ggml-cpu`` precision model (:mod:`jaxkv.ggml_cpu` at the wheel's ISA) with jaxkv.verify's budgets.
 
-    python -m fuzz.ggml_campaign [--n N] [--seed S] [--menu ci|full] [--out DIR]
+    python -m fuzz.ggml_campaign [--n N] [--seed S] [--menu ci|full|tiled] [--out DIR]
 
 A case is a JSON-ready dict (:func:`draw_case` / :func:`case_strategy`): ``op`` ('ggml', 'ggml-unfused',
 'ggml-mixed'), ``bucket`` (a fixed shape: :data:`BUCKETS`), ``k_fmt``/``v_fmt`` (ggml type names, K and V
@@ -50,6 +50,7 @@ BUCKETS = {
     "d60": (1, 3, 4, 2, 60, 60, 33),          # leftover head sizes: F16/F32 only (blocks need 32s)
     "d112": (2, 2, 4, 4, 112, 112, 50),
     "gqa32": (1, 1, 32, 1, 128, 128, 72),     # G = 32
+    "tiled_n256": (1, 256, 2, 1, 80, 80, 300),  # four query tiles, five key tiles (the last ragged)
 }
 #: buckets whose head sizes are no multiple of 32 (F16/F32 K/V only)
 FLOAT_ONLY = ("split_d80", "tiled_d40", "d60", "d112")
@@ -86,6 +87,13 @@ MENUS = {
         split_buckets=("split", "split_d80"),
         float_buckets=("tiled", "tiled_d40", "d60", "d112", "gqa32"),
     ),
+    # the tiled path only (F16/F32 K/V, n_q >= 64) and the mixed cache on it
+    "tiled": dict(
+        ops=("ggml-float", "ggml-float", "ggml-mixed"),
+        pairs=(), mixed_pairs=tuple((a, b) for a in _BLOCK for b in _BLOCK), unfused_k=(),
+        flagsets=tuple(FLAGSETS), split_flagsets=(), buckets=("tiled",), split_buckets=(),
+        float_buckets=("tiled", "tiled_d40", "tiled_n256"),
+    ),
 }
 _DISTS = ("normal", "outlier", "uniform", "big")
 HOT = 16
@@ -101,7 +109,7 @@ def draw_case(draw, menu="ci") -> dict:
     ``draw(('float', lo, hi))`` a float (so the same code serves numpy RNGs and hypothesis)."""
     m = MENUS[menu]
     ops = ("ggml", "ggml", "ggml-split", "ggml-unfused", "ggml-mixed")
-    op = draw(ops + (("ggml-float", "ggml-float") if m["float_buckets"] else ()))
+    op = draw(m.get("ops") or ops + (("ggml-float", "ggml-float") if m["float_buckets"] else ()))
     if op == "ggml-split":
         op, bucket = "ggml", draw(m["split_buckets"])
         kf = vf = draw(("F16", "F32"))
@@ -427,7 +435,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     draw = rng_drawer(rng)
     t0 = time.time()
-    fails, stats = [], collections.defaultdict(lambda: [0, 0, 0.0])
+    fails, stats = [], collections.defaultdict(lambda: [0, 0, 0.0, 0.0])
     for i in range(args.n):
         c = draw_case(draw, args.menu)
         r = check(c)
@@ -436,11 +444,13 @@ def main(argv=None) -> int:
         s[0] += 1
         s[1] += r.bitwise == 1.0
         s[2] = max(s[2], r.nmse_model)
+        s[3] = max(s[3], r.emu_units)
         if not r.ok:
             fails.append(dict(case=c, why=r.why, bitwise=r.bitwise))
             print(f"FAIL {json.dumps(c)}: {r.why}", flush=True)
-    for key, (n, eq, worst) in sorted(stats.items()):
-        print(f"{key:22} cases {n:5}  bitwise-equal {eq:5}  worst nmse vs model {worst:.3g}")
+    for key, (n, eq, worst, units) in sorted(stats.items()):
+        print(f"{key:22} cases {n:5}  bitwise-equal {eq:5}  worst nmse vs model {worst:.3g}  "
+              f"max emu units {units:.3g}")
     from fuzz import ggml_targets as T
 
     print(T.coverage_table(COVERAGE))
