@@ -243,3 +243,24 @@ def test_live_target_on_a_tiled_case_is_bit_exact_and_counted():
     got = fn(a["q"], a["k"], a["v"], **kw)
     np.testing.assert_array_equal(got, fn.model(a["q"], a["k"], a["v"], **kw))
     assert fn.coverage == {("flash_attn_ext", "tiled", "f32", "f32", 3): 1}
+
+
+def test_ggml_020_softcap_padding_bug_is_reproduced_and_real():
+    """ggml 0.20.2's tiled path with softcap and no mask gives the padded key slots of a ragged last key
+    tile the logit -softcap (stale V rows behind them): with softcap 2 that is a real accuracy bug (fixed
+    in 0.25.3, which applies softcap before padding). The model reproduces ggml bit for bit, and the same
+    inputs under the 0.25.3 facts are accurate: the error is the padding's, not the path's arithmetic.
+    (`python -m fuzz verify` currently PASSes this trace: its ggml-cpu budget is a multiple of the model's
+    own error, which carries the bug; the verdict is given, never exit 2.)"""
+    from fuzz import ggml_campaign as GC
+    from fuzz import verify_cmd
+
+    t = tr.load(DATA / "ggml020_softcap_pad_bug.gguf")
+    assert t.mask is None and t.softcap == 2.0 and t.k.shape[1] % 64 and _path(t) == "tiled"
+    np.testing.assert_array_equal(_model(t), np.asarray(t.out))
+    g = GC.golden(dict(q=np.asarray(t.q), scale=t.scale, softcap=t.softcap, mask=None, max_bias=0.0, sinks=None),
+                  dict(k=np.asarray(t.k), v=np.asarray(t.v)))
+    err_020 = np.abs(np.asarray(t.out, np.float64) - g).max()
+    err_025 = np.abs(_model(t, version="0.25.3").astype(np.float64) - g).max()
+    assert err_020 > 1e-2 and err_025 < 1e-5, (err_020, err_025)
+    assert verify_cmd.main([str(DATA / "ggml020_softcap_pad_bug.gguf")]) in (0, 1)
