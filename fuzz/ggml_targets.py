@@ -307,7 +307,8 @@ def draw_case(name, draw, *, unsupported=(), threads=None) -> dict:
     return dict(
         shape=shape, heads=[H, Hkv], B=B, n_q=n_q, Dk=Dk, Dv=Dv, n_kv=n_kv, bucket=n_kv, k_fmt=kf, v_fmt=vf,
         mask=mask, mask_param=draw(("int", 1, 48)), mask_heads=bool(draw(("p", 0.3))),
-        softcap=float(np.float32(draw(("float", 1.0, 50.0)))) if "softcap" not in unsupported and draw(("p", 0.25)) else 0.0,
+        softcap=(float(np.float32(draw(("float", 1.0, 50.0))))
+                 if "softcap" not in unsupported and draw(("p", 0.25)) else 0.0),
         max_bias=float(np.float32(draw(("float", 0.5, 12.0)))) if mask != "none" and draw(("p", 0.25)) else 0.0,
         sinks="sinks" not in unsupported and bool(draw(("p", 0.3))),
         threads=int(threads) if threads else draw(("int", 1, 4)),
@@ -394,7 +395,8 @@ def coverage_table(counter) -> str:
     paths = collections.Counter()
     for (op, path, *_), n in counter.items():
         paths[path] += n
-    lines.append("  total: " + ", ".join(f"{p} {n}" for p, n in sorted(paths.items())) + f" ({sum(paths.values())} calls)")
+    lines.append("  total: " + ", ".join(f"{p} {n}" for p, n in sorted(paths.items()))
+                 + f" ({sum(paths.values())} calls)")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 tests/data/ggml020_tiled_*.gguf were recorded from live ggml (the libggml-python 0.20.2 AVX2 wheel),
 tests/data/ggml025_tiled_*.gguf from a native AVX-512 GCC build of ggml 0.25.3 (llama-cpp-python 0.3.36's
-libggml, through JAXKV_GGML_LIB_DIR), by ``python -m fuzz record`` (the exact arguments are in each file's ``record.args`` metadata); the model must
-reproduce their outputs bit for bit and ``python -m fuzz verify`` must pass them (exit 0, never 2).
+libggml, through JAXKV_GGML_LIB_DIR), by ``python -m fuzz record`` (the exact arguments are in each file's
+``record.args`` metadata); the model must reproduce their outputs bit for bit and ``python -m fuzz verify``
+must pass them (exit 0, never 2).
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ from jaxkv.ggml_cpu import kernels as _k
 from jaxkv.ggml_cpu.dot import get_isa
 from jaxkv.ggml_cpu.fp import F64, add32, div32, expf, fma32, mul32, r32, sub32, tanhf
 
-__all__ = ["TiledBuild", "TILED_BUILDS", "SINKS_FUSED", "DEFAULT_VERSION", "tiled_build", "trace_version", "takes_tiled",
-           "query_tiles", "regroup_tiles", "tiled_core"]
+__all__ = ["TiledBuild", "TILED_BUILDS", "SINKS_FUSED", "DEFAULT_VERSION", "tiled_build", "trace_version",
+           "takes_tiled", "query_tiles", "regroup_tiles", "tiled_core"]
 
 
 @dataclass(frozen=True)
