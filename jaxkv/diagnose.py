@@ -119,12 +119,19 @@ def _gross(case, got, budget, golden, variants, reads, out_of, golden_of, names,
             r = float(np.sum((got - gv) ** 2))
         return r / d2 if d2 > 0 and np.isfinite(d2) else (0.0 if r == 0 else math.inf)
 
+    def invisible(gv, note, c):
+        # a bug whose output is within the budget of its reading's correct output cannot be told
+        # from that reading alone (e.g. a chunk whose maximum is the row maximum up to rounding)
+        return budget.for_reference(gv).allows(errors(golden_of(note, c), gv))
+
     for note, c in reads:
         for v in variants:
             if note and v.hypothesis == "cold_unrounded":
                 continue  # that reading is this hypothesis
             gv = out_of(v, note, c)
             e = errors(got, gv)
+            if invisible(gv, note, c):
+                continue
             if budget.for_reference(gv).allows(e):
                 found.append(_finding((v.hypothesis, v.label), e, "golden", score(gv), note))
             elif (model_fn is not None and v.transform is not None and e.nan_count == 0
@@ -137,7 +144,7 @@ def _gross(case, got, budget, golden, variants, reads, out_of, golden_of, names,
             g = golden_of(note, c)
             for r, gv, _ in chunk_search.best_ranges(c, got - g, g, top=TOP_CHUNKS):
                 e = errors(got, gv)
-                if budget.for_reference(gv).allows(e):
+                if not invisible(gv, note, c) and budget.for_reference(gv).allows(e):
                     found.append(_finding(("chunk_unrescaled", chunk_search.range_label(r.start, r.stop)),
                                           e, "golden", score(gv), note, chunkings=list(r.chunkings)))
     return found
@@ -156,12 +163,17 @@ def _sharp(case, got, golden, emu, emu_check, variants, reads, out_of, golden_of
     unit = emu_check.unit if emu_check is not None else 2.0 ** -24
     row = unit * np.maximum(np.max(np.abs(emu), axis=-1), 2.0 ** -126)
 
-    def judge(label_of, delta, note, **extra):
+    def units_of(x):
+        return float(np.max(np.abs(x).max(axis=-1) / row, initial=0.0))
+
+    def judge(label_of, delta, note, c, **extra):
         with np.errstate(all="ignore"):
             r = D - delta
         if not np.all(np.isfinite(r)):
             return
-        units = float(np.max(np.abs(r).max(axis=-1) / row, initial=0.0))
+        if units_of(golden_of(note, c) - golden - delta) <= EMU_UNITS:
+            return  # the bug moves this reading's output by less than the emulation budget
+        units = units_of(r)
         r2 = float(np.sum(r ** 2))
         if units <= EMU_UNITS or r2 <= RESIDUAL * d2:
             e = errors(got, emu + delta)
@@ -172,13 +184,13 @@ def _sharp(case, got, golden, emu, emu_check, variants, reads, out_of, golden_of
         for v in variants:
             if note and v.hypothesis == "cold_unrounded":
                 continue
-            judge((v.hypothesis, v.label), out_of(v, note, c) - golden, note)
+            judge((v.hypothesis, v.label), out_of(v, note, c) - golden, note, c)
         if _searched(case, names):
             # the reading's own effect (golden_of(note) - golden) is part of every candidate's delta
             for r, gv, _ in chunk_search.best_ranges(c, D + golden - golden_of(note, c),
                                                      golden_of(note, c), top=TOP_CHUNKS):
                 judge(("chunk_unrescaled", chunk_search.range_label(r.start, r.stop)), gv - golden,
-                      note, chunkings=list(r.chunkings))
+                      note, c, chunkings=list(r.chunkings))
     return found
 
 
