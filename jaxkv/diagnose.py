@@ -12,10 +12,24 @@ one bug applied matches the kernel:
   when ``Δ = golden' - golden`` accounts for it: ``|D - Δ|`` within the emulation budget, or
   ``||D - Δ||^2 <= RESIDUAL * ||D||^2`` (it explains at least 75 % of the discrepancy's energy).
 
-Every explaining variant is reported (bugs with identical outcomes, e.g. "scale applied twice" and
-"scale 1/Dk" when scale = 1/sqrt(Dk), are both reported). When none explains, :func:`localize`
-says where the error concentrates: per head, per query, and per KV chunk (the share of the error
-aligned with each chunk's contribution to the output).
+Every explaining variant is reported, best explanation first (``score``: the share of the error
+energy it leaves unexplained); bugs with identical outcomes, e.g. "scale applied twice" and
+"scale 1/Dk" when scale = 1/sqrt(Dk), are both reported. A bug whose output is within the budget of
+the correct output of its reading is not reported (it cannot be told from no bug).
+
+Readings: a mixed cache (``mixed_flash_attn``) is defined over the F16-rounded concatenation of its
+regions, but a kernel may dequantize the cold region inside its loop without that rounding (the seed
+system's own ``jaxkv.cache`` does). Every hypothesis is judged on both readings
+(:func:`jaxkv.mutations.readings`); otherwise the rounding difference, far above an f64 or f32 budget,
+hides every bug but "cold region ignored" (the only one that no longer reads the cold values).
+
+Split-K: the chunk merged without rescaling is searched (:mod:`jaxkv.chunk_search`: fixed chunk
+sizes 16..1024 with a ragged last chunk, per region too, ggml's thread split for 2..16 threads, the
+cold/hot boundary), the best-fitting key ranges judged like any variant.
+
+When none explains, :func:`localize` says where the error concentrates: per head, per query, and per
+KV chunk (the share of the error aligned with each chunk's contribution to the output), and the
+best-fitting unrescaled chunk.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ TOP_CHUNKS = 3
 
 def _finding(label_of, e, level: str, score: float, reading: str = "", **extra) -> dict:
     hyp, label = label_of
+    if reading:
+        label = f"{label}; {reading}"
     d = dict(hypothesis=hyp, label=label, nmse=e.nmse, max_abs=e.max_abs, level=level, score=score)
     if reading:
         d["reading"] = reading
@@ -47,7 +63,7 @@ def _finding(label_of, e, level: str, score: float, reading: str = "", **extra) 
 
 
 def _rank(found: list[dict]) -> list[dict]:
-    """One finding per label (its best reading), best explanation first (``score`` ascending; ties
+    """One finding per label, best explanation first (``score`` ascending; ties
     keep the report order of :data:`jaxkv.mutations.HYPOTHESES`)."""
     best: dict[str, dict] = {}
     for f in found:
@@ -205,9 +221,12 @@ def _chunks(case: mutations.Case) -> list[tuple[int, int]]:
 
 def localize(case: mutations.Case, got, golden) -> dict:
     """Where |got - golden| concentrates: ``per_head_max_abs`` [H], ``per_query_max_abs`` [n_q],
-    ``per_batch_max_abs`` [B], and ``per_chunk``: for each KV chunk (ggml's split chunks or regions, else
+    ``per_batch_max_abs`` [B]; ``per_chunk``: for each KV chunk (ggml's split chunks or regions, else
     eighths of the KV axis), ``share`` = cos^2 between the error and the chunk's contribution
-    ``sum_{j in chunk} p_j (v_j - out)`` (1: the error is that chunk's weight being off)."""
+    ``sum_{j in chunk} p_j (v_j - out)`` (1: the error is that chunk's weight being off); and
+    ``unrescaled_chunk``: the searched split-K chunk (:mod:`jaxkv.chunk_search`) whose missing rescale
+    best fits the error, ``keys`` [start, stop), ``explained`` (share of the error energy it accounts
+    for, 1 - residual) and the candidate ``chunkings`` holding it (None when no candidate fits)."""
     got = np.asarray(got, np.float64)
     golden = np.asarray(golden, np.float64)
     with np.errstate(all="ignore"):
@@ -239,4 +258,11 @@ def localize(case: mutations.Case, got, golden) -> dict:
         share = float(np.sum(err * contrib) ** 2 / (e2 * c2)) if e2 > 0 and c2 > 0 else 0.0
         chunks.append(dict(keys=[a, b], share=share))
     out["per_chunk"] = chunks
+    best = chunk_search.best_ranges(case, np.nan_to_num(got - golden, posinf=0.0, neginf=0.0), golden,
+                                    top=1)
+    out["unrescaled_chunk"] = None
+    if best and best[0][2] < 1.0:
+        r, _, res = best[0]
+        out["unrescaled_chunk"] = dict(keys=[r.start, r.stop], explained=1.0 - res,
+                                       chunkings=list(r.chunkings))
     return out

@@ -294,7 +294,8 @@ def _regions_order(trace) -> list[str]:
 
 def case_from_trace(trace) -> mutations.Case:
     """The trace's exact inputs as a dense float64 :class:`mutations.Case` (quantized K/V dequantized;
-    a mixed cache concatenated in ``kv_order`` and rounded to F16, as the op defines)."""
+    a mixed cache concatenated in ``kv_order`` and rounded to F16, as the op defines; its values before
+    that rounding in ``kv_exact``, for the diagnosis)."""
     op = trace.op
     if op == "mixed_flash_attn":
         ks, vs, regions, pos = [], [], [], 0

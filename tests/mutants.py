@@ -337,13 +337,14 @@ def _f16(x):
     return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
 
 
-def synthetic(rng, op: str, large: bool = True) -> mu.Case:
+def synthetic(rng, op: str, large: bool = True, full: bool = False) -> mu.Case:
     """A random base of ``op``: GQA 1..8 groups, n_kv up to 2048, Dk 32..256 (``large=False``: n_kv
     <= 700, Dk <= 128, at most 8 KV heads of queries per batch row), masks (none, causal, per head
     with -inf holes), ALiBi, sinks, softcap (fused ops); a mixed cache has a cold region of
-    block-quantized values (F16 scale x small integers, not F16-exact) and an F16 hot window."""
-    Hkv = int(rng.choice([1, 2, 4]))
-    g = int(rng.choice([1, 2, 3, 4, 8] if large else [1, 2, 3, 4]))
+    block-quantized values (F16 scale x small integers, not F16-exact) and an F16 hot window.
+    ``full``: every feature the op has (GQA, a per-head mask with ALiBi, sinks and softcap)."""
+    Hkv = int(rng.choice([2, 4] if full else [1, 2, 4]))
+    g = int(rng.choice([1, 2, 3, 4, 8] if large else [1, 2, 3, 4]) if not full else rng.choice([2, 4]))
     H = Hkv * g
     Dk = int(rng.choice([32, 64, 80, 128, 256] if large else [32, 64, 80, 128]))
     Dv = Dk if rng.random() < 0.7 else int(rng.choice([32, 64, 128]))
@@ -366,7 +367,7 @@ def synthetic(rng, op: str, large: bool = True) -> mu.Case:
         ve[:, :n_cold] = quant((B, n_cold, Hkv, Dv))
         exact = (ke, ve)
         k, v = _f16(ke), _f16(ve)
-    kind = rng.choice(["none", "causal", "perhead"])
+    kind = "perhead" if full else rng.choice(["none", "causal", "perhead"])
     mask = None
     if kind == "causal":
         j = np.arange(n_kv)[None, :]
@@ -379,8 +380,10 @@ def synthetic(rng, op: str, large: bool = True) -> mu.Case:
         mask = _f16(mask)
     fused = op != "soft_max_attn"
     max_bias = float(rng.choice([0.0, 8.0])) if mask is not None else 0.0
-    sinks = _f16(rng.standard_normal(H)) if fused and rng.random() < 0.4 else None
+    sinks = _f16(rng.standard_normal(H)) if fused and (full or rng.random() < 0.4) else None
     softcap = float(rng.choice([0.0, 0.0, 20.0])) if fused else 0.0
+    if full:
+        max_bias, softcap = 8.0, (20.0 if fused else 0.0)
     return mu.Case(op=op, q=q, k=k, v=v, mask=mask, sinks=sinks, scale=Dk ** -0.5, softcap=softcap,
                    max_bias=max_bias, n_threads=1, regions=regions, kv_exact=exact)
 
