@@ -53,9 +53,8 @@ TOP_CHUNKS = 3
 
 def _finding(label_of, e, level: str, score: float, reading: str = "", **extra) -> dict:
     hyp, label = label_of
-    if reading:
-        label = f"{label}; {reading}"
-    d = dict(hypothesis=hyp, label=label, nmse=e.nmse, max_abs=e.max_abs, level=level, score=score)
+    d = dict(hypothesis=hyp, label=f"{label}; {reading}" if reading else label, nmse=e.nmse,
+             max_abs=e.max_abs, level=level, score=score, _bug=label)
     if reading:
         d["reading"] = reading
     d.update(extra)
@@ -63,14 +62,17 @@ def _finding(label_of, e, level: str, score: float, reading: str = "", **extra) 
 
 
 def _rank(found: list[dict]) -> list[dict]:
-    """One finding per label, best explanation first (``score`` ascending; ties
-    keep the report order of :data:`jaxkv.mutations.HYPOTHESES`)."""
+    """One finding per bug (on the declared reading when that explains it, else on the best other
+    reading), best explanation first (``score`` ascending; ties keep the report order of
+    :data:`jaxkv.mutations.HYPOTHESES`)."""
     best: dict[str, dict] = {}
     for f in found:
-        if f["label"] not in best or f["score"] < best[f["label"]]["score"]:
-            best[f["label"]] = f
-    order = {f["label"]: i for i, f in enumerate(found)}
-    return sorted(best.values(), key=lambda f: (f["score"], order[f["label"]]))
+        b = best.get(f["_bug"])
+        if b is None or ("reading" in b and ("reading" not in f or f["score"] < b["score"])):
+            best[f["_bug"]] = f
+    order = {id(f): i for i, f in enumerate(found)}
+    out = sorted(best.values(), key=lambda f: (f["score"], order[id(f)]))
+    return [{k: v for k, v in f.items() if k != "_bug"} for f in out]
 
 
 def _searched(case, names) -> bool:
