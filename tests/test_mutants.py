@@ -128,3 +128,25 @@ if __name__ == "__main__":  # python tests/test_mutants.py [seed] [ci|fuzz]
     for m_ in miss:
         print("   miss:", m_)
     print(f"{time.time() - t0:.1f} s")
+
+
+def test_chunk_search_outputs_match_the_mutant_kernel():
+    """jaxkv.chunk_search's vectorised outputs (every candidate range at once) equal the independent
+    split-K kernel run with that chunk merged without rescaling; its candidates hold every chunk of
+    fixed-size chunkings 16..1024 (ragged last), per region, and ggml's thread split."""
+    from jaxkv import chunk_search as cs
+
+    rng = np.random.default_rng(7)
+    for op in ("flash_attn_ext", "mixed_flash_attn"):
+        case = mt.synthetic(rng, op, large=False, full=True)
+        n = case.k.shape[1]
+        ranges = cs.candidate_ranges(case)
+        have = {(r.start, r.stop) for r in ranges}
+        for chunks in mt._chunkings(case, rng):
+            assert {c for c in chunks if c != (0, n)} <= have
+        pick = [ranges[i] for i in rng.choice(len(ranges), min(12, len(ranges)), replace=False)]
+        for i0, outs in cs.unrescaled_outputs(case, pick):
+            for j, out in enumerate(outs):
+                r = pick[i0 + j]
+                want = mt.chunk_output(case, False, r.start, r.stop)
+                assert np.max(np.abs(out - want)) <= 1e-12 * np.max(np.abs(want)), (op, r)
