@@ -105,14 +105,29 @@ def _weights(case: mutations.Case):
     return s, p, M, L
 
 
-def unrescaled_outputs(case: mutations.Case, ranges, block: int = 64):
-    """Yield (i0, outs) blocks: ``outs`` [r, B, n_q, H, Dv], the outputs with ``ranges[i0 + j]``
-    merged without rescaling (float64). ``ranges``: sequence of (start, stop) or :class:`ChunkRange`."""
+#: float64 elements a block of the search may hold (about 64 MiB per array)
+BLOCK_ELEMENTS = 8_000_000
+
+
+def _query_slices(case: mutations.Case, per_query: int):
+    """Query ranges of ``case`` whose per-query work ``per_query`` fits in :data:`BLOCK_ELEMENTS`."""
+    n_q = case.q.shape[1]
+    step = max(1, min(n_q, BLOCK_ELEMENTS // max(per_query, 1)))
+    return [(i, min(i + step, n_q)) for i in range(0, n_q, step)]
+
+
+def _rows(case: mutations.Case, i0: int, i1: int) -> mutations.Case:
+    """The queries ``[i0, i1)`` of ``case`` (mask rows alike)."""
+    if (i0, i1) == (0, case.q.shape[1]):
+        return case
+    mask = None if case.mask is None else case.mask[..., i0:i1, :]
+    return dataclasses.replace(case, q=case.q[:, i0:i1], mask=mask)
+
+
+def _ranges_of(case, rs, block):
+    """(i0, outs [r, B, n_q, H, Dv]) for blocks of ``rs`` on ``case`` (all of its queries at once)."""
     B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
     g = H // Hkv
-    rs = [(r.start, r.stop) if isinstance(r, ChunkRange) else tuple(r) for r in ranges]
-    if not rs:
-        return
     s, p, M, L = _weights(case)
     cuts = sorted({0, n_kv} | {x for r in rs for x in r})
     seg = list(zip(cuts[:-1], cuts[1:]))
@@ -142,11 +157,32 @@ def unrescaled_outputs(case: mutations.Case, ranges, block: int = 64):
         yield i0, np.transpose(out, (0, 1, 3, 2, 4))
 
 
+def _plan(case, rs):
+    """(query slices, range block size) keeping the search's arrays within BLOCK_ELEMENTS."""
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    n_cuts = len({0, n_kv} | {x for r in rs for x in r})
+    per_query = B * H * (Dv * (n_cuts + 1) + n_kv)
+    slices = _query_slices(case, per_query)
+    rows = slices[0][1] - slices[0][0]
+    block = max(1, min(64, BLOCK_ELEMENTS // max(B * H * rows * Dv, 1)))
+    return slices, block
+
+
+def unrescaled_outputs(case: mutations.Case, ranges):
+    """Yield (i0, outs) blocks: ``outs`` [r, B, n_q, H, Dv], the outputs with ``ranges[i0 + j]``
+    merged without rescaling (float64). ``ranges``: sequence of (start, stop) or :class:`ChunkRange`.
+    (All queries at once: for many ranges on a long prefill use :func:`best_ranges`, which slices.)"""
+    rs = [(r.start, r.stop) if isinstance(r, ChunkRange) else tuple(r) for r in ranges]
+    if rs:
+        yield from _ranges_of(case, rs, _plan(case, rs)[1])
+
+
 def best_ranges(case: mutations.Case, deviation, golden, top: int = 3, ranges=None):
     """The ``top`` candidate ranges whose effect ``out' - golden`` best explains ``deviation`` (an
     observed error, e.g. ``got - golden``), best first, as (ChunkRange, out' [B, n_q, H, Dv],
     residual) with ``residual = ||deviation - (out' - golden)||^2 / ||deviation||^2`` (0: explains all
-    of it; candidates with non-finite outputs are left out)."""
+    of it; candidates with non-finite outputs are left out). Works through the queries in slices
+    that keep every array within :data:`BLOCK_ELEMENTS`."""
     dev = np.asarray(deviation, np.float64)
     golden = np.asarray(golden, np.float64)
     ranges = candidate_ranges(case) if ranges is None else list(ranges)
@@ -154,13 +190,18 @@ def best_ranges(case: mutations.Case, deviation, golden, top: int = 3, ranges=No
         d2 = float(np.sum(dev ** 2))
     if not ranges or not np.isfinite(d2) or d2 == 0:
         return []
+    rs = [(r.start, r.stop) if isinstance(r, ChunkRange) else tuple(r) for r in ranges]
     target = golden + dev
-    best = []
-    for i0, outs in unrescaled_outputs(case, ranges):
-        with np.errstate(all="ignore"):
-            r2 = np.sum((target[None] - outs) ** 2, axis=(1, 2, 3, 4)) / d2
-        for j in np.argsort(r2)[:top]:
-            if np.isfinite(r2[j]):
-                best.append((float(r2[j]), i0 + int(j), outs[j]))
-        best = sorted(best, key=lambda t: t[0])[:top]
-    return [(ranges[i], out, r) for r, i, out in best]
+    r2 = np.zeros(len(rs))
+    slices, block = _plan(case, rs)
+    for q0, q1 in slices:
+        t = target[:, q0:q1]
+        for i0, outs in _ranges_of(_rows(case, q0, q1), rs, block):
+            with np.errstate(all="ignore"):
+                r2[i0:i0 + len(outs)] += np.sum((t[None] - outs) ** 2, axis=(1, 2, 3, 4))
+    r2 = r2 / d2
+    order = [int(i) for i in np.argsort(r2) if np.isfinite(r2[i])][:top]
+    if not order:
+        return []
+    outs = np.concatenate([o for _, o in unrescaled_outputs(case, [rs[i] for i in order])], axis=0)
+    return [(ranges[i], outs[j], float(r2[i])) for j, i in enumerate(order)]
