@@ -33,7 +33,7 @@ SYNTHETIC = {"ci": 3, "fuzz": 40}  # synthetic bases per op
 DRAWS = {"ci": 1, "fuzz": 2}  # mutants per (base, class)
 
 
-def _bases(profile, rng):
+def _bases(profile, rng, n_synthetic=None):
     tr = pytest.importorskip("jaxkv.trace")
     names = SHARED_BASES[profile]
     paths = sorted((SHARED / "traces" / "ggml").glob("*.gguf"))
@@ -43,16 +43,17 @@ def _bases(profile, rng):
     for op in OPS:
         out.append((f"synthetic {op} all features", mt.synthetic(rng, op, large=False, full=True)))
         out += [(f"synthetic {op} {i}", mt.synthetic(rng, op, large=profile == "fuzz"))
-                for i in range(SYNTHETIC[profile])]
+                for i in range(SYNTHETIC[profile] if n_synthetic is None else n_synthetic)]
     return out
 
 
-def run_suite(profile: str, seed: int = 0):
-    """Inject, verify, diagnose -> (table {(op, class): [n, detected, correct]}, misses)."""
+def run_suite(profile: str, seed: int = 0, n_synthetic=None):
+    """Inject, verify, diagnose -> (table {(op, class): [n, detected, correct]}, misses);
+    ``n_synthetic`` overrides the profile's synthetic bases per op."""
     rng = np.random.default_rng(seed)
     table = collections.defaultdict(lambda: [0, 0, 0])
     misses = []
-    for where, case in _bases(profile, rng):
+    for where, case in _bases(profile, rng, n_synthetic):
         g = vf.golden_output(case)
         cache: dict = {}  # the hypotheses' outputs on this base, shared by its mutants
         for cls in mt.applicable(case):
@@ -119,11 +120,12 @@ def test_mutant_kernel_without_bug_is_the_golden():
             assert np.max(np.abs(out - g)) <= 1e-12 * np.max(np.abs(g))
 
 
-if __name__ == "__main__":  # python tests/test_mutants.py [seed] [ci|fuzz]
+if __name__ == "__main__":  # python tests/test_mutants.py [seed] [ci|fuzz] [synthetic bases per op]
     sys.path.insert(0, os.path.dirname(__file__))
     t0 = time.time()
     tab, miss = run_suite(sys.argv[2] if len(sys.argv) > 2 else "fuzz",
-                          int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+                          int(sys.argv[1]) if len(sys.argv) > 1 else 0,
+                          int(sys.argv[3]) if len(sys.argv) > 3 else None)
     print(format_table(tab))
     for m_ in miss:
         print("   miss:", m_)
