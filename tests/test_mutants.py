@@ -53,6 +53,7 @@ def run_suite(profile: str, seed: int = 0, n_synthetic=None):
     rng = np.random.default_rng(seed)
     table = collections.defaultdict(lambda: [0, 0, 0])
     misses = []
+    unobservable = collections.Counter()
     for where, case in _bases(profile, rng, n_synthetic):
         g = vf.golden_output(case)
         cache: dict = {}  # the hypotheses' outputs on this base, shared by its mutants
@@ -60,6 +61,7 @@ def run_suite(profile: str, seed: int = 0, n_synthetic=None):
             for _ in range(DRAWS[profile]):
                 m = mt.inject(case, cls, rng)
                 if m is None:
+                    unobservable[(case.op, cls)] += 1
                     continue
                 desc, want, exact = m
                 got = want.astype(np.float32)
@@ -73,6 +75,8 @@ def run_suite(profile: str, seed: int = 0, n_synthetic=None):
                     top = [(d["hypothesis"], d["label"]) for d in v.diagnosis[:2]]
                     misses.append(f"{where}: {desc}{' (exact cold)' if exact else ''} -> {v.status}, "
                                   f"top {top}")
+    if unobservable:
+        misses.append(f"(draws that cannot show on their case, not counted: {dict(unobservable)})")
     return table, misses
 
 
