@@ -53,6 +53,7 @@ TOP_CHUNKS = 3
 
 def _finding(label_of, e, level: str, score: float, reading: str = "", **extra) -> dict:
     hyp, label = label_of
+    score = float(score) if score == score and score < 1e300 else 1e300  # finite for JSON
     d = dict(hypothesis=hyp, label=f"{label}; {reading}" if reading else label, nmse=e.nmse,
              max_abs=e.max_abs, level=level, score=score, _bug=label)
     if reading:
