@@ -316,7 +316,8 @@ def _regions_order(trace) -> list[str]:
 
 def case_from_trace(trace) -> mutations.Case:
     """The trace's exact inputs as a dense float64 :class:`mutations.Case` (quantized K/V dequantized;
-    a mixed cache concatenated in ``kv_order`` and rounded to F16, as the op defines)."""
+    a mixed cache concatenated in ``kv_order`` and rounded to F16, as the op defines; its values before
+    that rounding in ``kv_exact``, for the diagnosis)."""
     op = trace.op
     if op == "mixed_flash_attn":
         ks, vs, regions, pos = [], [], [], 0
@@ -326,18 +327,19 @@ def case_from_trace(trace) -> mutations.Case:
             vs.append(vx)
             regions.append((name, pos, pos + kx.shape[1]))
             pos += kx.shape[1]
-        k = np.concatenate(ks, 1).astype(np.float16).astype(np.float64)
-        v = np.concatenate(vs, 1).astype(np.float16).astype(np.float64)
+        exact = (np.concatenate(ks, 1), np.concatenate(vs, 1))
+        k = exact[0].astype(np.float16).astype(np.float64)
+        v = exact[1].astype(np.float16).astype(np.float64)
         regions = tuple(regions)
     else:
-        k, v, regions = _dense(trace.k), _dense(trace.v), ()
+        k, v, regions, exact = _dense(trace.k), _dense(trace.v), (), None
     mask = None if trace.mask is None else np.asarray(trace.mask, np.float64)
     sinks = None if trace.sinks is None else np.asarray(trace.sinks, np.float64)
     return mutations.Case(op=op, q=np.asarray(trace.q, np.float64), k=k, v=v, mask=mask, sinks=sinks,
                           scale=float(trace.scale), softcap=float(trace.softcap or 0.0),
                           max_bias=float(trace.max_bias or 0.0),
                           n_threads=int(getattr(trace, "n_threads", 1) or 1), regions=regions,
-                          mask_f16=True)
+                          mask_f16=True, kv_exact=exact)
 
 
 def resolve_precision(trace, precision: str = "auto") -> str:
