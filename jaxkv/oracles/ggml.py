@@ -54,6 +54,7 @@ __all__ = [
     "flash_attn_ext",
     "soft_max_attn",
     "mixed_flash_attn",
+    "mul_mat",
 ]
 
 
@@ -496,6 +497,29 @@ def _run_fa(q, ks, vs, mixed, *, scale, mask, softcap, max_bias, sinks, n_thread
             L.ggml_flash_attn_ext_add_sinks(out, g.new("F32", (H,), s))
         res = g.compute(out, n_threads)
     return _to_canonical("out", res)
+
+
+def mul_mat(a, b, *, n_threads=1) -> np.ndarray:
+    """ggml's ``ggml_mul_mat(a, b)`` of two float32 matrices: a [M, K], b [N, K] -> float32 [N, M], entry
+    ``[n, m]`` = ``vec_dot_f32(K, a[m], b[n])`` (for F32 x F32 ggml's vec-dot type is F32: no conversion).
+
+    On a build with llamafile (``library_info()['features']['llamafile']``) ggml hands F32 products whose K
+    is a multiple of the SIMD width to tinyBLAS ``llamafile_sgemm`` instead of ``ggml_vec_dot_f32``."""
+    A = _as_array(a, "a")
+    Bm = _as_array(b, "b")
+    for field, x in (("a", A), ("b", Bm)):
+        if x.dtype != np.float32 or x.ndim != 2 or min(x.shape) < 1:
+            raise _err(field, f"must be a non-empty 2-D float32 matrix, got {x.dtype} {x.shape}")
+    if A.shape[1] != Bm.shape[1]:
+        raise _err("b", f"row length {Bm.shape[1]} differs from a's {A.shape[1]}")
+    n_threads = _check_threads(n_threads)
+    F32 = _gl.TYPES["F32"]
+    (M, K), N = A.shape, Bm.shape[0]
+    nbytes = _nbytes(F32, (K, M)) + _nbytes(F32, (K, N)) + _nbytes(F32, (M, N)) + _N_OBJECTS * _gl.GGML_MEM_ALIGN
+    with _Graph(nbytes) as g:
+        at = g.new("F32", (K, M), A)
+        bt = g.new("F32", (K, N), Bm)
+        return g.compute(g.L.ggml_mul_mat(g.ctx, at, bt), n_threads).reshape(N, M)
 
 
 def soft_max_attn(q, k, v, *, k_format=None, v_format=None, scale, mask=None, max_bias=0.0, n_threads=1,
