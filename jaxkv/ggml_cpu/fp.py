@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["r32", "r16", "add32", "sub32", "mul32", "div32", "fma32", "expf", "v_expf", "tanhf", "expm1f",
+__all__ = ["r32", "r16", "r16x", "mul16", "fma16", "add32", "sub32", "mul32", "div32", "fma32", "expf", "v_expf", "tanhf", "expm1f",
            "f32_bits", "from_f32_bits"]
 
 _TWO149 = float(2.0 ** 149)
@@ -88,6 +88,30 @@ def fma32(a, b, c):
     a, b, c = (jnp.asarray(t, F64) for t in (a, b, c))
     p = a * b  # exact: 24 + 24 bits
     return r32(_round_to_odd_sum(p, c))
+
+
+def r16x(y):
+    """Round a float64 value once to the nearest float16 value (ties to even, float16 subnormals kept,
+    overflow -> inf), as f64: the rounding of native FP16 arithmetic (AVX512-FP16 ``vmulph``,
+    ``vfmadd*ph``). Unlike :func:`r16` (which goes through float32) it is exact for any float64 input."""
+    y = jnp.asarray(y, F64)
+    _, e = jnp.frexp(jnp.where(y == 0, 1.0, y))          # |y| in [2^(e-1), 2^e)
+    k = jnp.maximum(e - 1, -14) - 10                        # float16 spacing there: 2^k (2^-24 subnormal)
+    r = jnp.ldexp(jnp.round(jnp.ldexp(y, -k)), k)          # exact scalings; round half to even
+    r = jnp.where(jnp.abs(r) > 65504.0, jnp.sign(y) * jnp.inf, r)
+    return jnp.where(jnp.isfinite(y) & (y != 0), r, y)
+
+
+def mul16(a, b):
+    """float16 product of two float16 values (f64 carriers), rounded once (``vmulph``)."""
+    return r16x(jnp.asarray(a, F64) * jnp.asarray(b, F64))  # exact in float64: 11 + 11 bits
+
+
+def fma16(a, b, c):
+    """float16 fused multiply-add ``round16(a*b + c)`` of float16 values (``vfmadd*ph``): the exact sum
+    rounded to odd in float64 (53 >= 11 + 2 bits), then once to float16."""
+    a, b, c = (jnp.asarray(t, F64) for t in (a, b, c))
+    return r16x(_round_to_odd_sum(a * b, c))
 
 
 def f32_bits(v):

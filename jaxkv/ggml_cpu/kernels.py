@@ -25,7 +25,7 @@ and ``soft_max``'s ``wp[i] += slope*mask[i]`` (assumed fused).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import jax
@@ -44,17 +44,45 @@ class Contract:
     """Where the compiler fused a multiply and an add into one FMA (True) or not (False)."""
 
     score_mask: bool = False        # s*scale + mv (no softcap)
-    sum_update: bool = True         # S*ms + vs in the per-row loop (and its sinks step)
-    sum_update_split: bool = True   # S*ms + vs on the split-KV path (and its sinks step)
+    sum_update: bool = True         # S*ms + vs in the per-row loop over the keys
+    sum_update_split: bool = True   # S*ms + vs in the key loop on the split-KV path
+    sinks_update: bool = True       # S*ms + vs of the sinks step after the key loop (both paths)
     reduce_partials: bool = True    # acc*so + acc_c*sn -> fma(acc, so, acc_c*sn)
     softmax_mask: bool = True       # wp + slope*mask
+
+    @classmethod
+    def from_metadata(cls, md, base: "Contract") -> "Contract":
+        """``base`` with the fields named by ``ggml.contract.<field>`` keys of a trace's metadata
+        (values true/false, 1/0 or "true"/"false") replaced. Unknown fields or values raise ValueError
+        naming the key."""
+        names = {f.name for f in fields(cls)}
+        over = {}
+        for key, val in (md or {}).items():
+            if not str(key).startswith(CONTRACT_KEY):
+                continue
+            name = str(key)[len(CONTRACT_KEY):]
+            if name not in names:
+                raise ValueError(f"{key}: unknown contraction fact (known: {', '.join(sorted(names))})")
+            word = str(val).strip().lower()
+            if word not in ("true", "false", "1", "0"):
+                raise ValueError(f"{key}: expected true or false, got {val!r}")
+            over[name] = word in ("true", "1")
+        return replace(base, **over)
+
+    def to_metadata(self) -> dict:
+        """The ``ggml.contract.<field>`` metadata keys of this contract (values "true"/"false")."""
+        return {CONTRACT_KEY + f.name: str(getattr(self, f.name)).lower() for f in fields(self)}
+
+
+#: prefix of the trace metadata keys holding contraction facts (``ggml.contract.sinks_update``)
+CONTRACT_KEY = "ggml.contract."
 
 
 #: default contraction of each modelled build: "avx512" = the shared traces' build, "avx2" = the
 #: libggml-python 0.20.2 AVX2 wheel
 BUILD_CONTRACT: dict[str, Contract] = {
     "avx512": Contract(),
-    "avx2": Contract(sum_update=False, sum_update_split=False),
+    "avx2": Contract(sum_update=False, sum_update_split=False, sinks_update=False),
 }
 
 
@@ -185,7 +213,7 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
         ms = jnp.where(up, expf(sub32(M0, sk)), 1.0)
         vs = jnp.where(up, 1.0, expf(sub32(sk, jnp.where(M0 == -jnp.inf, sk, M0))))
         a0 = jnp.where(up[..., None], mul32(a0, ms[..., None]), a0)
-        S0 = _mad(S0, ms, vs, fuse_sum)
+        S0 = _mad(S0, ms, vs, contract.sinks_update)
         M0 = jnp.where(up, sk, M0)
         M, S, acc = M.at[0].set(M0), S.at[0].set(S0), acc.at[0].set(a0)
 
