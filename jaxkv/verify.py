@@ -29,7 +29,7 @@ from jaxkv import mutations
 __all__ = [
     "PRECISIONS", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
     "Errors", "Budget", "EmuCheck", "Verdict", "Timings",
-    "resolve_precision", "trace_isa", "case_from_trace", "errors", "derive_budget", "emu_check",
+    "resolve_precision", "trace_isa", "trace_contract", "case_from_trace", "errors", "derive_budget", "emu_check",
     "model_output", "golden_output", "golden_for", "dead_rows", "acc_unit", "verify_trace", "verify_case",
     "dense_model_fn",
 ]
@@ -353,11 +353,22 @@ def trace_isa(trace) -> str:
             return ggml_cpu.DEFAULT_ISA
         field, word = "producer", m.group(1)
     isa = word.lower()
-    isa = "avx512" if isa.startswith("avx512") else isa
+    isa = "avx512" if isa.startswith("avx512") and isa not in ggml_cpu.ISAS else isa
     if isa not in ggml_cpu.ISAS:
         raise ValueError(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
                          f"{', '.join(ggml_cpu.ISAS)})")
     return isa
+
+
+def trace_contract(trace, isa: str):
+    """The compiler contractions (``jaxkv.ggml_cpu.Contract``) of the ggml build that wrote a trace, for
+    ``isa``: the build's known facts (``ggml_cpu.build_contract(isa, metadata ggml.version)``) with any
+    ``ggml.contract.<field>`` metadata (``python -m fuzz record`` writes them) taking precedence. A bad
+    key or value raises ValueError naming it."""
+    from jaxkv.ggml_cpu.kernels import Contract, build_contract
+
+    md = getattr(trace, "metadata", None) or {}
+    return Contract.from_metadata(md, build_contract(isa, md.get("ggml.version")))
 
 
 def golden_output(case: mutations.Case) -> np.ndarray:
@@ -422,8 +433,9 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
     if precision == "ggml-cpu":
         from jaxkv import ggml_cpu
 
-        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias,
-                  isa=config["isa"] if config.get("isa") is not None else trace_isa(trace))
+        isa = config["isa"] if config.get("isa") is not None else trace_isa(trace)
+        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias, isa=isa,
+                  contract=trace_contract(trace, isa))
         if trace.op == "soft_max_attn":
             out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
         else:

@@ -43,7 +43,7 @@ from jaxkv.ggml_cpu.fp import F64
 __all__ = ["ISAS", "DEFAULT_ISA", "Contract", "BUILD_CONTRACT", "SPLIT_KV_MIN", "TILE_Q", "flash_attn_ext",
            "soft_max_attn", "mixed_flash_attn", "kv_type", "split_chunks"]
 
-ISAS = tuple(ISA_TABLE)          # ("avx512", "avx2")
+ISAS = tuple(ISA_TABLE)          # ("avx512", "avx512fp16", "avx2")
 DEFAULT_ISA = "avx512"           # the shared traces' build (ggml-cpu-rounding.md)
 SPLIT_KV_MIN = 512               # ggml_compute_forward_flash_attn_ext_f16: nek1 >= 512
 TILE_Q = 64                      # GGML_FA_TILE_Q

@@ -46,7 +46,11 @@ class Isa:
     ``_mm512_reduce_add_ps``; "hadd": AVX ``_mm_hadd_ps``); vexp_width: lanes of ``ggml_v_expf`` in
     ``ggml_vec_soft_max_f32``; f32_tail_group: the F32 dot's leftover loop (``n % f32_step`` elements)
     as compiled: all but the last ``r % f32_tail_group`` of the ``r`` leftovers are multiplied (rounded),
-    then added in order; the last ``r % f32_tail_group`` are fused (FMA). 1 = every leftover fused."""
+    then added in order; the last ``r % f32_tail_group`` are fused (FMA). 1 = every leftover fused;
+    f16_arith_step: 0 = F16 vectors are converted to F32 for arithmetic (``GGML_F32Cx*``); n > 0 = native
+    FP16 SIMD arithmetic (``__AVX512FP16__``: ``GGML_F16_STEP`` = 128) in ``ggml_vec_mad_f16`` /
+    ``ggml_vec_scale_f16`` on the first ``DV - DV % n`` elements (F16 dots keep F32 accumulation there:
+    ``GGML_F16_DOT_*``, so ``f16_epr`` is the F32 width)."""
 
     name: str
     f32_epr: int
@@ -55,6 +59,7 @@ class Isa:
     reduce: str
     vexp_width: int
     f32_tail_group: int = 1
+    f16_arith_step: int = 0
 
     @property
     def f32_step(self) -> int:
@@ -67,7 +72,14 @@ class Isa:
 
 ISA_TABLE: dict[str, Isa] = {
     # __AVX512F__ (no AVX512-FP16): simd-mappings.h "F32 AVX512" / "F16 AVX512 Fallback FP16 <-> FP32"
-    "avx512": Isa("avx512", 16, 16, 4, "tree", 16, f32_tail_group=4),
+    # tail group 8: ggml 0.25.3 built natively by GCC 12.2 (llama-cpp-python 0.3.36), mul_mat F32
+    # n = 1..139, 8 rows each, all bitwise equal (group 4: 59 of 139 sizes wrong)
+    "avx512": Isa("avx512", 16, 16, 4, "tree", 16, f32_tail_group=8),
+    # __AVX512F__ with __AVX512FP16__ (a native build on Sapphire Rapids or later), ggml >= 0.9.8 for the
+    # FP16 vec_mad/vec_scale (llama.cpp PR 20529), with GGML_F16_DOT_* (F32-accumulated F16 dots; after
+    # ggml 0.21.0, present in 0.25.3): older FP16 builds accumulate F16 dots in F16 (not modelled)
+    # (f32_tail_group assumed as for "avx512": no AVX512-FP16 machine measured)
+    "avx512fp16": Isa("avx512fp16", 16, 16, 4, "tree", 16, f32_tail_group=8, f16_arith_step=128),
     # __AVX__ with __FMA__ and __F16C__ (an AVX2 build); tail group 4: libggml-python 0.20.2 wheel,
     # mul_mat F32 n = 1..139, 8 rows each, all bitwise equal (the earlier all-FMA model: 0 of 139 sizes
     # >= 4 leftovers right)

@@ -90,6 +90,12 @@ def fma32(a, b, c):
     return r32(_round_to_odd_sum(p, c))
 
 
+def _pow2(n):
+    """2.0**n for integer-valued n, exactly (XLA's ``exp2`` is off by an ulp at most integers)."""
+    n = jnp.asarray(n)
+    return jnp.ldexp(jnp.ones(n.shape, F64), n.astype(jnp.int32))
+
+
 def r16x(y):
     """Round a float64 value once to the nearest float16 value (ties to even, float16 subnormals kept,
     overflow -> inf), as f64: the rounding of native FP16 arithmetic (AVX512-FP16 ``vmulph``,
@@ -198,14 +204,15 @@ def _vexp_common(x):
 
 
 def v_expf(x, isa: str):
-    """ggml's SIMD exp approximation ``ggml_v_expf`` for ``isa`` ("avx512" or "avx2"), lane-wise on
+    """ggml's SIMD exp approximation ``ggml_v_expf`` for ``isa`` ("avx512", "avx512fp16" or "avx2"), lane-wise on
     f32 carriers (no -inf/NaN special casing beyond what the instructions do)."""
     x = jnp.asarray(x, F64)
     xs = jnp.where(jnp.isfinite(x), x, jnp.where(x > 0, 1e30, -1e30))  # inf lanes take the |n| > 192 branch
     z, n, b, u, hi = _vexp_common(xs)
-    if isa == "avx512":
+    if isa in ("avx512", "avx512fp16"):  # the __AVX512F__ variant
         j = fma32(hi, u, fma32(_VX_P[4], b, 1.0))
-        res = r32(j * jnp.exp2(jnp.clip(n, -300, 300)))  # vscalefps: j * 2^n, one rounding
+        # vscalefps: j * 2^n, one rounding (ldexp: XLA's exp2 is not exact at integers)
+        res = r32(jnp.ldexp(j, jnp.clip(n, -300, 300).astype(jnp.int32)))
         alt = jnp.where(n <= 0, 0.0, jnp.inf)
         out = jnp.where(jnp.abs(n) > 192, alt, res)
     elif isa == "avx2":
@@ -221,7 +228,7 @@ def v_expf(x, isa: str):
         big = jnp.where(d, mul32(s1, s1), mul32(fma32(s2, j, s2), s1))
         out = jnp.where(c, big, fma32(k, j, k))
     else:
-        raise ValueError(f"isa: expected 'avx512' or 'avx2', got {isa!r}")
+        raise ValueError(f"isa: expected 'avx512', 'avx512fp16' or 'avx2', got {isa!r}")
     return jnp.where(jnp.isnan(x), x, out)
 
 
@@ -267,12 +274,12 @@ def expm1f(x):
     e = sub32(sub32(mul32(x, sub32(e, c)), c), hxs)
     res_m1 = sub32(mul32(0.5, sub32(x, e)), 0.5)
     res_p1 = jnp.where(x < -0.25, mul32(-2.0, sub32(e, add32(x, 0.5))), add32(1.0, mul32(2.0, sub32(x, e))))
-    p2k = jnp.exp2(jnp.clip(k, -200, 200))
+    p2k = _pow2(jnp.clip(k, -200, 200))
     res_far = sub32(mul32(sub32(1.0, sub32(e, x)), p2k), 1.0)
     kc = jnp.clip(k, 0, 22)
-    t_small = 1.0 - jnp.exp2(-kc)  # 0x3f800000 - (0x1000000 >> k): 1 - 2^-k
+    t_small = 1.0 - _pow2(-kc)  # 0x3f800000 - (0x1000000 >> k): 1 - 2^-k
     res_mid = mul32(sub32(t_small, sub32(e, x)), p2k)
-    res_hi = mul32(add32(sub32(x, add32(e, jnp.exp2(-jnp.clip(k, 23, 56)))), 1.0), p2k)
+    res_hi = mul32(add32(sub32(x, add32(e, _pow2(-jnp.clip(k, 23, 56)))), 1.0), p2k)
     res = jnp.where(k < 23, res_mid, res_hi)
     res = jnp.where((k <= -2) | (k > 56), res_far, res)
     res = jnp.where(k == 1, res_p1, res)

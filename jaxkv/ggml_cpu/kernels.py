@@ -34,9 +34,10 @@ from jax import lax
 
 from jaxkv import formats
 from jaxkv.ggml_cpu import dot as _dot
-from jaxkv.ggml_cpu.fp import F64, add32, div32, expf, fma32, mul32, r16, r32, sub32, tanhf, v_expf
+from jaxkv.ggml_cpu.fp import (F64, add32, div32, expf, fma16, fma32, mul16, mul32, r16, r32, sub32, tanhf,
+                               v_expf)
 
-__all__ = ["Contract", "BUILD_CONTRACT", "scores", "fa_core", "softmax_attn_core"]
+__all__ = ["Contract", "BUILD_CONTRACT", "VERSION_CONTRACT", "CONTRACT_KEY", "build_contract", "scores", "fa_core", "softmax_attn_core"]
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,25 @@ CONTRACT_KEY = "ggml.contract."
 #: libggml-python 0.20.2 AVX2 wheel
 BUILD_CONTRACT: dict[str, Contract] = {
     "avx512": Contract(),
+    "avx512fp16": Contract(sinks_update=False),
     "avx2": Contract(sum_update=False, sum_update_split=False, sinks_update=False),
 }
+
+#: contraction of known builds that differ from their ISA's default, by (ggml version, ISA): ggml 0.25.3
+#: (llama-cpp-python 0.3.36, llama.cpp 0c1e570) built natively by GCC 12.2 on AVX-512 fuses the key loop's
+#: ``S*ms + vs`` on both paths but not the sinks step's (live, 12 calls: 0 of 4608 outputs differ
+#: with sinks_update=False, 251 with True; the 0.21 build of the shared traces fuses both)
+VERSION_CONTRACT: dict[tuple[str, str], Contract] = {
+    ("0.25.3", "avx512"): Contract(sinks_update=False),
+    ("0.25.3", "avx512fp16"): Contract(sinks_update=False),
+}
+
+
+def build_contract(isa: str, version: str | None = None) -> Contract:
+    """The contraction facts of the ggml build ``version`` on ``isa``: :data:`VERSION_CONTRACT` where
+    that build is known, else the ISA's default (:data:`BUILD_CONTRACT`)."""
+    got = VERSION_CONTRACT.get((str(version), isa)) if version else None
+    return got if got is not None else BUILD_CONTRACT[isa]
 
 
 def _mad(a, b, c, fused: bool):
@@ -134,6 +152,25 @@ def _v_rows(v, v_type: str):
 # flash_attn_ext
 
 
+def _scale_f16(acc, ms, n16: int):
+    """``ggml_vec_scale_f16(DV, acc, ms)`` on F16 values [..., DV]: the first ``n16`` elements in native
+    FP16 SIMD (``vmulph`` by ``(_Float16)ms``), the rest (all, where n16 = 0) in F32 math, stored as F16."""
+    tail = r16(mul32(acc[..., n16:], ms))
+    if not n16:
+        return tail
+    return jnp.concatenate([mul16(acc[..., :n16], r16(ms)), tail], axis=-1)
+
+
+def _mad_f16(*, acc, v, s, n16: int):
+    """``ggml_vec_mad_f16(DV, acc, v, s)``: acc + v*s on F16 values [..., DV]; the first ``n16`` elements
+    in native FP16 SIMD (``vfmadd*ph`` with ``(_Float16)s``: one rounding to F16), the rest as an F32 FMA
+    stored as F16 (the F32-converting SIMD and the contracted scalar leftovers)."""
+    tail = r16(fma32(v[..., n16:], s, acc[..., n16:]))
+    if not n16:
+        return tail
+    return jnp.concatenate([fma16(v[..., :n16], r16(s), acc[..., :n16]), tail], axis=-1)
+
+
 @partial(jax.jit, static_argnames=("k_type", "v_type", "isa", "n_chunks", "softcap_on", "contract"))
 def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_type, isa, n_chunks,
             softcap_on, contract):
@@ -179,6 +216,8 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
 
     s_t, live_t, v_t = chunked(s_t), chunked(live_t), chunked(v_t)
     f16_acc = v_type == "f16"
+    st16 = _dot.get_isa(isa).f16_arith_step
+    n16 = dv - dv % st16 if st16 else 0  # leading V elements the ISA's native FP16 SIMD handles
     fuse_sum = contract.sum_update_split if n_chunks > 1 else contract.sum_update
 
     def step(carry, xs):
@@ -188,9 +227,9 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
         newmax = lj & (sj > M)
         ms = jnp.where(newmax, expf(sub32(M, sj)), 1.0)
         vs = jnp.where(newmax, 1.0, expf(sub32(sj, jnp.where(M == -jnp.inf, sj, M))))
-        if f16_acc:  # ggml_vec_scale_f16 / ggml_vec_mad_f16: F32 math, F16 storage
-            scaled = jnp.where(newmax[..., None], r16(mul32(acc, ms[..., None])), acc)
-            acc_n = r16(fma32(vj, vs[..., None], scaled))
+        if f16_acc:  # ggml_vec_scale_f16 / ggml_vec_mad_f16 (F16 storage)
+            scaled = jnp.where(newmax[..., None], _scale_f16(acc, ms[..., None], n16), acc)
+            acc_n = _mad_f16(acc=scaled, v=vj, s=vs[..., None], n16=n16)
         else:        # ggml_vec_scale_f32 / ggml_vec_mad_f32
             scaled = jnp.where(newmax[..., None], mul32(acc, ms[..., None]), acc)
             acc_n = fma32(vj, vs[..., None], scaled)

@@ -34,7 +34,6 @@ pads rows to a multiple anyway (rows filled with -inf), as llama.cpp builds do.
 from __future__ import annotations
 
 import ctypes as C
-import importlib.metadata
 import math
 from typing import Any
 
@@ -79,23 +78,86 @@ def available() -> bool:
 
 def library_info() -> dict:
     """Facts about the loaded ggml: ``version``, ``commit``, ``isa`` (widest x86/ARM SIMD the library was
-    compiled for: 'avx512', 'avx2', 'avx', 'neon' or 'scalar'), ``features`` {name: bool} (ggml_cpu_has_*,
-    compile-time in ggml-cpu), ``wheel`` (libggml-python version or None) and ``lib_dir``."""
+    compiled for: 'avx512fp16', 'avx512', 'avx2', 'avx', 'neon' or 'scalar'), ``features`` {name: bool}
+    (ggml_cpu_has_*, compile-time in ggml-cpu), ``f16_arith`` ('f16' where F16 vectors are computed in
+    native FP16, :func:`f16_vector_arith`), ``contract`` (the ``ggml.contract.*`` facts
+    ``jaxkv.ggml_cpu.build_contract`` knows for this version and ISA, or {} off x86), ``wheel``
+    (libggml-python version when the libraries loaded are that wheel's, else None) and ``lib_dir``."""
     L = _gl.lib()
     feats = {f: bool(getattr(L, f"ggml_cpu_has_{f}")()) for f in _gl.CPU_FEATURES}
     isa = next((name for name in ("avx512", "avx2", "avx", "neon") if feats[name]), "scalar")
-    try:
-        wheel = importlib.metadata.version("libggml-python")
-    except importlib.metadata.PackageNotFoundError:
-        wheel = None
+    f16 = f16_vector_arith() if isa == "avx512" else "f32"
+    if f16 == "f16":
+        isa = "avx512fp16"
+    version = L.ggml_version().decode()
     return {
-        "version": L.ggml_version().decode(),
+        "version": version,
         "commit": L.ggml_commit().decode(),
         "isa": isa,
         "features": feats,
-        "wheel": wheel,
+        "f16_arith": f16,
+        "contract": _contract_facts(isa, version),
+        "wheel": _gl.wheel_version(L.directory),
         "lib_dir": str(L.directory),
     }
+
+
+def _contract_facts(isa: str, version: str) -> dict:
+    from jaxkv.ggml_cpu import ISAS
+    from jaxkv.ggml_cpu.kernels import build_contract
+
+    return build_contract(isa, version).to_metadata() if isa in ISAS else {}
+
+
+_F16_ARITH: dict[str, str] = {}
+
+
+def f16_vector_arith() -> str:
+    """How the loaded ggml-cpu computes on F16 vectors (``ggml_vec_mad_f16``), measured by one
+    ``flash_attn_ext`` call (cached per library directory): 'f16' (native FP16 SIMD, ``__AVX512FP16__``:
+    the multiplier rounded to F16, one F16 rounding per FMA) or 'f32' (converted to F32, FMA, stored
+    as F16). ggml reports no such feature, hence the probe.
+
+    The call: D = 128 (one FP16 SIMD step), q = e0, keys k0 = 0, k1 = -0.5 e0, scale 1, V rows 0 and w:
+    the second key adds ``w*vs`` with ``vs = expf(-0.5)`` to a zero accumulator, so the output is
+    ``F16(w*vs) / (1 + vs)`` (F32 arithmetic) or ``F16(w*F16(vs)) / (1 + vs)`` (FP16). Raises
+    OracleUnavailable if ggml matches neither."""
+    L = _gl.lib()
+    key = str(L.directory)
+    if key not in _F16_ARITH:
+        d = 128
+        q = np.zeros((1, 1, 1, d), np.float32)
+        q[..., 0] = 1
+        k = np.zeros((1, 2, 1, d), np.float16)
+        k[0, 1, 0, 0] = -0.5
+        w = (1 + np.arange(d) / 61.0).astype(np.float16)
+        v = np.zeros((1, 2, 1, d), np.float16)
+        v[0, 1, 0] = w
+        out = flash_attn_ext(q, k, v, scale=1.0)[0, 0, 0]
+        vs = _libm_expf(-0.5)
+        inv = np.float32(1) / (np.float32(1) + vs)
+        w64 = w.astype(np.float64)
+        by_f32 = (w64 * np.float64(vs)).astype(np.float32).astype(np.float16).astype(np.float32) * inv
+        by_f16 = (w64 * np.float64(np.float16(vs))).astype(np.float16).astype(np.float32) * inv
+        if np.array_equal(out, by_f16) and not np.array_equal(out, by_f32):
+            _F16_ARITH[key] = "f16"
+        elif np.array_equal(out, by_f32):
+            _F16_ARITH[key] = "f32"
+        else:
+            raise OracleUnavailable(f"ggml in {key}: F16 accumulation matches neither F32 nor FP16 arithmetic")
+    return _F16_ARITH[key]
+
+
+def _libm_expf(x: float) -> np.float32:
+    """The C library's ``expf`` (the one ggml calls), or numpy's float32 exp where none loads."""
+    import ctypes.util
+
+    try:
+        f = C.CDLL(ctypes.util.find_library("m") or "libm.so.6").expf
+    except (OSError, AttributeError):
+        return np.exp(np.float32(x))
+    f.restype, f.argtypes = C.c_float, [C.c_float]
+    return np.float32(f(x))
 
 
 # --- layout ---------------------------------------------------------------------------------------------
