@@ -1,9 +1,9 @@
 """Bit-exactness of the ``ggml-cpu`` model against the loaded live ggml, per head size.
 
-    python benchmarks/check_ggml_dims.py [--dims 1-139] [--kv f32|f16] [--n-kv 2,7] [--heads 4] [--mul-mat]
+    python benchmarks/check_ggml_dims.py [--dims 1-139] [--kv f32|f16] [--n-kv 2,7] [--n-q 1,3] [--heads 4]
+                                         [--mul-mat]
 
-For every head size D in ``--dims`` (Dk = Dv = D): ``flash_attn_ext`` with F32 (or F16) K and V, n_q = 1 and
-n_q = 3 (per-row loop), one thread, no mask, random inputs; the model runs with the loaded library's ISA
+For every head size D in ``--dims`` (Dk = Dv = D): ``flash_attn_ext`` with F32 (or F16) K and V (per-row loop), one thread, no mask, random inputs; the model runs with the loaded library's ISA
 (``library_info()['isa']``). ``--mul-mat``: also raw F32 ``mul_mat`` (8 rows x 1 column, ``ggml_vec_dot_f32``
 unless the build hands it to llamafile's sgemm). Prints one line per D with the outputs that differ, and
 a summary; exit 1 when any output differs. Point ``JAXKV_GGML_LIB_DIR`` at another build's libraries to
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", choices=("f32", "f16"), default="f32")
     ap.add_argument("--n-kv", default="2,7")
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--n-q", default="1,3")
     ap.add_argument("--mul-mat", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     for d in _ints(a.dims):
         line = []
         for n_kv in _ints(a.n_kv):
-            for n_q in (1, 3):
+            for n_q in _ints(a.n_q):
                 q = rng.standard_normal((1, n_q, a.heads, d)).astype(np.float32)
                 k = rng.standard_normal((1, n_kv, a.heads, d)).astype(dt)
                 v = rng.standard_normal((1, n_kv, a.heads, d)).astype(dt)

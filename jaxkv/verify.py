@@ -362,13 +362,11 @@ def trace_isa(trace) -> str:
 
 def trace_contract(trace, isa: str):
     """The compiler contractions (``jaxkv.ggml_cpu.Contract``) of the ggml build that wrote a trace, for
-    ``isa``: the build's known facts (``ggml_cpu.build_contract(isa, metadata ggml.version)``) with any
-    ``ggml.contract.<field>`` metadata (``python -m fuzz record`` writes them) taking precedence. A bad
-    key or value raises ValueError naming it."""
-    from jaxkv.ggml_cpu.kernels import Contract, build_contract
+    ``isa``: ``ggml_cpu.BUILD_CONTRACT[isa]`` with any ``ggml.contract.<field>`` metadata (``python -m
+    fuzz record`` writes them) taking precedence. A bad key or value raises ValueError naming it."""
+    from jaxkv.ggml_cpu import BUILD_CONTRACT, Contract
 
-    md = getattr(trace, "metadata", None) or {}
-    return Contract.from_metadata(md, build_contract(isa, md.get("ggml.version")))
+    return Contract.from_metadata(getattr(trace, "metadata", None) or {}, BUILD_CONTRACT[isa])
 
 
 def golden_output(case: mutations.Case) -> np.ndarray:

@@ -10,7 +10,8 @@ Layout (every public function)::
     out   [B, n_q, H, Dv]        float32
 
 Query head ``h`` uses KV head ``h // (H // Hkv)``. ``isa`` is the SIMD build of ggml-cpu being
-modelled: ``"avx512"`` (the default: the shared traces come from an AVX-512 build) or ``"avx2"``.
+modelled: ``"avx512"`` (the default: the shared traces come from an AVX-512 build), ``"avx512fp16"``
+(AVX-512 with native FP16 arithmetic) or ``"avx2"``.
 
 What is modelled (see ``shared/docs/ggml-cpu-rounding.md`` and the module docstrings of
 :mod:`.fp`, :mod:`.dot`, :mod:`.kernels`): q converted to K's ``vec_dot_type`` (F16 rounding, x86

@@ -46,7 +46,7 @@ class Isa:
     ``_mm512_reduce_add_ps``; "hadd": AVX ``_mm_hadd_ps``); vexp_width: lanes of ``ggml_v_expf`` in
     ``ggml_vec_soft_max_f32``; f32_tail_group: the F32 dot's leftover loop (``n % f32_step`` elements)
     as compiled: all but the last ``r % f32_tail_group`` of the ``r`` leftovers are multiplied (rounded),
-    then added in order; the last ``r % f32_tail_group`` are fused (FMA). 1 = every leftover fused;
+    then added in order; the last ``r % f32_tail_group`` are fused (FMA). 0 = every leftover fused;
     f16_arith_step: 0 = F16 vectors are converted to F32 for arithmetic (``GGML_F32Cx*``); n > 0 = native
     FP16 SIMD arithmetic (``__AVX512FP16__``: ``GGML_F16_STEP`` = 128) in ``ggml_vec_mad_f16`` /
     ``ggml_vec_scale_f16`` on the first ``DV - DV % n`` elements (F16 dots keep F32 accumulation there:
@@ -58,7 +58,7 @@ class Isa:
     arr: int
     reduce: str
     vexp_width: int
-    f32_tail_group: int = 1
+    f32_tail_group: int = 0
     f16_arith_step: int = 0
 
     @property
@@ -228,7 +228,8 @@ def dot_f32(x, y, isa):
     else:
         s = jnp.zeros(shape, F64)
     r = n - npm
-    n_vec = npm + r - r % isa.f32_tail_group
+    g = isa.f32_tail_group
+    n_vec = npm + (r - r % g if g else 0)
     for i in range(npm, n_vec):  # leftovers, vectorized in-order reduction: products rounded, added in order
         s = add32(s, mul32(x[..., i], y[..., i]))
     for i in range(n_vec, n):    # the scalar epilogue: sumf += x*y contracted to an FMA

@@ -18,6 +18,13 @@ ggml, not on the source, so it is data (:class:`Contract`, one default per model
   format x path cells bitwise equal with live ggml: ``benchmarks/bench_ggml_model.py --seeds 2``; fused
   on the split path broke 7 of 24 split-KV cases); the reduction fused as above; ``s*scale + mv`` not fused (checked with a non-power-of-two scale and a random mask).
 
+- ggml 0.25.3 built natively by GCC 12.2 on AVX-512 (llama-cpp-python 0.3.36, checked live): the key
+  loop's ``S*ms + vs`` fused on both paths, the sinks step's not (:attr:`Contract.sinks_update`).
+
+F16 V on an AVX512-FP16 build (isa "avx512fp16", ggml >= 0.9.8): ``ggml_vec_mad_f16`` /
+``ggml_vec_scale_f16`` compute the first ``DV - DV % 128`` elements in native FP16 (the factor rounded
+to F16, one F16 rounding per FMA / product), the rest in F32 stored as F16 (:func:`_mad_f16`).
+
 Not constrained by any available ground truth (powers of two make both roundings equal there):
 ``s*scale + mv`` for the AVX-512 build (assumed not fused: ``s`` passes the softcap branch in between)
 and ``soft_max``'s ``wp[i] += slope*mask[i]`` (assumed fused).
@@ -37,7 +44,7 @@ from jaxkv.ggml_cpu import dot as _dot
 from jaxkv.ggml_cpu.fp import (F64, add32, div32, expf, fma16, fma32, mul16, mul32, r16, r32, sub32, tanhf,
                                v_expf)
 
-__all__ = ["Contract", "BUILD_CONTRACT", "VERSION_CONTRACT", "CONTRACT_KEY", "build_contract", "scores", "fa_core", "softmax_attn_core"]
+__all__ = ["Contract", "BUILD_CONTRACT", "CONTRACT_KEY", "scores", "fa_core", "softmax_attn_core"]
 
 
 @dataclass(frozen=True)
@@ -79,29 +86,18 @@ class Contract:
 CONTRACT_KEY = "ggml.contract."
 
 
-#: default contraction of each modelled build: "avx512" = the shared traces' build, "avx2" = the
-#: libggml-python 0.20.2 AVX2 wheel
+#: default contraction of each modelled build: "avx512" = the shared traces' build (ggml 0.21) and ggml
+#: 0.25.3 (llama-cpp-python 0.3.36) built natively by GCC 12.2 on AVX-512, "avx512fp16" = that release
+#: built natively on an AVX512-FP16 CPU (issue #13: the key loop fused, the sinks step not), "avx2" = the
+#: libggml-python 0.20.2 AVX2 wheel. ``sinks_update``: the 0.25.3 AVX-512 build fuses the key loop's
+#: ``S*ms + vs`` on both paths but not the sinks step's (live, 12 calls with sinks above the row maximum:
+#: 0 of 4608 outputs differ with sinks_update=False, 251 with True); the shared traces' sinks trace is
+#: equal either way. A trace's ``ggml.contract.<field>`` metadata overrides these (:meth:`Contract.from_metadata`).
 BUILD_CONTRACT: dict[str, Contract] = {
-    "avx512": Contract(),
+    "avx512": Contract(sinks_update=False),
     "avx512fp16": Contract(sinks_update=False),
     "avx2": Contract(sum_update=False, sum_update_split=False, sinks_update=False),
 }
-
-#: contraction of known builds that differ from their ISA's default, by (ggml version, ISA): ggml 0.25.3
-#: (llama-cpp-python 0.3.36, llama.cpp 0c1e570) built natively by GCC 12.2 on AVX-512 fuses the key loop's
-#: ``S*ms + vs`` on both paths but not the sinks step's (live, 12 calls: 0 of 4608 outputs differ
-#: with sinks_update=False, 251 with True; the 0.21 build of the shared traces fuses both)
-VERSION_CONTRACT: dict[tuple[str, str], Contract] = {
-    ("0.25.3", "avx512"): Contract(sinks_update=False),
-    ("0.25.3", "avx512fp16"): Contract(sinks_update=False),
-}
-
-
-def build_contract(isa: str, version: str | None = None) -> Contract:
-    """The contraction facts of the ggml build ``version`` on ``isa``: :data:`VERSION_CONTRACT` where
-    that build is known, else the ISA's default (:data:`BUILD_CONTRACT`)."""
-    got = VERSION_CONTRACT.get((str(version), isa)) if version else None
-    return got if got is not None else BUILD_CONTRACT[isa]
 
 
 def _mad(a, b, c, fused: bool):

@@ -80,8 +80,8 @@ def library_info() -> dict:
     """Facts about the loaded ggml: ``version``, ``commit``, ``isa`` (widest x86/ARM SIMD the library was
     compiled for: 'avx512fp16', 'avx512', 'avx2', 'avx', 'neon' or 'scalar'), ``features`` {name: bool}
     (ggml_cpu_has_*, compile-time in ggml-cpu), ``f16_arith`` ('f16' where F16 vectors are computed in
-    native FP16, :func:`f16_vector_arith`), ``contract`` (the ``ggml.contract.*`` facts
-    ``jaxkv.ggml_cpu.build_contract`` knows for this version and ISA, or {} off x86), ``wheel``
+    native FP16, :func:`f16_vector_arith`), ``contract`` (the ``ggml.contract.*`` facts of
+    ``jaxkv.ggml_cpu.BUILD_CONTRACT`` for this ISA, or {} for an ISA the model lacks), ``wheel``
     (libggml-python version when the libraries loaded are that wheel's, else None) and ``lib_dir``."""
     L = _gl.lib()
     feats = {f: bool(getattr(L, f"ggml_cpu_has_{f}")()) for f in _gl.CPU_FEATURES}
@@ -96,17 +96,16 @@ def library_info() -> dict:
         "isa": isa,
         "features": feats,
         "f16_arith": f16,
-        "contract": _contract_facts(isa, version),
+        "contract": _contract_facts(isa),
         "wheel": _gl.wheel_version(L.directory),
         "lib_dir": str(L.directory),
     }
 
 
-def _contract_facts(isa: str, version: str) -> dict:
-    from jaxkv.ggml_cpu import ISAS
-    from jaxkv.ggml_cpu.kernels import build_contract
+def _contract_facts(isa: str) -> dict:
+    from jaxkv.ggml_cpu import BUILD_CONTRACT
 
-    return build_contract(isa, version).to_metadata() if isa in ISAS else {}
+    return BUILD_CONTRACT[isa].to_metadata() if isa in BUILD_CONTRACT else {}
 
 
 _F16_ARITH: dict[str, str] = {}
