@@ -54,6 +54,7 @@ __all__ = [
     "soft_max_attn",
     "mixed_flash_attn",
     "mul_mat",
+    "f16_vector_arith",
 ]
 
 
