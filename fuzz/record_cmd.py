@@ -12,7 +12,9 @@ hot window). The mask is additive ([1, 1, n_q, n_kv], finite values in [-2, 0] r
 the kind masks; see fuzz.ggml_campaign). The output is what the loaded ggml computed
 (jaxkv.oracles.ggml); the trace's producer is ``ggml <version> (<commit>) CPU <isa> n_threads=<n>``, so
 ``python -m fuzz verify FILE`` judges it under the ``ggml-cpu`` model. Metadata ``ggml.isa``,
-``ggml.version``, ``ggml.commit``, ``ggml.wheel``, ``record.seed`` and ``record.args`` say how it was made.
+``ggml.version``, ``ggml.commit``, ``ggml.wheel``, ``record.seed`` and ``record.args`` say how it was made;
+``ggml.contract.<field>`` the build's compiler-contraction facts (``library_info()['contract']``), which
+``verify`` reads.
 
 Exit status: 0 written; 2 bad arguments, ggml unavailable or an input ggml refuses (one line on stderr).
 """

@@ -339,7 +339,8 @@ _ISA_WORD = re.compile(r"\b(avx512\w*|avx2|avx|sse\w*|neon|sve\w*|scalar)\b", re
 def trace_isa(trace) -> str:
     """The SIMD build of ggml-cpu that wrote a trace, as a :data:`jaxkv.ggml_cpu.ISAS` name: metadata
     ``ggml.isa`` if present (``python -m fuzz record`` writes it), else an ISA word in ``trace.producer``
-    (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512``), else
+    (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512`` unless it is a
+    modelled name such as ``avx512fp16``), else
     ``jaxkv.ggml_cpu.DEFAULT_ISA`` (``avx512``: the shared traces say ``ggml cpu (n_threads=N)``, and
     came from an AVX-512 build). An ISA the model does not emulate raises ValueError naming the field."""
     from jaxkv import ggml_cpu
