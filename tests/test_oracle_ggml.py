@@ -158,7 +158,7 @@ def _model_isa():
     return isa
 
 
-_LEFTOVER_SIZES = (1, 3, 4, 5, 7, 8, 12, 15, 20, 28, 31, 33, 44, 60, 63, 65, 76, 100, 127, 139)
+_LEFTOVER_SIZES = (3, 5, 7, 12, 15, 20, 28, 31, 44, 60, 76, 100, 127, 139)
 
 
 def test_mul_mat_f32_is_the_modelled_vec_dot():
@@ -170,18 +170,22 @@ def test_mul_mat_f32_is_the_modelled_vec_dot():
 
     from jaxkv.ggml_cpu import dot as gdot
 
+    import jax
+
     isa = gdot.get_isa(_model_isa())
     fused = dataclasses.replace(isa, f32_tail_group=0)
+    dot = {i: jax.jit(lambda a, b, i=i: gdot.dot_f32(a, b, i)) for i in (isa, fused)}
     rng = np.random.default_rng(21)
     fused_wrong = 0
     for n in _LEFTOVER_SIZES:
         x = rng.standard_normal((8, n)).astype(np.float32)
         y = rng.standard_normal((1, n)).astype(np.float32)
         live = og.mul_mat(x, y)[0]
-        emu = np.asarray(gdot.dot_f32(x.astype(np.float64), y.astype(np.float64), isa)).astype(np.float32)
+        emu = np.asarray(dot[isa](x.astype(np.float64), y.astype(np.float64))).astype(np.float32)
         assert np.array_equal(live.view(np.uint32), emu.view(np.uint32)), f"n={n}: {np.sum(live != emu)} of 8 differ"
-        alt = np.asarray(gdot.dot_f32(x.astype(np.float64), y.astype(np.float64), fused)).astype(np.float32)
-        fused_wrong += not np.array_equal(alt, live)
+        if n in (12, 28, 60):  # >= 4 leftovers after the SIMD steps of both ISAs
+            alt = np.asarray(dot[fused](x.astype(np.float64), y.astype(np.float64))).astype(np.float32)
+            fused_wrong += not np.array_equal(alt, live)
     assert fused_wrong > 0
 
 
