@@ -3,7 +3,8 @@
     python benchmarks/check_ggml_dims.py [--dims 1-139] [--kv f32|f16] [--n-kv 2,7] [--n-q 1,3] [--heads 4]
                                          [--mul-mat]
 
-For every head size D in ``--dims`` (Dk = Dv = D): ``flash_attn_ext`` with F32 (or F16) K and V (per-row loop), one thread, no mask, random inputs; the model runs with the loaded library's ISA
+For every head size D in ``--dims`` (Dk = Dv = D): ``flash_attn_ext`` with F32 (or F16) K and V (per-row
+loop), one thread, no mask, random inputs; the model runs with the loaded library's ISA
 (``library_info()['isa']``). ``--mul-mat``: also raw F32 ``mul_mat`` (8 rows x 1 column, ``ggml_vec_dot_f32``
 unless the build hands it to llamafile's sgemm). Prints one line per D with the outputs that differ, and
 a summary; exit 1 when any output differs. Point ``JAXKV_GGML_LIB_DIR`` at another build's libraries to

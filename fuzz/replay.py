@@ -35,7 +35,7 @@ def load_record(path) -> dict:
 def replay(rec: dict) -> dict:
     """Re-evaluate a record's minimal case -> the outcome dict (ok, checks, error, metrics)."""
     from fuzz import properties as P
-    from fuzz.__main__ import load_target
+    from fuzz.target_spec import load_target
 
     prop = P.get(rec["property"])
     P.set_active([prop.name])

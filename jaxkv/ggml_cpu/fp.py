@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["r32", "r16", "r16x", "mul16", "fma16", "add32", "sub32", "mul32", "div32", "fma32", "expf", "v_expf", "tanhf", "expm1f",
+__all__ = ["r32", "r16", "r16x", "mul16", "fma16", "add32", "sub32", "mul32", "div32", "fma32", "expf", "v_expf",
+           "tanhf", "expm1f",
            "f32_bits", "from_f32_bits"]
 
 _TWO149 = float(2.0 ** 149)
