@@ -91,8 +91,9 @@ CONTRACT_KEY = "ggml.contract."
 #: built natively on an AVX512-FP16 CPU (issue #13: the key loop fused, the sinks step not), "avx2" = the
 #: libggml-python 0.20.2 AVX2 wheel. ``sinks_update``: the 0.25.3 AVX-512 build fuses the key loop's
 #: ``S*ms + vs`` on both paths but not the sinks step's (live, 12 calls with sinks above the row maximum:
-#: 0 of 4608 outputs differ with sinks_update=False, 251 with True); the shared traces' sinks trace is
-#: equal either way. A trace's ``ggml.contract.<field>`` metadata overrides these (:meth:`Contract.from_metadata`).
+#: 0 of 4608 outputs differ with sinks_update=False, 251 with True); the AVX2 wheel does not fuse it either
+#: (6 calls, per-row and split-KV: 0 of 2304 with False, 242 with True); the shared traces' sinks trace is
+#: equal either way. (The tiled path's sinks step is a separate fact: ``tiled.SINKS_FUSED``.) A trace's ``ggml.contract.<field>`` metadata overrides these (:meth:`Contract.from_metadata`).
 BUILD_CONTRACT: dict[str, Contract] = {
     "avx512": Contract(sinks_update=False),
     "avx512fp16": Contract(sinks_update=False),
