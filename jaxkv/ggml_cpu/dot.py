@@ -73,7 +73,8 @@ class Isa:
 ISA_TABLE: dict[str, Isa] = {
     # __AVX512F__ (no AVX512-FP16): simd-mappings.h "F32 AVX512" / "F16 AVX512 Fallback FP16 <-> FP32"
     # tail group 8: ggml 0.25.3 built natively by GCC 12.2 (llama-cpp-python 0.3.36), mul_mat F32
-    # n = 1..139, 8 rows each, all bitwise equal (group 4: 59 of 139 sizes wrong)
+    # n = 1..139, 8 rows each, all bitwise equal (group 4: 59 of 139 sizes
+    # wrong; all leftovers fused: 116)
     "avx512": Isa("avx512", 16, 16, 4, "tree", 16, f32_tail_group=8),
     # __AVX512F__ with __AVX512FP16__ (a native build on Sapphire Rapids or later), ggml >= 0.9.8 for the
     # FP16 vec_mad/vec_scale (llama.cpp PR 20529), with GGML_F16_DOT_* (F32-accumulated F16 dots; after
@@ -81,8 +82,8 @@ ISA_TABLE: dict[str, Isa] = {
     # (f32_tail_group assumed as for "avx512": no AVX512-FP16 machine measured)
     "avx512fp16": Isa("avx512fp16", 16, 16, 4, "tree", 16, f32_tail_group=8, f16_arith_step=128),
     # __AVX__ with __FMA__ and __F16C__ (an AVX2 build); tail group 4: libggml-python 0.20.2 wheel,
-    # mul_mat F32 n = 1..139, 8 rows each, all bitwise equal (the earlier all-FMA model: 0 of 139 sizes
-    # >= 4 leftovers right)
+    # mul_mat F32 n = 1..139, 8 rows each, all bitwise equal (group 8: 56 of 139 sizes wrong; all leftovers
+    # fused, the earlier model: 116)
     "avx2": Isa("avx2", 8, 8, 4, "hadd", 8, f32_tail_group=4),
 }
 
