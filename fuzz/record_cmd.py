@@ -12,7 +12,9 @@ hot window). The mask is additive ([1, 1, n_q, n_kv], finite values in [-2, 0] r
 the kind masks; see fuzz.ggml_campaign). The output is what the loaded ggml computed
 (jaxkv.oracles.ggml); the trace's producer is ``ggml <version> (<commit>) CPU <isa> n_threads=<n>``, so
 ``python -m fuzz verify FILE`` judges it under the ``ggml-cpu`` model. Metadata ``ggml.isa``,
-``ggml.version``, ``ggml.commit``, ``ggml.wheel``, ``record.seed`` and ``record.args`` say how it was made.
+``ggml.version``, ``ggml.commit``, ``ggml.wheel``, ``record.seed`` and ``record.args`` say how it was made;
+``ggml.contract.<field>`` the build's compiler-contraction facts (``library_info()['contract']``), which
+``verify`` reads.
 
 Exit status: 0 written; 2 bad arguments, ggml unavailable or an input ggml refuses (one line on stderr).
 """
@@ -139,7 +141,8 @@ def record(a) -> dict:
     out = fn(q, k, v, scale=scale, mask=mask, softcap=a.softcap, max_bias=a.max_bias, sinks=sinks)
     st = T.prepare(name, k, v, k_format=a.k_format, v_format=a.v_format, hot=hot)
     meta = {"ggml.version": info["version"], "ggml.commit": info["commit"], "ggml.isa": info["isa"],
-            "ggml.wheel": info["wheel"] or "", "record.seed": int(a.seed), "record.args": a.argv}
+            "ggml.wheel": info["wheel"] or "", "record.seed": int(a.seed), "record.args": a.argv,
+            **info.get("contract", {})}
     fields = dict(op=a.op, producer=producer(info, a.threads), scale=scale, max_bias=float(np.float32(a.max_bias)),
                   softcap=float(np.float32(a.softcap)), n_threads=a.threads, q=q, mask=mask, sinks=sinks,
                   out=np.asarray(out, np.float32), metadata=meta, **st)

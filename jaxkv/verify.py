@@ -46,7 +46,7 @@ from jaxkv import mutations
 __all__ = [
     "PRECISIONS", "STATUSES", "EXIT_CODES", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
     "Errors", "Budget", "EmuCheck", "Verdict", "Timings", "UnmodelledIsa",
-    "resolve_precision", "trace_isa", "case_from_trace", "errors", "derive_budget", "emu_check",
+    "resolve_precision", "trace_isa", "trace_contract", "case_from_trace", "errors", "derive_budget", "emu_check",
     "model_output", "fallback_model", "undefined_inputs", "reference_undefined",
     "below_signal", "golden_output", "golden_for", "dead_rows", "acc_unit", "verify_trace", "verify_case",
     "dense_model_fn",
@@ -372,7 +372,8 @@ _ISA_WORD = re.compile(r"\b(avx512\w*|avx2|avx|sse\w*|neon|sve\w*|scalar)\b", re
 def trace_isa(trace) -> str:
     """The SIMD build of ggml-cpu that wrote a trace, as a :data:`jaxkv.ggml_cpu.ISAS` name: metadata
     ``ggml.isa`` if present (``python -m fuzz record`` writes it), else an ISA word in ``trace.producer``
-    (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512``), else
+    (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512`` unless it is a
+    modelled name such as ``avx512fp16``), else
     ``jaxkv.ggml_cpu.DEFAULT_ISA`` (``avx512``: the shared traces say ``ggml cpu (n_threads=N)``, and
     came from an AVX-512 build). An ISA the model does not emulate raises :class:`UnmodelledIsa` (a
     ValueError naming the field; also a NotImplementedError, so ``verify_trace`` falls back)."""
@@ -387,11 +388,20 @@ def trace_isa(trace) -> str:
             return ggml_cpu.DEFAULT_ISA
         field, word = "producer", m.group(1)
     isa = word.lower()
-    isa = "avx512" if isa.startswith("avx512") else isa
+    isa = "avx512" if isa.startswith("avx512") and isa not in ggml_cpu.ISAS else isa
     if isa not in ggml_cpu.ISAS:
         raise UnmodelledIsa(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
                          f"{', '.join(ggml_cpu.ISAS)})")
     return isa
+
+
+def trace_contract(trace, isa: str):
+    """The compiler contractions (``jaxkv.ggml_cpu.Contract``) of the ggml build that wrote a trace, for
+    ``isa``: ``ggml_cpu.BUILD_CONTRACT[isa]`` with any ``ggml.contract.<field>`` metadata (``python -m
+    fuzz record`` writes them) taking precedence. A bad key or value raises ValueError naming it."""
+    from jaxkv.ggml_cpu import BUILD_CONTRACT, Contract
+
+    return Contract.from_metadata(getattr(trace, "metadata", None) or {}, BUILD_CONTRACT[isa])
 
 
 def golden_output(case: mutations.Case) -> np.ndarray:
@@ -456,8 +466,9 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
     if precision == "ggml-cpu":
         from jaxkv import ggml_cpu
 
-        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias,
-                  isa=config["isa"] if config.get("isa") is not None else trace_isa(trace))
+        isa = config["isa"] if config.get("isa") is not None else trace_isa(trace)
+        kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias, isa=isa,
+                  contract=trace_contract(trace, isa))
         if trace.op == "soft_max_attn":
             out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
         else:

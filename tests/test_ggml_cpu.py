@@ -405,7 +405,7 @@ def test_dot_f16_lane_order_is_isa_specific(isa):
     exact = np.sum(x * y, axis=-1)
     bound = 128 * 2.0 ** -24 * np.sum(np.abs(x * y), axis=-1)  # n * u * sum|x_i y_i|
     assert np.all(np.abs(got - exact) <= bound)
-    other = np.asarray(gdot.dot_f16(x, y, "avx2" if isa == "avx512" else "avx512"))
+    other = np.asarray(gdot.dot_f16(x, y, "avx2" if isa != "avx2" else "avx512"))
     assert not np.array_equal(got, other)  # 4x16 lanes + tree vs 4x8 lanes + hadd
 
 
@@ -417,6 +417,161 @@ def test_dot_f16_leftovers_accumulate_in_double():
     y[0], y[64], y[65] = 8192.0, 1.0, 1.0  # 2^24 from the SIMD part
     got = float(gdot.dot_f16(x, y, "avx512"))
     assert got == 2.0 ** 24 + 2.0  # float32 summation would give 2^24
+
+
+def _f32(fr):
+    """A Fraction rounded to float32 (through float64: a double rounding only at an exact float32 tie of
+    the float64 value, which these seeded inputs never hit)."""
+    return float(np.float32(float(fr)))
+
+
+def _f16(fr):
+    """A Fraction rounded once to float16 (ties to even), as float."""
+    from fractions import Fraction
+
+    h = np.float16(float(fr))
+    cands = [h, np.nextafter(h, np.float16(np.inf)), np.nextafter(h, np.float16(-np.inf))]
+    return float(min(cands, key=lambda c: (abs(Fraction(float(c)) - fr), int(np.array(c).view(np.uint16)) & 1)))
+
+
+@pytest.mark.parametrize("isa", ggml_cpu.ISAS)
+def test_dot_f32_leftovers_rounded_in_groups_then_fused(isa):
+    """ggml_vec_dot_f32's leftover loop ``sumf += x[i]*y[i]`` as GCC compiled it (measured against live
+    ggml, see Isa.f32_tail_group): with n < STEP all n elements are leftovers; the products of the first
+    n - n % g are rounded to float32 and added in order, the last n % g are FMAs. Re-derived here in
+    exact rational arithmetic, independently of the model's float helpers."""
+    from fractions import Fraction
+
+    g = gdot.get_isa(isa).f32_tail_group
+    assert g in (4, 8)
+    rng = np.random.default_rng(11)
+    for n in (1, 3, 4, 5, 7, 8, 11, 12, 15, 31):
+        x = rng.standard_normal((20, n)).astype(np.float32)
+        y = rng.standard_normal((20, n)).astype(np.float32)
+        got = np.asarray(gdot.dot_f32(x.astype(np.float64), y.astype(np.float64), isa))
+        for r in range(20):
+            s = 0.0
+            for i in range(n):
+                p = Fraction(float(x[r, i])) * Fraction(float(y[r, i]))
+                s = _f32(Fraction(_f32(p)) + Fraction(s)) if i < n - n % g else _f32(p + Fraction(s))
+            assert got[r] == s, (n, r)
+    # and the fused-only model (Isa.f32_tail_group = 0) is a different function for some n >= g
+    x = rng.standard_normal((200, 2 * g)).astype(np.float64)
+    fused = gdot.Isa(**{**gdot.get_isa(isa).__dict__, "f32_tail_group": 0})
+    assert not np.array_equal(np.asarray(gdot.dot_f32(x, x[::-1], isa)), np.asarray(gdot.dot_f32(x, x[::-1], fused)))
+
+
+def test_r16x_and_fp16_arithmetic_round_once():
+    """fp.r16x is the correctly rounded float64 -> float16 conversion (numpy's direct conversion is the
+    reference; subnormals, ties, the overflow threshold 65520); fma16 / mul16 round the exact result once
+    (checked against rational arithmetic)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(12)
+    x = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.integers(-9, 6, 20000),
+                        [65504.0, 65519.99, 65520.0, -65520.0, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -24 * 1.5, 0.0]])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float64)
+    assert np.array_equal(np.asarray(fp.r16x(x)).view(np.int64), want.view(np.int64))
+    a, b, c = (rng.standard_normal(400).astype(np.float16).astype(np.float64) * sc for sc in (1.0, 1.0, 1e-3))
+    c = c.astype(np.float16).astype(np.float64)
+    f = np.asarray(fp.fma16(a, b, c))
+    m = np.asarray(fp.mul16(a, b))
+    for i in range(400):
+        assert f[i] == _f16(Fraction(a[i]) * Fraction(b[i]) + Fraction(c[i]))
+        assert m[i] == _f16(Fraction(a[i]) * Fraction(b[i]))
+
+
+def test_avx512fp16_f16_accumulator_is_native_fp16_on_full_steps():
+    """On an AVX512-FP16 build ggml_vec_mad_f16 works in FP16 on the first DV - DV % 128 elements
+    (factor rounded to F16, one rounding) and in F32 (FMA, then F16) on the rest. Two keys with scores 0
+    and -0.5 (q = e0, k1 = -0.5 e0, scale 1): out = F16(v0 + v1*vs) / (1 + vs), vs = expf(-0.5),
+    re-derived in rational arithmetic for DV = 192 (128 FP16 + 64 F32 elements). DV = 64 (no full
+    FP16 step) is the plain AVX-512 model."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(13)
+    d = 192
+    q = np.zeros((1, 1, 1, d), np.float32)
+    q[..., 0] = 1
+    k = np.zeros((1, 2, 1, d), np.float16)
+    k[0, 1, 0, 0] = -0.5
+    v = rng.standard_normal((1, 2, 1, d)).astype(np.float16)
+    got = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=1.0, isa="avx512fp16"))[0, 0, 0]
+    vs = float(_call_libm("expf", [-0.5])[0])
+    inv = np.float32(1) / (np.float32(1) + np.float32(vs))
+    v0, v1 = v[0, 0, 0].astype(np.float64), v[0, 1, 0].astype(np.float64)
+    acc = [(_f16(Fraction(v1[i]) * Fraction(float(np.float16(vs))) + Fraction(v0[i])) if i < 128
+            else _f16(Fraction(_f32(Fraction(v1[i]) * Fraction(vs) + Fraction(v0[i]))))) for i in range(d)]
+    want = np.array(acc, np.float32) * inv
+    assert np.array_equal(got, want)
+    plain = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=1.0, isa="avx512"))[0, 0, 0]
+    assert np.array_equal(plain[128:], got[128:]) and not np.array_equal(plain[:128], got[:128])
+    q64, k64, v64 = q[..., :64], k[..., :64], v[..., :64]
+    assert np.array_equal(np.asarray(ggml_cpu.flash_attn_ext(q64, k64, v64, scale=1.0, isa="avx512fp16")),
+                          np.asarray(ggml_cpu.flash_attn_ext(q64, k64, v64, scale=1.0, isa="avx512")))
+
+
+def test_contract_metadata_facts():
+    """Contract facts travel as ``ggml.contract.<field>`` metadata: written by to_metadata, read back by
+    from_metadata over a base; unknown fields and non-boolean values are refused by key."""
+    from jaxkv.ggml_cpu import BUILD_CONTRACT, Contract
+
+    c = Contract(sum_update=False, sinks_update=True)
+    assert Contract.from_metadata(c.to_metadata(), Contract()) == c
+    base = BUILD_CONTRACT["avx512"]
+    got = Contract.from_metadata({"ggml.contract.sinks_update": "true", "ggml.isa": "avx512"}, base)
+    assert got.sinks_update and got.sum_update == base.sum_update
+    with pytest.raises(ValueError, match="^ggml.contract.sink_update: unknown"):
+        Contract.from_metadata({"ggml.contract.sink_update": "true"}, base)
+    with pytest.raises(ValueError, match="^ggml.contract.sinks_update: expected true or false"):
+        Contract.from_metadata({"ggml.contract.sinks_update": "maybe"}, base)
+
+
+def test_sinks_step_contraction_is_its_own_fact():
+    """sinks_update changes only the sinks step: without sinks the flag is inert, with a sink above every
+    score (ms = expf(M - sink), S = S*ms + 1) fused and unfused sums differ in some rows."""
+    from jaxkv.ggml_cpu import Contract
+
+    rng = np.random.default_rng(14)
+    q = rng.standard_normal((1, 16, 8, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 6, 2, 64)).astype(np.float16)
+    v = rng.standard_normal((1, 6, 2, 64)).astype(np.float16)
+    top = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k.astype(np.float32), 4, axis=2)).max(axis=(0, 2, 3))
+    sinks = (top * 0.125 + 0.3).astype(np.float32)  # above every score by ~0.3: S*ms ~ S, comparable to 1
+    on, off = Contract(sinks_update=True), Contract(sinks_update=False)
+    kw = dict(scale=0.125, isa="avx512")
+    assert np.array_equal(np.asarray(ggml_cpu.flash_attn_ext(q, k, v, contract=on, **kw)),
+                          np.asarray(ggml_cpu.flash_attn_ext(q, k, v, contract=off, **kw)))
+    assert not np.array_equal(np.asarray(ggml_cpu.flash_attn_ext(q, k, v, sinks=sinks, contract=on, **kw)),
+                              np.asarray(ggml_cpu.flash_attn_ext(q, k, v, sinks=sinks, contract=off, **kw)))
+
+
+_RECORDED = sorted((pathlib.Path(__file__).parent / "data").glob("ggml0*_fa_f*.gguf"))
+_RECORDED = [p for p in _RECORDED if "overflow" not in p.stem]
+
+
+@pytest.mark.parametrize("path", _RECORDED, ids=[p.stem for p in _RECORDED])
+def test_recorded_live_traces_are_bit_exact_with_their_build(path):
+    """tests/data/ggml020_fa_f32_*.gguf (libggml-python 0.20.2, AVX2) and ggml0253_*.gguf (ggml 0.25.3 from
+    llama-cpp-python 0.3.36, GCC 12 native AVX-512) were recorded by ``python -m fuzz record`` with F32 K/V
+    of head sizes that leave SIMD leftovers (60: 28 after AVX2's 32-step, 60 after AVX-512's 64; 139: 11)
+    and with sinks above the row maximum: the ggml-cpu model at the ISA and contraction facts of the
+    trace's metadata reproduces ``out`` bit for bit."""
+    from jaxkv import trace as tr
+    from jaxkv import verify as vf
+
+    t = tr.load(path)
+    md = t.metadata
+    assert md["ggml.isa"] == ("avx2" if path.stem.startswith("ggml020") else "avx512")
+    assert any(k.startswith("ggml.contract.") for k in md)
+    case = vf.case_from_trace(t)
+    np.testing.assert_array_equal(vf.model_output(t, case, "ggml-cpu"), np.asarray(t.out, np.float64))
+    if "sinks" in path.stem:  # the fact matters here: the fused sinks step is off by an ulp in some rows
+        import dataclasses
+
+        t2 = dataclasses.replace(t, metadata={**md, "ggml.contract.sinks_update": "true"})
+        assert not np.array_equal(vf.model_output(t2, case, "ggml-cpu"), np.asarray(t.out, np.float64))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Tolerances (each stated where used):
 from __future__ import annotations
 
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -119,12 +120,98 @@ def test_library_info_records_the_build():
     info = og.library_info()
     feats = info["features"]
     widest = next((n for n in ("avx512", "avx2", "avx", "neon") if feats[n]), "scalar")
-    assert info["isa"] == widest
+    # AVX-512 with native FP16 arithmetic is told apart by a probe (ggml reports no such feature)
+    assert info["isa"] == ("avx512fp16" if info["f16_arith"] == "f16" else widest)
+    assert info["f16_arith"] in ("f16", "f32") and (info["f16_arith"] == "f32" or widest == "avx512")
     assert info["version"].count(".") == 2 and info["commit"]
     if info["wheel"] and info["wheel"].startswith("0.20.2") and "JAXKV_GGML_LIB_DIR" not in os.environ:
         # the libggml-python 0.20.2 wheel: ggml 0.20.2 compiled for AVX2/FMA/F16C, no AVX-512
         assert info["version"] == "0.20.2"
         assert info["isa"] == "avx2" and feats["fma"] and feats["f16c"] and not feats["avx512"]
+
+
+def test_library_info_names_the_loaded_build_not_the_installed_wheel(tmp_path):
+    """``wheel`` is the libggml-python version only when the loaded libraries are that wheel's: a build
+    loaded through JAXKV_GGML_LIB_DIR (e.g. llama-cpp-python's ggml 0.25.3) reports its own version and no
+    wheel, so ``record`` writes the right facts into traces. ``contract`` carries the build's
+    ``ggml.contract.*`` facts (what ``record`` writes)."""
+    from jaxkv.oracles import ggml_lib as gl
+
+    info = og.library_info()
+    assert gl.wheel_version(tmp_path) is None
+    assert info["wheel"] == gl.wheel_version(info["lib_dir"])
+    assert info["version"] == gl.lib().ggml_version().decode()
+    if info["wheel"] is None:
+        assert pathlib.Path(info["lib_dir"]).resolve() == pathlib.Path(os.environ["JAXKV_GGML_LIB_DIR"]).resolve()
+    from jaxkv.ggml_cpu import ISAS
+
+    if info["isa"] in ISAS:
+        assert set(info["contract"]) >= {"ggml.contract.sum_update", "ggml.contract.sinks_update"}
+
+
+def _model_isa():
+    from jaxkv.ggml_cpu import ISAS
+
+    isa = og.library_info()["isa"]
+    if isa not in ISAS:
+        pytest.skip(f"the ggml-cpu model has no {isa} build")
+    return isa
+
+
+_LEFTOVER_SIZES = (3, 5, 7, 12, 15, 20, 28, 31, 44, 60, 76, 100, 127, 139)
+
+
+def test_mul_mat_f32_is_the_modelled_vec_dot():
+    """Raw F32 ``mul_mat`` (``ggml_vec_dot_f32``) of the loaded build against ``ggml_cpu.dot.dot_f32`` at
+    its ISA, bit for bit, at sizes covering every leftover count mod 4 and mod 8 after both SIMD steps
+    (32 and 64). The all-FMA leftover model (f32_tail_group = 0) is wrong at some of them.
+    (benchmarks/check_ggml_dims.py --mul-mat sweeps n = 1..139.)"""
+    import dataclasses
+
+    from jaxkv.ggml_cpu import dot as gdot
+
+    import jax
+
+    isa = gdot.get_isa(_model_isa())
+    fused = dataclasses.replace(isa, f32_tail_group=0)
+    dot = {i: jax.jit(lambda a, b, i=i: gdot.dot_f32(a, b, i)) for i in (isa, fused)}
+    rng = np.random.default_rng(21)
+    fused_wrong = 0
+    for n in _LEFTOVER_SIZES:
+        x = rng.standard_normal((8, n)).astype(np.float32)
+        y = rng.standard_normal((1, n)).astype(np.float32)
+        live = og.mul_mat(x, y)[0]
+        emu = np.asarray(dot[isa](x.astype(np.float64), y.astype(np.float64))).astype(np.float32)
+        assert np.array_equal(live.view(np.uint32), emu.view(np.uint32)), f"n={n}: {np.sum(live != emu)} of 8 differ"
+        if n in (12, 28, 60):  # >= 4 leftovers after the SIMD steps of both ISAs
+            alt = np.asarray(dot[fused](x.astype(np.float64), y.astype(np.float64))).astype(np.float32)
+            fused_wrong += not np.array_equal(alt, live)
+    assert fused_wrong > 0
+
+
+@pytest.mark.parametrize("dk", (12, 60, 139))
+def test_f32_kv_flash_attn_bit_exact_at_leftover_head_sizes(dk):
+    """flash_attn_ext with F32 K/V whose head size leaves F32 dot leftovers (12: all leftovers; 60 and 139:
+    after one and two/four SIMD steps) is bit-exact with the model at the loaded build's ISA
+    (benchmarks/check_ggml_dims.py sweeps Dk = 1..139)."""
+    from jaxkv import ggml_cpu
+
+    isa = _model_isa()
+    rng = np.random.default_rng(dk)
+    q = rng.standard_normal((1, 3, 4, dk)).astype(np.float32)
+    k = rng.standard_normal((1, 7, 2, dk)).astype(np.float32)
+    v = rng.standard_normal((1, 7, 2, dk)).astype(np.float32)
+    scale = float(np.float32(1 / np.sqrt(dk)))
+    live = og.flash_attn_ext(q, k, v, k_format="F32", v_format="F32", scale=scale)
+    emu = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=scale, isa=isa))
+    assert np.array_equal(live.view(np.uint32), emu.view(np.uint32)), f"{np.sum(live != emu)} of {live.size} differ"
+
+
+def test_f16_vector_arith_probe_is_cached_and_consistent():
+    """The FP16-arithmetic probe answers 'f32' or 'f16' and matches library_info's ISA."""
+    a = og.f16_vector_arith()
+    assert a == og.f16_vector_arith() and a in ("f32", "f16")
+    assert (og.library_info()["isa"] == "avx512fp16") == (a == "f16")
 
 
 def test_missing_library_raises_oracle_unavailable(monkeypatch, tmp_path):

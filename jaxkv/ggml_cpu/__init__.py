@@ -10,7 +10,8 @@ Layout (every public function)::
     out   [B, n_q, H, Dv]        float32
 
 Query head ``h`` uses KV head ``h // (H // Hkv)``. ``isa`` is the SIMD build of ggml-cpu being
-modelled: ``"avx512"`` (the default: the shared traces come from an AVX-512 build) or ``"avx2"``.
+modelled: ``"avx512"`` (the default: the shared traces come from an AVX-512 build), ``"avx512fp16"``
+(AVX-512 with native FP16 arithmetic) or ``"avx2"``.
 
 What is modelled (see ``shared/docs/ggml-cpu-rounding.md`` and the module docstrings of
 :mod:`.fp`, :mod:`.dot`, :mod:`.kernels`): q converted to K's ``vec_dot_type`` (F16 rounding, x86
@@ -45,7 +46,7 @@ from jaxkv.ggml_cpu.fp import F64
 __all__ = ["ISAS", "DEFAULT_ISA", "DEFAULT_VERSION", "Contract", "BUILD_CONTRACT", "SPLIT_KV_MIN", "TILE_Q",
            "flash_attn_ext", "soft_max_attn", "mixed_flash_attn", "kv_type", "split_chunks", "path"]
 
-ISAS = tuple(ISA_TABLE)          # ("avx512", "avx2")
+ISAS = tuple(ISA_TABLE)          # ("avx512", "avx512fp16", "avx2")
 DEFAULT_ISA = "avx512"           # the shared traces' build (ggml-cpu-rounding.md)
 SPLIT_KV_MIN = 512               # ggml_compute_forward_flash_attn_ext_f16: nek1 >= 512
 TILE_Q = 64                      # GGML_FA_TILE_Q

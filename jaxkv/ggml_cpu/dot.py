@@ -11,7 +11,11 @@ Lane orders (``simd-mappings.h``, ``vec.cpp``):
   (``STEP = 4*EPR``), each by an FMA (exact for F16 x F16 products). Reduction: ``a0 += a2; a1 += a3;
   a0 += a1``, then AVX-512 ``_mm512_reduce_add_ps`` (halving tree 16 -> 8 -> 4 -> 2 -> 1) or AVX
   (``lo128 + hi128``, then ``_mm_hadd_ps`` twice: ``(t0 + t1) + (t2 + t3)``). The ``n % STEP`` leftover
-  elements: F16 in double (``sumf += (double)(x*y)``), F32 in float (contracted to an FMA).
+  elements: F16 in double (``sumf += (double)(x*y)``); F32 in float, ``sumf += x[i]*y[i]``, which GCC
+  vectorizes as an in-order reduction: the products of all but the last ``r % f32_tail_group`` of the
+  ``r`` leftovers are rounded (vector multiply) and added one by one in order, the last
+  ``r % f32_tail_group`` go through the scalar epilogue, contracted to an FMA (``Isa.f32_tail_group``,
+  measured against live ggml: ``mul_mat`` of F32 rows, n = 1..139).
 - block dots (``ggml_vec_dot_q4_0_q8_0`` etc.; the ``__AVX2__`` kernels, used by AVX-512 builds too):
   per 32-block, 8 int32 lanes each the exact sum of 4 consecutive products; ``acc = fma(d, lanes, acc)``
   with ``d = d_x * d_y`` (exact); ``hsum_float_8``: ``((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))``.
@@ -40,7 +44,13 @@ class Isa:
     f32_epr / f16_epr: lanes per register (``GGML_F32_EPR`` / ``GGML_F16_EPR``); arr: accumulators
     (``GGML_F*_ARR``); reduce: horizontal sum of ``GGML_F32_VEC_REDUCE`` ("tree": AVX-512
     ``_mm512_reduce_add_ps``; "hadd": AVX ``_mm_hadd_ps``); vexp_width: lanes of ``ggml_v_expf`` in
-    ``ggml_vec_soft_max_f32``."""
+    ``ggml_vec_soft_max_f32``; f32_tail_group: the F32 dot's leftover loop (``n % f32_step`` elements)
+    as compiled: all but the last ``r % f32_tail_group`` of the ``r`` leftovers are multiplied (rounded),
+    then added in order; the last ``r % f32_tail_group`` are fused (FMA). 0 = every leftover fused;
+    f16_arith_step: 0 = F16 vectors are converted to F32 for arithmetic (``GGML_F32Cx*``); n > 0 = native
+    FP16 SIMD arithmetic (``__AVX512FP16__``: ``GGML_F16_STEP`` = 128) in ``ggml_vec_mad_f16`` /
+    ``ggml_vec_scale_f16`` on the first ``DV - DV % n`` elements (F16 dots keep F32 accumulation there:
+    ``GGML_F16_DOT_*``, so ``f16_epr`` is the F32 width)."""
 
     name: str
     f32_epr: int
@@ -48,6 +58,8 @@ class Isa:
     arr: int
     reduce: str
     vexp_width: int
+    f32_tail_group: int = 0
+    f16_arith_step: int = 0
 
     @property
     def f32_step(self) -> int:
@@ -60,9 +72,19 @@ class Isa:
 
 ISA_TABLE: dict[str, Isa] = {
     # __AVX512F__ (no AVX512-FP16): simd-mappings.h "F32 AVX512" / "F16 AVX512 Fallback FP16 <-> FP32"
-    "avx512": Isa("avx512", 16, 16, 4, "tree", 16),
-    # __AVX__ with __FMA__ and __F16C__ (an AVX2 build)
-    "avx2": Isa("avx2", 8, 8, 4, "hadd", 8),
+    # tail group 8: ggml 0.25.3 built natively by GCC 12.2 (llama-cpp-python 0.3.36), mul_mat F32
+    # n = 1..139, 8 rows each, all bitwise equal (group 4: 59 of 139 sizes
+    # wrong; all leftovers fused: 116)
+    "avx512": Isa("avx512", 16, 16, 4, "tree", 16, f32_tail_group=8),
+    # __AVX512F__ with __AVX512FP16__ (a native build on Sapphire Rapids or later), ggml >= 0.9.8 for the
+    # FP16 vec_mad/vec_scale (llama.cpp PR 20529), with GGML_F16_DOT_* (F32-accumulated F16 dots; after
+    # ggml 0.21.0, present in 0.25.3): older FP16 builds accumulate F16 dots in F16 (not modelled)
+    # (f32_tail_group assumed as for "avx512": no AVX512-FP16 machine measured)
+    "avx512fp16": Isa("avx512fp16", 16, 16, 4, "tree", 16, f32_tail_group=8, f16_arith_step=128),
+    # __AVX__ with __FMA__ and __F16C__ (an AVX2 build); tail group 4: libggml-python 0.20.2 wheel,
+    # mul_mat F32 n = 1..139, 8 rows each, all bitwise equal (group 8: 56 of 139 sizes wrong; all leftovers
+    # fused, the earlier model: 116)
+    "avx2": Isa("avx2", 8, 8, 4, "hadd", 8, f32_tail_group=4),
 }
 
 
@@ -206,9 +228,14 @@ def dot_f32(x, y, isa):
         s = _vec_reduce(acc, isa)
     else:
         s = jnp.zeros(shape, F64)
-    for i in range(npm, n):  # float sumf += x*y (contracted)
+    r = n - npm
+    g = isa.f32_tail_group
+    n_vec = npm + (r - r % g if g else 0)
+    for i in range(npm, n_vec):  # leftovers, vectorized in-order reduction: products rounded, added in order
+        s = add32(s, mul32(x[..., i], y[..., i]))
+    for i in range(n_vec, n):    # the scalar epilogue: sumf += x*y contracted to an FMA
         s = fma32(x[..., i], y[..., i], s)
-    return s
+    return jnp.broadcast_to(s, shape)
 
 
 # ----------------------------------------------------------------------------------------------------

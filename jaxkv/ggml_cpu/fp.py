@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["r32", "r16", "add32", "sub32", "mul32", "div32", "fma32", "expf", "v_expf", "tanhf", "expm1f",
+__all__ = ["r32", "r16", "r16x", "mul16", "fma16", "add32", "sub32", "mul32", "div32", "fma32", "expf", "v_expf",
+           "tanhf", "expm1f",
            "f32_bits", "from_f32_bits"]
 
 _TWO149 = float(2.0 ** 149)
@@ -88,6 +89,36 @@ def fma32(a, b, c):
     a, b, c = (jnp.asarray(t, F64) for t in (a, b, c))
     p = a * b  # exact: 24 + 24 bits
     return r32(_round_to_odd_sum(p, c))
+
+
+def _pow2(n):
+    """2.0**n for integer-valued n, exactly (XLA's ``exp2`` is off by an ulp at most integers)."""
+    n = jnp.asarray(n)
+    return jnp.ldexp(jnp.ones(n.shape, F64), n.astype(jnp.int32))
+
+
+def r16x(y):
+    """Round a float64 value once to the nearest float16 value (ties to even, float16 subnormals kept,
+    overflow -> inf), as f64: the rounding of native FP16 arithmetic (AVX512-FP16 ``vmulph``,
+    ``vfmadd*ph``). Unlike :func:`r16` (which goes through float32) it is exact for any float64 input."""
+    y = jnp.asarray(y, F64)
+    _, e = jnp.frexp(jnp.where(y == 0, 1.0, y))          # |y| in [2^(e-1), 2^e)
+    k = jnp.maximum(e - 1, -14) - 10                        # float16 spacing there: 2^k (2^-24 subnormal)
+    r = jnp.ldexp(jnp.round(jnp.ldexp(y, -k)), k)          # exact scalings; round half to even
+    r = jnp.where(jnp.abs(r) > 65504.0, jnp.sign(y) * jnp.inf, r)
+    return jnp.where(jnp.isfinite(y) & (y != 0), r, y)
+
+
+def mul16(a, b):
+    """float16 product of two float16 values (f64 carriers), rounded once (``vmulph``)."""
+    return r16x(jnp.asarray(a, F64) * jnp.asarray(b, F64))  # exact in float64: 11 + 11 bits
+
+
+def fma16(a, b, c):
+    """float16 fused multiply-add ``round16(a*b + c)`` of float16 values (``vfmadd*ph``): the exact sum
+    rounded to odd in float64 (53 >= 11 + 2 bits), then once to float16."""
+    a, b, c = (jnp.asarray(t, F64) for t in (a, b, c))
+    return r16x(_round_to_odd_sum(a * b, c))
 
 
 def f32_bits(v):
@@ -174,14 +205,15 @@ def _vexp_common(x):
 
 
 def v_expf(x, isa: str):
-    """ggml's SIMD exp approximation ``ggml_v_expf`` for ``isa`` ("avx512" or "avx2"), lane-wise on
+    """ggml's SIMD exp approximation ``ggml_v_expf`` for ``isa`` ("avx512", "avx512fp16" or "avx2"), lane-wise on
     f32 carriers (no -inf/NaN special casing beyond what the instructions do)."""
     x = jnp.asarray(x, F64)
     xs = jnp.where(jnp.isfinite(x), x, jnp.where(x > 0, 1e30, -1e30))  # inf lanes take the |n| > 192 branch
     z, n, b, u, hi = _vexp_common(xs)
-    if isa == "avx512":
+    if isa in ("avx512", "avx512fp16"):  # the __AVX512F__ variant
         j = fma32(hi, u, fma32(_VX_P[4], b, 1.0))
-        res = r32(j * jnp.exp2(jnp.clip(n, -300, 300)))  # vscalefps: j * 2^n, one rounding
+        # vscalefps: j * 2^n, one rounding (ldexp: XLA's exp2 is not exact at integers)
+        res = r32(jnp.ldexp(j, jnp.clip(n, -300, 300).astype(jnp.int32)))
         alt = jnp.where(n <= 0, 0.0, jnp.inf)
         out = jnp.where(jnp.abs(n) > 192, alt, res)
     elif isa == "avx2":
@@ -197,7 +229,7 @@ def v_expf(x, isa: str):
         big = jnp.where(d, mul32(s1, s1), mul32(fma32(s2, j, s2), s1))
         out = jnp.where(c, big, fma32(k, j, k))
     else:
-        raise ValueError(f"isa: expected 'avx512' or 'avx2', got {isa!r}")
+        raise ValueError(f"isa: expected 'avx512', 'avx512fp16' or 'avx2', got {isa!r}")
     return jnp.where(jnp.isnan(x), x, out)
 
 
@@ -243,12 +275,12 @@ def expm1f(x):
     e = sub32(sub32(mul32(x, sub32(e, c)), c), hxs)
     res_m1 = sub32(mul32(0.5, sub32(x, e)), 0.5)
     res_p1 = jnp.where(x < -0.25, mul32(-2.0, sub32(e, add32(x, 0.5))), add32(1.0, mul32(2.0, sub32(x, e))))
-    p2k = jnp.exp2(jnp.clip(k, -200, 200))
+    p2k = _pow2(jnp.clip(k, -200, 200))
     res_far = sub32(mul32(sub32(1.0, sub32(e, x)), p2k), 1.0)
     kc = jnp.clip(k, 0, 22)
-    t_small = 1.0 - jnp.exp2(-kc)  # 0x3f800000 - (0x1000000 >> k): 1 - 2^-k
+    t_small = 1.0 - _pow2(-kc)  # 0x3f800000 - (0x1000000 >> k): 1 - 2^-k
     res_mid = mul32(sub32(t_small, sub32(e, x)), p2k)
-    res_hi = mul32(add32(sub32(x, add32(e, jnp.exp2(-jnp.clip(k, 23, 56)))), 1.0), p2k)
+    res_hi = mul32(add32(sub32(x, add32(e, _pow2(-jnp.clip(k, 23, 56)))), 1.0), p2k)
     res = jnp.where(k < 23, res_mid, res_hi)
     res = jnp.where((k <= -2) | (k > 56), res_far, res)
     res = jnp.where(k == 1, res_p1, res)

@@ -18,6 +18,13 @@ ggml, not on the source, so it is data (:class:`Contract`, one default per model
   format x path cells bitwise equal with live ggml: ``benchmarks/bench_ggml_model.py --seeds 2``; fused
   on the split path broke 7 of 24 split-KV cases); the reduction fused as above; ``s*scale + mv`` not fused (checked with a non-power-of-two scale and a random mask).
 
+- ggml 0.25.3 built natively by GCC 12.2 on AVX-512 (llama-cpp-python 0.3.36, checked live): the key
+  loop's ``S*ms + vs`` fused on both paths, the sinks step's not (:attr:`Contract.sinks_update`).
+
+F16 V on an AVX512-FP16 build (isa "avx512fp16", ggml >= 0.9.8): ``ggml_vec_mad_f16`` /
+``ggml_vec_scale_f16`` compute the first ``DV - DV % 128`` elements in native FP16 (the factor rounded
+to F16, one F16 rounding per FMA / product), the rest in F32 stored as F16 (:func:`_mad_f16`).
+
 Not constrained by any available ground truth (powers of two make both roundings equal there):
 ``s*scale + mv`` for the AVX-512 build (assumed not fused: ``s`` passes the softcap branch in between)
 and ``soft_max``'s ``wp[i] += slope*mask[i]`` (assumed fused).
@@ -25,7 +32,7 @@ and ``soft_max``'s ``wp[i] += slope*mask[i]`` (assumed fused).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import jax
@@ -34,9 +41,10 @@ from jax import lax
 
 from jaxkv import formats
 from jaxkv.ggml_cpu import dot as _dot
-from jaxkv.ggml_cpu.fp import F64, add32, div32, expf, fma32, mul32, r16, r32, sub32, tanhf, v_expf
+from jaxkv.ggml_cpu.fp import (F64, add32, div32, expf, fma16, fma32, mul16, mul32, r16, r32, sub32, tanhf,
+                               v_expf)
 
-__all__ = ["Contract", "BUILD_CONTRACT", "scores", "fa_core", "softmax_attn_core"]
+__all__ = ["Contract", "BUILD_CONTRACT", "CONTRACT_KEY", "scores", "fa_core", "softmax_attn_core"]
 
 
 @dataclass(frozen=True)
@@ -44,17 +52,52 @@ class Contract:
     """Where the compiler fused a multiply and an add into one FMA (True) or not (False)."""
 
     score_mask: bool = False        # s*scale + mv (no softcap)
-    sum_update: bool = True         # S*ms + vs in the per-row loop (and its sinks step)
-    sum_update_split: bool = True   # S*ms + vs on the split-KV path (and its sinks step)
+    sum_update: bool = True         # S*ms + vs in the per-row loop over the keys
+    sum_update_split: bool = True   # S*ms + vs in the key loop on the split-KV path
+    sinks_update: bool = True       # S*ms + vs of the sinks step after the key loop (both paths)
     reduce_partials: bool = True    # acc*so + acc_c*sn -> fma(acc, so, acc_c*sn)
     softmax_mask: bool = True       # wp + slope*mask
 
+    @classmethod
+    def from_metadata(cls, md, base: "Contract") -> "Contract":
+        """``base`` with the fields named by ``ggml.contract.<field>`` keys of a trace's metadata
+        (values true/false, 1/0 or "true"/"false") replaced. Unknown fields or values raise ValueError
+        naming the key."""
+        names = {f.name for f in fields(cls)}
+        over = {}
+        for key, val in (md or {}).items():
+            if not str(key).startswith(CONTRACT_KEY):
+                continue
+            name = str(key)[len(CONTRACT_KEY):]
+            if name not in names:
+                raise ValueError(f"{key}: unknown contraction fact (known: {', '.join(sorted(names))})")
+            word = str(val).strip().lower()
+            if word not in ("true", "false", "1", "0"):
+                raise ValueError(f"{key}: expected true or false, got {val!r}")
+            over[name] = word in ("true", "1")
+        return replace(base, **over)
 
-#: default contraction of each modelled build: "avx512" = the shared traces' build, "avx2" = the
-#: libggml-python 0.20.2 AVX2 wheel
+    def to_metadata(self) -> dict:
+        """The ``ggml.contract.<field>`` metadata keys of this contract (values "true"/"false")."""
+        return {CONTRACT_KEY + f.name: str(getattr(self, f.name)).lower() for f in fields(self)}
+
+
+#: prefix of the trace metadata keys holding contraction facts (``ggml.contract.sinks_update``)
+CONTRACT_KEY = "ggml.contract."
+
+
+#: default contraction of each modelled build: "avx512" = the shared traces' build (ggml 0.21) and ggml
+#: 0.25.3 (llama-cpp-python 0.3.36) built natively by GCC 12.2 on AVX-512, "avx512fp16" = that release
+#: built natively on an AVX512-FP16 CPU (issue #13: the key loop fused, the sinks step not), "avx2" = the
+#: libggml-python 0.20.2 AVX2 wheel. ``sinks_update``: the 0.25.3 AVX-512 build fuses the key loop's
+#: ``S*ms + vs`` on both paths but not the sinks step's (live, 12 calls with sinks above the row maximum:
+#: 0 of 4608 outputs differ with sinks_update=False, 251 with True); the AVX2 wheel does not fuse it either
+#: (6 calls, per-row and split-KV: 0 of 2304 with False, 242 with True); the shared traces' sinks trace is
+#: equal either way. (The tiled path's sinks step is a separate fact: ``tiled.SINKS_FUSED``.) A trace's ``ggml.contract.<field>`` metadata overrides these (:meth:`Contract.from_metadata`).
 BUILD_CONTRACT: dict[str, Contract] = {
-    "avx512": Contract(),
-    "avx2": Contract(sum_update=False, sum_update_split=False),
+    "avx512": Contract(sinks_update=False),
+    "avx512fp16": Contract(sinks_update=False),
+    "avx2": Contract(sum_update=False, sum_update_split=False, sinks_update=False),
 }
 
 
@@ -106,6 +149,25 @@ def _v_rows(v, v_type: str):
 # flash_attn_ext
 
 
+def _scale_f16(acc, ms, n16: int):
+    """``ggml_vec_scale_f16(DV, acc, ms)`` on F16 values [..., DV]: the first ``n16`` elements in native
+    FP16 SIMD (``vmulph`` by ``(_Float16)ms``), the rest (all, where n16 = 0) in F32 math, stored as F16."""
+    tail = r16(mul32(acc[..., n16:], ms))
+    if not n16:
+        return tail
+    return jnp.concatenate([mul16(acc[..., :n16], r16(ms)), tail], axis=-1)
+
+
+def _mad_f16(*, acc, v, s, n16: int):
+    """``ggml_vec_mad_f16(DV, acc, v, s)``: acc + v*s on F16 values [..., DV]; the first ``n16`` elements
+    in native FP16 SIMD (``vfmadd*ph`` with ``(_Float16)s``: one rounding to F16), the rest as an F32 FMA
+    stored as F16 (the F32-converting SIMD and the contracted scalar leftovers)."""
+    tail = r16(fma32(v[..., n16:], s, acc[..., n16:]))
+    if not n16:
+        return tail
+    return jnp.concatenate([fma16(v[..., :n16], r16(s), acc[..., :n16]), tail], axis=-1)
+
+
 @partial(jax.jit, static_argnames=("k_type", "v_type", "isa", "n_chunks", "softcap_on", "contract"))
 def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_type, isa, n_chunks,
             softcap_on, contract):
@@ -151,6 +213,8 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
 
     s_t, live_t, v_t = chunked(s_t), chunked(live_t), chunked(v_t)
     f16_acc = v_type == "f16"
+    st16 = _dot.get_isa(isa).f16_arith_step
+    n16 = dv - dv % st16 if st16 else 0  # leading V elements the ISA's native FP16 SIMD handles
     fuse_sum = contract.sum_update_split if n_chunks > 1 else contract.sum_update
 
     def step(carry, xs):
@@ -160,9 +224,9 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
         newmax = lj & (sj > M)
         ms = jnp.where(newmax, expf(sub32(M, sj)), 1.0)
         vs = jnp.where(newmax, 1.0, expf(sub32(sj, jnp.where(M == -jnp.inf, sj, M))))
-        if f16_acc:  # ggml_vec_scale_f16 / ggml_vec_mad_f16: F32 math, F16 storage
-            scaled = jnp.where(newmax[..., None], r16(mul32(acc, ms[..., None])), acc)
-            acc_n = r16(fma32(vj, vs[..., None], scaled))
+        if f16_acc:  # ggml_vec_scale_f16 / ggml_vec_mad_f16 (F16 storage)
+            scaled = jnp.where(newmax[..., None], _scale_f16(acc, ms[..., None], n16), acc)
+            acc_n = _mad_f16(acc=scaled, v=vj, s=vs[..., None], n16=n16)
         else:        # ggml_vec_scale_f32 / ggml_vec_mad_f32
             scaled = jnp.where(newmax[..., None], mul32(acc, ms[..., None]), acc)
             acc_n = fma32(vj, vs[..., None], scaled)
@@ -185,7 +249,7 @@ def fa_core(qg, k, v, scale, softcap, slopes_g, mask_g, sinks_g, *, k_type, v_ty
         ms = jnp.where(up, expf(sub32(M0, sk)), 1.0)
         vs = jnp.where(up, 1.0, expf(sub32(sk, jnp.where(M0 == -jnp.inf, sk, M0))))
         a0 = jnp.where(up[..., None], mul32(a0, ms[..., None]), a0)
-        S0 = _mad(S0, ms, vs, fuse_sum)
+        S0 = _mad(S0, ms, vs, contract.sinks_update)
         M0 = jnp.where(up, sk, M0)
         M, S, acc = M.at[0].set(M0), S.at[0].set(S0), acc.at[0].set(a0)
 

@@ -34,7 +34,6 @@ pads rows to a multiple anyway (rows filled with -inf), as llama.cpp builds do.
 from __future__ import annotations
 
 import ctypes as C
-import importlib.metadata
 import math
 from typing import Any
 
@@ -54,6 +53,8 @@ __all__ = [
     "flash_attn_ext",
     "soft_max_attn",
     "mixed_flash_attn",
+    "mul_mat",
+    "f16_vector_arith",
 ]
 
 
@@ -78,23 +79,85 @@ def available() -> bool:
 
 def library_info() -> dict:
     """Facts about the loaded ggml: ``version``, ``commit``, ``isa`` (widest x86/ARM SIMD the library was
-    compiled for: 'avx512', 'avx2', 'avx', 'neon' or 'scalar'), ``features`` {name: bool} (ggml_cpu_has_*,
-    compile-time in ggml-cpu), ``wheel`` (libggml-python version or None) and ``lib_dir``."""
+    compiled for: 'avx512fp16', 'avx512', 'avx2', 'avx', 'neon' or 'scalar'), ``features`` {name: bool}
+    (ggml_cpu_has_*, compile-time in ggml-cpu), ``f16_arith`` ('f16' where F16 vectors are computed in
+    native FP16, :func:`f16_vector_arith`), ``contract`` (the ``ggml.contract.*`` facts of
+    ``jaxkv.ggml_cpu.BUILD_CONTRACT`` for this ISA, or {} for an ISA the model lacks), ``wheel``
+    (libggml-python version when the libraries loaded are that wheel's, else None) and ``lib_dir``."""
     L = _gl.lib()
     feats = {f: bool(getattr(L, f"ggml_cpu_has_{f}")()) for f in _gl.CPU_FEATURES}
     isa = next((name for name in ("avx512", "avx2", "avx", "neon") if feats[name]), "scalar")
-    try:
-        wheel = importlib.metadata.version("libggml-python")
-    except importlib.metadata.PackageNotFoundError:
-        wheel = None
+    f16 = f16_vector_arith() if isa == "avx512" else "f32"
+    if f16 == "f16":
+        isa = "avx512fp16"
+    version = L.ggml_version().decode()
     return {
-        "version": L.ggml_version().decode(),
+        "version": version,
         "commit": L.ggml_commit().decode(),
         "isa": isa,
         "features": feats,
-        "wheel": wheel,
+        "f16_arith": f16,
+        "contract": _contract_facts(isa),
+        "wheel": _gl.wheel_version(L.directory),
         "lib_dir": str(L.directory),
     }
+
+
+def _contract_facts(isa: str) -> dict:
+    from jaxkv.ggml_cpu import BUILD_CONTRACT
+
+    return BUILD_CONTRACT[isa].to_metadata() if isa in BUILD_CONTRACT else {}
+
+
+_F16_ARITH: dict[str, str] = {}
+
+
+def f16_vector_arith() -> str:
+    """How the loaded ggml-cpu computes on F16 vectors (``ggml_vec_mad_f16``), measured by one
+    ``flash_attn_ext`` call (cached per library directory): 'f16' (native FP16 SIMD, ``__AVX512FP16__``:
+    the multiplier rounded to F16, one F16 rounding per FMA) or 'f32' (converted to F32, FMA, stored
+    as F16). ggml reports no such feature, hence the probe.
+
+    The call: D = 128 (one FP16 SIMD step), q = e0, keys k0 = 0, k1 = -0.5 e0, scale 1, V rows 0 and w:
+    the second key adds ``w*vs`` with ``vs = expf(-0.5)`` to a zero accumulator, so the output is
+    ``F16(w*vs) / (1 + vs)`` (F32 arithmetic) or ``F16(w*F16(vs)) / (1 + vs)`` (FP16). Raises
+    OracleUnavailable if ggml matches neither."""
+    L = _gl.lib()
+    key = str(L.directory)
+    if key not in _F16_ARITH:
+        d = 128
+        q = np.zeros((1, 1, 1, d), np.float32)
+        q[..., 0] = 1
+        k = np.zeros((1, 2, 1, d), np.float16)
+        k[0, 1, 0, 0] = -0.5
+        w = (1 + np.arange(d) / 61.0).astype(np.float16)
+        v = np.zeros((1, 2, 1, d), np.float16)
+        v[0, 1, 0] = w
+        out = flash_attn_ext(q, k, v, scale=1.0)[0, 0, 0]
+        vs = _libm_expf(-0.5)
+        inv = np.float32(1) / (np.float32(1) + vs)
+        w64 = w.astype(np.float64)
+        by_f32 = (w64 * np.float64(vs)).astype(np.float32).astype(np.float16).astype(np.float32) * inv
+        by_f16 = (w64 * np.float64(np.float16(vs))).astype(np.float16).astype(np.float32) * inv
+        if np.array_equal(out, by_f16) and not np.array_equal(out, by_f32):
+            _F16_ARITH[key] = "f16"
+        elif np.array_equal(out, by_f32):
+            _F16_ARITH[key] = "f32"
+        else:
+            raise OracleUnavailable(f"ggml in {key}: F16 accumulation matches neither F32 nor FP16 arithmetic")
+    return _F16_ARITH[key]
+
+
+def _libm_expf(x: float) -> np.float32:
+    """The C library's ``expf`` (the one ggml calls), or numpy's float32 exp where none loads."""
+    import ctypes.util
+
+    try:
+        f = C.CDLL(ctypes.util.find_library("m") or "libm.so.6").expf
+    except (OSError, AttributeError):
+        return np.exp(np.float32(x))
+    f.restype, f.argtypes = C.c_float, [C.c_float]
+    return np.float32(f(x))
 
 
 # --- layout ---------------------------------------------------------------------------------------------
@@ -496,6 +559,29 @@ def _run_fa(q, ks, vs, mixed, *, scale, mask, softcap, max_bias, sinks, n_thread
             L.ggml_flash_attn_ext_add_sinks(out, g.new("F32", (H,), s))
         res = g.compute(out, n_threads)
     return _to_canonical("out", res)
+
+
+def mul_mat(a, b, *, n_threads=1) -> np.ndarray:
+    """ggml's ``ggml_mul_mat(a, b)`` of two float32 matrices: a [M, K], b [N, K] -> float32 [N, M], entry
+    ``[n, m]`` = ``vec_dot_f32(K, a[m], b[n])`` (for F32 x F32 ggml's vec-dot type is F32: no conversion).
+
+    On a build with llamafile (``library_info()['features']['llamafile']``) ggml hands F32 products whose K
+    is a multiple of the SIMD width to tinyBLAS ``llamafile_sgemm`` instead of ``ggml_vec_dot_f32``."""
+    A = _as_array(a, "a")
+    Bm = _as_array(b, "b")
+    for field, x in (("a", A), ("b", Bm)):
+        if x.dtype != np.float32 or x.ndim != 2 or min(x.shape) < 1:
+            raise _err(field, f"must be a non-empty 2-D float32 matrix, got {x.dtype} {x.shape}")
+    if A.shape[1] != Bm.shape[1]:
+        raise _err("b", f"row length {Bm.shape[1]} differs from a's {A.shape[1]}")
+    n_threads = _check_threads(n_threads)
+    F32 = _gl.TYPES["F32"]
+    (M, K), N = A.shape, Bm.shape[0]
+    nbytes = _nbytes(F32, (K, M)) + _nbytes(F32, (K, N)) + _nbytes(F32, (M, N)) + _N_OBJECTS * _gl.GGML_MEM_ALIGN
+    with _Graph(nbytes) as g:
+        at = g.new("F32", (K, M), A)
+        bt = g.new("F32", (K, N), Bm)
+        return g.compute(g.L.ggml_mul_mat(g.ctx, at, bt), n_threads).reshape(N, M)
 
 
 def soft_max_attn(q, k, v, *, k_format=None, v_format=None, scale, mask=None, max_bias=0.0, n_threads=1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes as C
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import pathlib
@@ -191,6 +192,22 @@ def lib_dir() -> pathlib.Path:
         if (root / sub / "libggml-base.so").exists():
             return root / sub
     raise OracleUnavailable(f"ggml oracle unavailable: no libggml-base.so under {root}")
+
+
+def wheel_version(directory) -> str | None:
+    """The ``libggml-python`` wheel version when ``directory`` is that wheel's library directory, else None
+    (another build loaded through ``JAXKV_GGML_LIB_DIR`` is not the wheel, whatever is installed)."""
+    spec = importlib.util.find_spec("libggml")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = pathlib.Path(next(iter(spec.submodule_search_locations))).resolve()
+    d = pathlib.Path(directory).resolve()
+    if d != root and root not in d.parents:
+        return None
+    try:
+        return importlib.metadata.version("libggml-python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class _Lib:
