@@ -105,6 +105,7 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     timings = vf.Timings()
     worst = 0
+    done = []  # (name, trace or None, verdict): the whole-run table of captured runs (jaxkv.report)
     for path in expand_paths(args.paths):
         try:
             with timings.loading():
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> int:
                         verdict = vf.verify_trace(t, args.precision, name=name)
                 except Exception as e:
                     verdict = vf.Verdict(name, "error", error=_one_line(e))
+            done.append((name, None if isinstance(t, BaseException) else t, verdict))
             code = {"pass": 0, "fail": 1, "error": 2}[verdict.status]
             worst = max(worst, code)
             if args.json:
@@ -128,6 +130,10 @@ def main(argv: list[str]) -> int:
                 print(verdict.line(), flush=True)
                 if verdict.status == "fail":
                     print(verdict.details(), flush=True)
+    from jaxkv import report
+    rows = [r for r in (report.row(n, t, v) for n, t, v in done) if r.layer is not None]
+    if rows:
+        print(report.render(rows), file=sys.stderr if args.json else sys.stdout)
     if args.timings:
         print(timings.line(), file=sys.stderr if args.json else sys.stdout)
     return worst

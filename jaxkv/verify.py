@@ -319,12 +319,17 @@ def case_from_trace(trace) -> mutations.Case:
 
 
 def resolve_precision(trace, precision: str = "auto") -> str:
-    """``auto`` -> from ``trace.producer``: ``ggml...`` -> ``ggml-cpu``; ``float64 reference`` ->
-    ``f64``; anything else -> ``f16``. Other values are returned as given (validated)."""
+    """``auto`` -> ``ggml-cpu`` when the metadata carries ggml build facts (``ggml.version`` or
+    ``ggml.isa``: ``record`` and ``capture`` write them) or ``trace.producer`` starts with ``ggml``;
+    ``float64 reference`` -> ``f64``; anything else -> ``f16``. Other values are returned as given
+    (validated)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
+    md = getattr(trace, "metadata", None) or {}
+    if md.get("ggml.version") is not None or md.get("ggml.isa") is not None:
+        return "ggml-cpu"
     prod = str(getattr(trace, "producer", "") or "").strip().lower()
     if prod.startswith("ggml"):
         return "ggml-cpu"
