@@ -41,7 +41,7 @@ from jaxkv.ggml_cpu.dot import get_isa
 from jaxkv.ggml_cpu.fp import F64, add32, fma32
 
 __all__ = ["SGEMM_LANES", "SgemmRule", "SGEMM_RULES", "M_MULTIPLE", "MIN_N", "sgemm_accepts",
-           "mul_mat_path", "sgemm_dot"]
+           "mul_mat_path", "sgemm_dot", "ggml_contiguous"]
 
 #: tinyBLAS vector lanes (template argument KN) of the float kernels per modelled ISA
 SGEMM_LANES: dict[str, int] = {"avx512": 16, "avx2": 8}
@@ -135,3 +135,18 @@ def sgemm_dot(a, b, isa):
     acc0 = jnp.zeros(shape + (kn,), F64)
     acc, _ = lax.scan(step, acc0, (a_s, b_s))
     return _halving_tree(acc)
+
+
+def ggml_contiguous(ne, nb, type_size: int) -> bool:
+    """``ggml_is_contiguous`` of a float tensor with ggml-order ``ne`` / ``nb`` (bytes): each dimension
+    of more than one element strides by the product of the ones before it (size-1 dimensions skipped)."""
+    nxt = int(type_size)
+    if int(ne[0]) != 1 and int(nb[0]) != nxt:
+        return False
+    nxt *= int(ne[0])
+    for n, s in zip(list(ne)[1:], list(nb)[1:]):
+        if int(n) != 1:
+            if int(s) != nxt:
+                return False
+            nxt *= int(n)
+    return True
