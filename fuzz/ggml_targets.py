@@ -192,13 +192,16 @@ def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_
     fn.unsupported = UNSUPPORTED[name]
     fn.prepare = functools.partial(prepare, name, k_format=k_format, v_format=v_format, hot=hot)
     fn.isa = isa()
-    fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot)
+    fn.llamafile = bool(G.library_info()["features"].get("llamafile", False))
+    fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot,
+                          llamafile=fn.llamafile)
     return fn
 
 
-def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, hot=DEFAULT_HOT):
+def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, hot=DEFAULT_HOT, llamafile=False):
     """The jaxkv.ggml_cpu emulation of :func:`make_target`'s kernel (same signature, same storage
-    conversion, same n_threads; ``isa`` the build modelled) -> float32 numpy [B, n_q, H, Dv]."""
+    conversion, same n_threads; ``isa`` the build modelled, ``llamafile`` whether it has llamafile's sgemm)
+    -> float32 numpy [B, n_q, H, Dv]."""
     from jaxkv import ggml_cpu as M
 
     if name not in OPS:
@@ -212,7 +215,7 @@ def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, h
             out = M.flash_attn_ext(q, st["k"], st["v"], softcap=float(softcap), sinks=sinks, **kw)
         elif name == "ggml-unfused":
             _check_unfused(softcap, sinks, st)
-            out = M.soft_max_attn(q, st["k"], st["v"], **kw)
+            out = M.soft_max_attn(q, st["k"], st["v"], llamafile=llamafile, **kw)
         else:
             out = M.mixed_flash_attn(q, st["k_cold"], st["v_cold"], st["k_hot"], st["v_hot"],
                                      softcap=float(softcap), sinks=sinks, **kw)
