@@ -147,8 +147,10 @@ def _llamafile_lib_dir():
 # F32 cases where tinyBLAS declines go through ggml_vec_dot_f32 with leftover elements (n_kv % 64), a
 # model of its own (branch ggmldot): here only F16 declines; the sweep has both
 QUICK = [("f16", 256, 3, 64), ("f16", 64, 5, 60), ("f16", 64, 4, 62), ("f32", 128, 64, 64)]
-SWEEP = [(t, d, nq, nkv) for t, d, nq, nkv in itertools.product(
-    ("f16", "f32"), (64, 96, 128, 192, 256), (2, 3, 4, 7, 16, 33, 64, 80, 128), (60, 62, 64, 256, 300))]
+# (head size, n_q, n_kv): tinyBLAS on both mul_mats, then declines (n_kv % 16: kqv; n_kv % 4: kq; Dk % 16: kq)
+SWEEP_SHAPES = ((64, 2, 64), (96, 7, 256), (128, 16, 64), (192, 33, 64), (256, 64, 256), (256, 128, 64),
+                (128, 80, 60), (64, 5, 62), (256, 3, 60), (72, 4, 64))
+SWEEP = [(t, d, nq, nkv) for t, (d, nq, nkv) in itertools.product(("f16", "f32"), SWEEP_SHAPES)]
 
 
 def live_check(cases, seed=0) -> int:

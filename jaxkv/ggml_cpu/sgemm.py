@@ -43,8 +43,9 @@ from jaxkv.ggml_cpu.fp import F64, add32, fma32
 __all__ = ["SGEMM_LANES", "SgemmRule", "SGEMM_RULES", "M_MULTIPLE", "MIN_N", "sgemm_accepts",
            "mul_mat_path", "sgemm_dot", "ggml_contiguous"]
 
-#: tinyBLAS vector lanes (template argument KN) of the float kernels per modelled ISA
-SGEMM_LANES: dict[str, int] = {"avx512": 16, "avx2": 8}
+#: tinyBLAS vector lanes (template argument KN) of the float kernels per x86 build: ``__AVX512F__``
+#: (also with AVX512-FP16: llamafile_sgemm tests ``__AVX512F__`` first) ``__m512``, else ``__m256``
+SGEMM_LANES: dict[str, int] = {"avx512": 16, "avx512fp16": 16, "avx2": 8}
 M_MULTIPLE = 4   # tinyBLAS::matmul: m % 4 == 0 (RM = 4), else declined
 MIN_N = 2        # llamafile_sgemm: "only enable sgemm for prompt processing" (n < 2 declined, x86)
 
@@ -71,12 +72,19 @@ SGEMM_RULES: tuple[SgemmRule, ...] = (
 )
 
 
+def _lanes(isa) -> int:
+    name = get_isa(isa).name
+    if name not in SGEMM_LANES:
+        raise ValueError(f"isa: llamafile's sgemm is not modelled for the {name!r} build")
+    return SGEMM_LANES[name]
+
+
 def sgemm_accepts(a_type: str, b_type: str, m: int, n: int, k: int, isa) -> str | None:
     """The kernel ``llamafile_sgemm`` runs for C = A[m, k] . B[n, k]^T (``k`` in elements) on the
     x86 build ``isa``, or None where it declines (returns false to ggml)."""
     if n < MIN_N:
         return None
-    kn = SGEMM_LANES[get_isa(isa).name]
+    kn = _lanes(isa)
     for r in SGEMM_RULES:
         if r.a_type == a_type and r.b_type == b_type:
             if r.k_lanes and (k % kn or m % M_MULTIPLE):
@@ -117,7 +125,7 @@ def sgemm_dot(a, b, isa):
     """tinyBLAS's dot of A and B rows (already of the kernel's type: F32 values, or F16 values) along
     the last axis, broadcasting the leading axes -> f32 carriers. The last axis must be a multiple of
     the ISA's lanes (:data:`SGEMM_LANES`)."""
-    kn = SGEMM_LANES[get_isa(isa).name]
+    kn = _lanes(isa)
     a = jnp.asarray(a, F64)
     b = jnp.asarray(b, F64)
     k = a.shape[-1]
