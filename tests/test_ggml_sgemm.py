@@ -46,7 +46,9 @@ def _bits_differ(a, b) -> int:
     ("f16", "f32", 62, 8, 256, "avx512", True, True, "vec_dot"),       # m % 4
     ("f16", "f32", 64, 8, 72, "avx512", True, True, "vec_dot"),        # k % 16 (AVX-512 KN)
     ("f16", "f32", 64, 8, 72, "avx2", True, True, "sgemm"),            # k % 8 (AVX2 KN)
-    ("q8_0", "f32", 64, 8, 64, "avx512", True, False, "sgemm_q0"),     # tinyBLAS_Q0_AVX (not modelled)
+    ("q8_0", "f32", 64, 8, 64, "avx512", True, False, "sgemm_q0"),     # q -> Q8_0, tinyBLAS_Q0_AVX
+    ("iq4_nl", "f32", 64, 8, 4, "avx512", True, True, "sgemm_q0"),
+    ("q8_0", "f32", 64, 1, 64, "avx512", True, False, "vec_dot"),
     ("q4_1", "f32", 64, 8, 64, "avx512", True, False, "vec_dot"),      # no llamafile kernel
 ])
 def test_mul_mat_path_table(a, b, m, n, k, isa, lf, cont, want):
@@ -60,7 +62,8 @@ def test_ggml_contiguous():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the arithmetic: one KN-lane FMA accumulator, halving-tree hsum
+# the arithmetic: one KN-lane FMA accumulator, halving-tree hsum (tinyBLAS); one 8-lane accumulator
+# over blocks (tinyBLAS_Q0_AVX)
 
 
 def _tinyblas_f16_ref(a16, b16, kn):
@@ -90,6 +93,33 @@ def test_sgemm_dot_order(isa, kn):
     assert _bits_differ(vd, want) > 0
 
 
+def test_q0_dot_one_accumulator():
+    """IQ4_NL through tinyBLAS_Q0_AVX: one accumulator over all blocks, where ggml's vec_dot keeps two
+    (even / odd blocks); Q8_0 through it equals vec_dot (one accumulator both)."""
+    from jaxkv import formats as F
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 128)).astype(np.float32)
+    y = rng.standard_normal((64, 128)).astype(np.float32)
+    qb = M.dot.quantize_q8_x86(y.astype(np.float64), False)
+    for fmt, same in (("q8_0", True), ("iq4_nl", False)):
+        kb = F.decode_blocks(F.quantize(x, fmt), fmt)
+        got = np.asarray(S.q0_dot(kb, qb))
+        # independent: float32 numpy, lanes exact in int, d exact, each step an FMA of an exact product
+        # of an F16 x F16 scale and an int sum below 2^24 ... computed here in float64 then rounded once
+        lanes = (np.asarray(kb.q) * np.asarray(qb.q)).reshape(64, 4, 8, 4).sum(-1).astype(np.float64)
+        d = (np.asarray(kb.d, np.float64) * np.asarray(qb.d, np.float64))
+        acc = np.zeros((64, 8), np.float32)
+        for b in range(4):
+            acc = (d[:, b, None] * lanes[:, b] + acc.astype(np.float64)).astype(np.float32)
+        r = acc[:, 4:] + acc[:, :4]
+        r = r[:, 2:] + r[:, :2]
+        want = r[:, 1] + r[:, 0]
+        assert _bits_differ(got, want) == 0
+        vd = np.asarray(M.dot.dot_blocks(kb, fmt, qb))
+        assert (_bits_differ(vd, want) == 0) == same
+
+
 def test_sgemm_dot_rejects_ragged_rows():
     with pytest.raises(ValueError, match="multiples of 16"):
         S.sgemm_dot(np.zeros((2, 72)), np.zeros((2, 72)), "avx512")
@@ -106,8 +136,9 @@ def test_recorded_live_0253_bit_exact(path):
     facts = V.mul_mat_facts(t)
     assert facts["llamafile"] is True  # recorded from a llamafile build (metadata ggml.llamafile)
     kw = dict(scale=t.scale, mask=t.mask, isa=V.trace_isa(t), q_contiguous=facts["q_contiguous"])
-    assert M.soft_max_attn_paths(t.q.shape, M.kv_type(t.k, "k"), M.kv_type(t.v, "v"), t.k.shape[1],
-                                 t.v.shape[-1], isa=kw["isa"], llamafile=True) == ("sgemm", "sgemm")
+    kt = M.kv_type(t.k, "k")
+    assert M.soft_max_attn_paths(t.q.shape, kt, M.kv_type(t.v, "v"), t.k.shape[1], t.v.shape[-1],
+                                 isa=kw["isa"], llamafile=True) == ("sgemm_q0" if kt == "iq4_nl" else "sgemm", "sgemm")
     assert _bits_differ(M.soft_max_attn(t.q, t.k, t.v, llamafile=True, **kw), t.out) == 0
     # the trace exercises the path: the vec_dot model (no llamafile) is not bit-exact on it
     assert _bits_differ(M.soft_max_attn(t.q, t.k, t.v, llamafile=False, **kw), t.out) > 0

@@ -233,8 +233,7 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
     transposed) [B, n_kv, Hkv, Dv] float16 or float32; mask [B|1, H|1, n_q, n_kv] -> float32
     [B, n_q, H, Dv]. ``n_threads`` does not change ggml's results here. ``contract`` as in
     :func:`flash_attn_ext`. ``llamafile`` / ``q_contiguous``: see :func:`soft_max_attn_paths`; a mul_mat
-    on llamafile's float tinyBLAS is emulated by :mod:`.sgemm`; one on ``tinyBLAS_Q0_AVX`` (block K,
-    n_q >= 2) is not modelled and falls back to the ``vec_dot`` model (not bit-exact there)."""
+    on llamafile's tinyBLAS (float, or ``tinyBLAS_Q0_AVX`` for block K) is emulated by :mod:`.sgemm`."""
     ctr = _contract(isa, contract)
     k_type, v_type = kv_type(k, "k"), kv_type(v, "v")
     if v_type not in ("f16", "f32"):
@@ -252,7 +251,7 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
     out = _k.softmax_attn_core(qg, _kv_operand(k, k_type), _kv_operand(v, v_type),
                                jnp.asarray(float(np.float32(scale)), F64), slg, mg, k_type=k_type,
                                v_type=v_type, isa=get_isa(isa).name, contract=ctr,
-                               sgemm_kq=kq_path == "sgemm", sgemm_kqv=kqv_path == "sgemm")
+                               kq_path=kq_path, sgemm_kqv=kqv_path == "sgemm")
     return _out32(out, (B, n_q, H, -1))
 
 

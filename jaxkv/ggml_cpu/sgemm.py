@@ -17,7 +17,7 @@ Which path ``ggml_compute_forward_mul_mat`` (ggml 0.25.3) takes, as data (:func:
 
 ``llamafile_sgemm`` on x86 accepts (:data:`SGEMM_RULES`): C F32, ``n >= 2``; A, B both F32 or both F16
 (tinyBLAS, ``k % KN == 0`` and ``m % 4 == 0``, else declined); A in Q8_0 / Q4_0 / Q5_0 / IQ4_NL with B
-Q8_0 (``tinyBLAS_Q0_AVX``: not modelled here, :func:`mul_mat_path` says ``"sgemm_q0"``).
+Q8_0 (``tinyBLAS_Q0_AVX``, :func:`q0_dot`; :func:`mul_mat_path` says ``"sgemm_q0"``).
 
 tinyBLAS's arithmetic for one output element (``gemm_bloc``; the RM x RN register tiling and the
 threads' job split choose *which* elements are computed together, never *how*): one vector
@@ -27,6 +27,12 @@ accumulator of KN float lanes (:data:`SGEMM_LANES`: 16 with AVX-512 ``__m512``, 
 ``_mm512_reduce_add_ps``, AVX ``(hi128 + lo128)``, ``movehl``, ``movehdup`` -- both the halving tree
 16 -> 8 -> 4 -> 2 -> 1 (AVX: 8 -> 4 -> 2 -> 1). So unlike ``ggml_vec_dot_f16/f32`` (4 accumulators,
 AVX's ``hadd`` order, leftovers) there is one accumulator and no leftover (``k % KN == 0``).
+
+``tinyBLAS_Q0_AVX`` (block A, Q8_0 B; every x86 build uses its ``__m256`` kernel): per 32-block, 8
+int32 lanes each the exact sum of 4 consecutive products (``_mm256_dpbusd`` or ``maddubs`` + ``madd``
+on sign-adjusted bytes), ``acc = fma(d_a * d_b, lanes, acc)`` in one ``__m256`` accumulator, then the
+halving-tree ``hsum``. That is ggml's own ``vec_dot`` for Q4_0 / Q5_0 / Q8_0 (same lanes, one
+accumulator, ``hsum_float_8``), but not for IQ4_NL, whose ``vec_dot`` keeps two accumulators.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxkv import formats
-from jaxkv.ggml_cpu.dot import get_isa
+from jaxkv.ggml_cpu.dot import get_isa, hsum_float_8
 from jaxkv.ggml_cpu.fp import F64, add32, fma32
 
 __all__ = ["SGEMM_LANES", "SgemmRule", "SGEMM_RULES", "M_MULTIPLE", "MIN_N", "sgemm_accepts",
-           "mul_mat_path", "sgemm_dot", "ggml_contiguous"]
+           "mul_mat_path", "sgemm_dot", "q0_dot", "ggml_contiguous"]
 
 #: tinyBLAS vector lanes (template argument KN) of the float kernels per x86 build: ``__AVX512F__``
 #: (also with AVX512-FP16: llamafile_sgemm tests ``__AVX512F__`` first) ``__m512``, else ``__m256``
@@ -53,7 +59,7 @@ MIN_N = 2        # llamafile_sgemm: "only enable sgemm for prompt processing" (n
 @dataclass(frozen=True)
 class SgemmRule:
     """One (A type, B type) pair ``llamafile_sgemm`` accepts on x86: ``kernel`` ("sgemm": tinyBLAS,
-    modelled; "sgemm_q0": tinyBLAS_Q0_AVX, not modelled); ``k_lanes``: k must be a multiple of the
+    "sgemm_q0": tinyBLAS_Q0_AVX); ``k_lanes``: k must be a multiple of the
     ISA's :data:`SGEMM_LANES` (tinyBLAS only)."""
 
     a_type: str
@@ -65,7 +71,7 @@ class SgemmRule:
 SGEMM_RULES: tuple[SgemmRule, ...] = (
     SgemmRule("f32", "f32", "sgemm", True),
     SgemmRule("f16", "f16", "sgemm", True),
-    SgemmRule("q8_0", "q8_0", "sgemm_q0", False),
+    SgemmRule("q8_0", "q8_0", "sgemm_q0", False),  # k counts blocks here: no lane condition
     SgemmRule("q4_0", "q8_0", "sgemm_q0", False),
     SgemmRule("q5_0", "q8_0", "sgemm_q0", False),
     SgemmRule("iq4_nl", "q8_0", "sgemm_q0", False),
@@ -158,3 +164,17 @@ def ggml_contiguous(ne, nb, type_size: int) -> bool:
                 return False
             nxt *= int(n)
     return True
+
+
+def q0_dot(kb: formats.Blocks, qb: formats.Blocks):
+    """``tinyBLAS_Q0_AVX``'s dot of A blocks (formats.Blocks [..., nb, 32]: Q4_0 / Q5_0 / Q8_0 / IQ4_NL
+    values with their F16 scales) with Q8_0 B blocks (broadcasting leading axes) -> f32 carriers [...]."""
+    from jaxkv.ggml_cpu.fp import mul32
+
+    p = kb.q * qb.q
+    lanes = jnp.sum(p.reshape(p.shape[:-1] + (8, 4)), axis=-1).astype(F64)  # [..., nb, 8], exact
+    d = mul32(jnp.asarray(kb.d, F64), jnp.asarray(qb.d, F64))              # exact (F16 x F16)
+    acc = jnp.zeros(lanes.shape[:-2] + (8,), F64)
+    for b in range(lanes.shape[-2]):
+        acc = fma32(d[..., b, None], lanes[..., b, :], acc)
+    return hsum_float_8(acc)
