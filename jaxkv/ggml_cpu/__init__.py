@@ -20,7 +20,9 @@ sinks; the ``1/S`` multiply; ALiBi slopes from the C library's ``powf`` (as ggml
 float32 subnormal inputs and outputs kept (converted on the host: XLA on CPU flushes them; under an
 outer ``jax.jit`` they flush); ggml's path selection: the split-KV path (``n_q == 1``, ``B == 1``, K and
 V both F16 or both F32, ``n_kv >= 512``: ``n_threads`` chunks, partials merged in order) and the
-per-row loop otherwise. The tiled path (F16/F32 K and V of one type with ``n_q >= 64``) is not
+per-row loop otherwise; for the unfused op, the mul_mat paths of a build with llamafile (``llamafile=True``:
+n_q >= 2 goes through llamafile's tinyBLAS, :mod:`.sgemm`; the libggml-python 0.20.2 wheel has no
+llamafile, llama-cpp-python's ggml 0.25.3 has it). The tiled path (F16/F32 K and V of one type with ``n_q >= 64``) is not
 modelled: such calls raise NotImplementedError.
 """
 
