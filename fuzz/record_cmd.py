@@ -139,7 +139,8 @@ def record(a) -> dict:
     out = fn(q, k, v, scale=scale, mask=mask, softcap=a.softcap, max_bias=a.max_bias, sinks=sinks)
     st = T.prepare(name, k, v, k_format=a.k_format, v_format=a.v_format, hot=hot)
     meta = {"ggml.version": info["version"], "ggml.commit": info["commit"], "ggml.isa": info["isa"],
-            "ggml.llamafile": bool(info["features"].get("llamafile", False)), "ggml.wheel": info["wheel"] or "", "record.seed": int(a.seed), "record.args": a.argv}
+            "ggml.wheel": info["wheel"] or "", "record.seed": int(a.seed), "record.args": a.argv,
+            "ggml.llamafile": bool(info["features"].get("llamafile", False))}
     fields = dict(op=a.op, producer=producer(info, a.threads), scale=scale, max_bias=float(np.float32(a.max_bias)),
                   softcap=float(np.float32(a.softcap)), n_threads=a.threads, q=q, mask=mask, sinks=sinks,
                   out=np.asarray(out, np.float32), metadata=meta, **st)

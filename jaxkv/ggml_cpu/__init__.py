@@ -22,8 +22,8 @@ outer ``jax.jit`` they flush); ggml's path selection: the split-KV path (``n_q =
 V both F16 or both F32, ``n_kv >= 512``: ``n_threads`` chunks, partials merged in order) and the
 per-row loop otherwise; for the unfused op, the mul_mat paths of a build with llamafile (``llamafile=True``:
 n_q >= 2 goes through llamafile's tinyBLAS, :mod:`.sgemm`; the libggml-python 0.20.2 wheel has no
-llamafile, llama-cpp-python's ggml 0.25.3 has it). The tiled path (F16/F32 K and V of one type with ``n_q >= 64``) is not
-modelled: such calls raise NotImplementedError.
+llamafile, llama-cpp-python's ggml 0.25.3 has it). The tiled path (F16/F32 K and V of one type with
+``n_q >= 64``) is not modelled: such calls raise NotImplementedError.
 """
 
 from __future__ import annotations
