@@ -44,7 +44,7 @@ from jax import lax
 
 from jaxkv import formats
 from jaxkv.ggml_cpu.dot import get_isa, hsum_float_8
-from jaxkv.ggml_cpu.fp import F64, add32, fma32
+from jaxkv.ggml_cpu.fp import F64, add32, fma32, mul32
 
 __all__ = ["SGEMM_LANES", "SgemmRule", "SGEMM_RULES", "M_MULTIPLE", "MIN_N", "sgemm_accepts",
            "mul_mat_path", "sgemm_dot", "q0_dot", "ggml_contiguous"]
@@ -169,8 +169,6 @@ def ggml_contiguous(ne, nb, type_size: int) -> bool:
 def q0_dot(kb: formats.Blocks, qb: formats.Blocks):
     """``tinyBLAS_Q0_AVX``'s dot of A blocks (formats.Blocks [..., nb, 32]: Q4_0 / Q5_0 / Q8_0 / IQ4_NL
     values with their F16 scales) with Q8_0 B blocks (broadcasting leading axes) -> f32 carriers [...]."""
-    from jaxkv.ggml_cpu.fp import mul32
-
     p = kb.q * qb.q
     lanes = jnp.sum(p.reshape(p.shape[:-1] + (8, 4)), axis=-1).astype(F64)  # [..., nb, 8], exact
     d = mul32(jnp.asarray(kb.d, F64), jnp.asarray(qb.d, F64))              # exact (F16 x F16)
