@@ -144,6 +144,17 @@ def test_recorded_live_0253_bit_exact(path):
     assert _bits_differ(M.soft_max_attn(t.q, t.k, t.v, llamafile=False, **kw), t.out) > 0
 
 
+def test_shared_trace_without_llamafile(shared_dir):
+    """The shared ggml traces carry no ``ggml.llamafile``: read as False, and rightly so: their unfused
+    n_q = 2 call is bit-exact on vec_dot and not on tinyBLAS."""
+    t = T.load(str(shared_dir / "traces" / "ggml" / "sm_f16_alibi.gguf"))
+    facts = V.mul_mat_facts(t)
+    assert facts["llamafile"] is False
+    kw = dict(scale=t.scale, mask=t.mask, max_bias=t.max_bias, isa=V.trace_isa(t))
+    assert _bits_differ(M.soft_max_attn(t.q, t.k, t.v, **kw, **facts), t.out) == 0
+    assert _bits_differ(M.soft_max_attn(t.q, t.k, t.v, **kw, llamafile=True), t.out) > 0
+
+
 def test_gemma_f32_permuted_q_takes_vec_dot():
     """A real F32-cache prefill (cut, tests/data/sgemm/README.md): llama.cpp's q is a permuted view, so
     ggml's first sgemm call (contiguous src1 only) is skipped and, F32 being K's vec_dot_type, no
