@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["Case", "Variant", "HYPOTHESES", "golden", "logits", "weighted_values", "hypotheses",
-           "kv_chunks", "f16_bits_as_f32", "alibi_slopes_np"]
+           "kv_chunks", "f16_bits_as_f32", "alibi_slopes_np", "readings", "EXACT_READING"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,10 @@ class Case:
 
     ``regions``: the KV axis as named contiguous pieces ``((name, start, stop), ...)`` in the kernel's
     order (``mixed_flash_attn``: ``cold`` and ``hot``; otherwise empty). ``n_threads`` drives ggml's
-    split-KV chunking. ``mask_f16``: the mask is stored as F16 (trace v1 always stores it so)."""
+    split-KV chunking. ``mask_f16``: the mask is stored as F16 (trace v1 always stores it so).
+    ``kv_exact``: for a mixed cache, ``(k, v)`` at the cache's own dequantized values before the op's
+    F16 rounding of the concatenated cache (a kernel may skip that rounding: :func:`readings`), else
+    None."""
 
     op: str
     q: np.ndarray
@@ -51,6 +54,7 @@ class Case:
     n_threads: int = 1
     regions: tuple = ()
     mask_f16: bool = True
+    kv_exact: tuple | None = None
 
     @property
     def dims(self):
@@ -134,7 +138,8 @@ def weighted_values(case: Case, p: np.ndarray) -> np.ndarray:
 
 
 def golden(case: Case, *, softcap_twice: bool = False, unrescaled=None) -> np.ndarray:
-    """float64 attention of ``case`` -> out [B, n_q, H, Dv]. Hooks (bugs): ``softcap_twice`` applies
+    """float64 attention of ``case`` -> out [B, n_q, H, Dv], with ``jaxkv.attention``'s NaN semantics
+    (a NaN input reaching a row makes it NaN, never zeros). Hooks (bugs): ``softcap_twice`` applies
     the soft cap a second time; ``unrescaled=(bounds, i)`` computes the KV chunks ``bounds`` (list of
     (start, stop)) as partial states and merges chunk ``i`` without its ``exp(m_i - M)`` factor."""
     B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
@@ -161,8 +166,10 @@ def golden(case: Case, *, softcap_twice: bool = False, unrescaled=None) -> np.nd
     if case.sinks is not None:
         L = L + np.exp(sk - Ms)
     A = weighted_values(case, p)
-    with np.errstate(all="ignore"):
-        out = np.where(L[..., None] > 0, A / np.where(L > 0, L, 1.0)[..., None], 0.0)
+    with np.errstate(all="ignore"):  # L == 0: no live key, no sink -> 0; a NaN L propagates
+        out = np.where(L[..., None] == 0, 0.0, A / np.where(L == 0, 1.0, L)[..., None])
+    if not (math.isfinite(case.scale) and math.isfinite(case.softcap)):
+        out = np.full_like(out, np.nan)  # undefined (jaxkv.attention's NaN semantics)
     return np.transpose(out, (0, 2, 1, 3))
 
 
@@ -400,7 +407,7 @@ def _h_chunk(case):
         m_i = s[..., a:b].max(axis=-1)
         if np.all((m_i == M) | (m_i == -np.inf)):
             continue  # every row's maximum is in this chunk (or it is dead): the bug changes nothing
-        out.append((f"split-K chunk {i} (keys {a}..{b - 1}) merged without rescaling",
+        out.append((f"split-K chunk of keys {a}..{b - 1} merged without rescaling",
                     lambda c, i=i, bounds=bounds: golden(c, unrescaled=(bounds, i))))
     return out
 
@@ -457,6 +464,34 @@ def _h_padding(case):
     return out
 
 
+#: note of the reading that takes a mixed cache at its dequantized values (findings carry it)
+EXACT_READING = "cold region at its dequantized values, not rounded to F16"
+
+
+def _exact(case: Case) -> Case:
+    k, v = case.kv_exact
+    return _replace(case, k=np.asarray(k, np.float64), v=np.asarray(v, np.float64), kv_exact=None)
+
+
+def readings(case: Case) -> list[tuple[str, Case]]:
+    """The ways a kernel may read ``case``'s K/V: ``[("", case)]``, plus ``(EXACT_READING, case')`` for a
+    mixed cache whose dequantized values differ from their F16 rounding (the op rounds the concatenated
+    cache to F16; a kernel that dequantizes the cold region inside its loop, like ``jaxkv.cache``, does
+    not). Every hypothesis is judged on each reading: the reading is not the bug."""
+    out = [("", case)]
+    if case.kv_exact is not None:
+        k, v = case.kv_exact
+        if not (np.array_equal(k, case.k, equal_nan=True) and np.array_equal(v, case.v, equal_nan=True)):
+            out.append((EXACT_READING, _exact(case)))
+    return out
+
+
+def _h_cold_unrounded(case):
+    if len(readings(case)) < 2:
+        return []
+    return [("mixed cache not rounded to F16 (" + EXACT_READING + ")", _via(_exact))]
+
+
 #: hypothesis name -> generator of (label, compute) for a case; order is the report order
 HYPOTHESES: dict[str, Callable] = {
     "out_permuted": _h_out_perm,
@@ -473,11 +508,14 @@ HYPOTHESES: dict[str, Callable] = {
     "kv_token_head_swapped": _h_token_head,
     "mask_f16_as_f32": _h_mask_f32,
     "padding_unmasked": _h_padding,
+    "cold_unrounded": _h_cold_unrounded,
 }
 
 
 def _same(a: Case, b: Case) -> bool:
     for f in dataclasses.fields(Case):
+        if f.name == "kv_exact":
+            continue  # another reading of the same inputs, not an input
         x, y = getattr(a, f.name), getattr(b, f.name)
         if f.name == "mask" and (x is None) != (y is None):
             m = x if y is None else y

@@ -69,6 +69,10 @@ def _cell(r: Row) -> str:
         return "E"
     if r.status == "fail":
         return "F"
+    if r.status == "undecided":
+        return "U"
+    if getattr(r.verdict, "fallback", None):
+        return "fb"  # passed under the fallback budget: the declared model does not cover the call
     if r.bit_exact:
         return "="
     return "pass" if r.units is None else f"{r.units:.2f}"
@@ -111,6 +115,8 @@ def summary(rows) -> dict:
     mx = max((r.units for r in verified if math.isfinite(r.units)), default=None)
     return dict(n=n, bit_exact=sum(r.bit_exact for r in rows), passed=sum(r.status == "pass" for r in rows),
                 failed=sum(r.status == "fail" for r in rows), errors=sum(r.status == "error" for r in rows),
+                undecided=sum(r.status == "undecided" for r in rows),
+                fallback=sum(bool(getattr(r.verdict, "fallback", None)) for r in rows),
                 fraction_bit_exact=(sum(r.bit_exact for r in rows) / n) if n else 0.0, max_units=mx,
                 error_reasons=reasons)
 
@@ -132,11 +138,12 @@ def render(rows) -> str:
         t = table([r for r in rows if r.run == run])
         if t:
             out += [f"{run}: per-layer, per-step verdicts (= bit-exact with the ggml-cpu emulation; number: "
-                    f"max units from it; F fail; E not verifiable; . not captured):", t]
+                    f"max units from it; F fail; U undecided; fb passed under the fallback budget; E not verifiable; "
+                    f". not captured):", t]
     mx = "n/a" if s["max_units"] is None else f"{s['max_units']:.3g}"
     out.append(f"{s['n']} calls: {s['bit_exact']} bit-exact ({100 * s['fraction_bit_exact']:.1f} %), "
-               f"{s['passed']} pass, {s['failed']} fail, {s['errors']} not verifiable; max {mx} units from "
-               f"the emulation")
+               f"{s['passed']} pass, {s['failed']} fail, {s['errors']} not verifiable, {s['undecided']} undecided, "
+               f"{s['fallback']} judged under the fallback budget; max {mx} units from the emulation")
     for reason, c in sorted(s["error_reasons"].items(), key=lambda kv: -kv[1]):
         out.append(f"  not verifiable ({c}): {reason}")
     f = first_failure(rows)
