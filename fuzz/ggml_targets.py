@@ -204,8 +204,9 @@ def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_
     fn.prepare = functools.partial(prepare, name, k_format=k_format, v_format=v_format, hot=hot)
     fn.isa = isa()
     fn.version = info["version"]
+    fn.llamafile = bool(info["features"].get("llamafile", False))
     fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot,
-                          version=fn.version)
+                          version=fn.version, llamafile=fn.llamafile)
     fn.coverage = collections.Counter()
     fn.coverage_table = functools.partial(coverage_table, fn.coverage)
     fn.case_strategy = functools.partial(case_strategy, name, unsupported=fn.unsupported,
@@ -220,10 +221,11 @@ def _threads(n):
     return int(n)
 
 
-def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, hot=DEFAULT_HOT, version=None):
+def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, hot=DEFAULT_HOT, version=None,
+               llamafile=False):
     """The jaxkv.ggml_cpu emulation of :func:`make_target`'s kernel (same signature, same storage
-    conversion, same n_threads; ``isa`` / ``version`` the build modelled, version None = the model's
-    default) -> float32 numpy [B, n_q, H, Dv]. ``n_threads=`` on a call overrides the default."""
+    conversion, same n_threads; ``isa`` / ``version`` / ``llamafile`` the build modelled, version None = the
+    model's default) -> float32 numpy [B, n_q, H, Dv]. ``n_threads=`` on a call overrides the default."""
     from jaxkv import ggml_cpu as M
 
     if name not in OPS:
@@ -238,7 +240,7 @@ def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, h
             out = M.flash_attn_ext(q, st["k"], st["v"], softcap=float(softcap), sinks=sinks, version=version, **kw)
         elif name == "ggml-unfused":
             _check_unfused(softcap, sinks, st)
-            out = M.soft_max_attn(q, st["k"], st["v"], **kw)
+            out = M.soft_max_attn(q, st["k"], st["v"], llamafile=llamafile, **kw)
         else:
             out = M.mixed_flash_attn(q, st["k_cold"], st["v_cold"], st["k_hot"], st["v_hot"],
                                      softcap=float(softcap), sinks=sinks, version=version, **kw)

@@ -142,7 +142,7 @@ def record(a) -> dict:
     st = T.prepare(name, k, v, k_format=a.k_format, v_format=a.v_format, hot=hot)
     meta = {"ggml.version": info["version"], "ggml.commit": info["commit"], "ggml.isa": info["isa"],
             "ggml.wheel": info["wheel"] or "", "record.seed": int(a.seed), "record.args": a.argv,
-            **info.get("contract", {})}
+            "ggml.llamafile": bool(info["features"].get("llamafile", False)), **info.get("contract", {})}
     fields = dict(op=a.op, producer=producer(info, a.threads), scale=scale, max_bias=float(np.float32(a.max_bias)),
                   softcap=float(np.float32(a.softcap)), n_threads=a.threads, q=q, mask=mask, sinks=sinks,
                   out=np.asarray(out, np.float32), metadata=meta, **st)

@@ -447,6 +447,20 @@ def _acc_unit(trace) -> float:
     return acc_unit(trace.op == "mixed_flash_attn", _type_name(trace.v) == "f16")
 
 
+def mul_mat_facts(trace) -> dict:
+    """What decides the unfused op's mul_mat paths (:func:`jaxkv.ggml_cpu.soft_max_attn_paths`), from
+    the trace: ``llamafile`` = metadata ``ggml.llamafile`` (False when absent: ``record`` with the
+    libggml-python 0.20.2 wheel, built without it, and the shared traces); ``q_contiguous`` from the
+    q view ``trace.view.q.ne/nb`` (``capture`` writes it; llama.cpp's q is a permuted view), True when
+    absent (q stored contiguous, as ``record`` builds it)."""
+    from jaxkv.ggml_cpu.sgemm import ggml_contiguous
+
+    md = getattr(trace, "metadata", None) or {}
+    ne, nb = md.get("trace.view.q.ne"), md.get("trace.view.q.nb")
+    return dict(llamafile=bool(md.get("ggml.llamafile", False)),
+                q_contiguous=True if ne is None or nb is None else ggml_contiguous(ne, nb, 4))
+
+
 def model_output(trace, case: mutations.Case, precision: str, **config) -> np.ndarray:
     """The honest model's output [B, n_q, H, Dv] for a resolved precision (not ``auto``). ``config``
     (ggml-cpu only): ``n_threads`` / ``isa`` overriding the trace's (the ISA comes from
@@ -470,7 +484,7 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
         kw = dict(scale=case.scale, mask=trace.mask, max_bias=case.max_bias, isa=isa,
                   contract=trace_contract(trace, isa))
         if trace.op == "soft_max_attn":
-            out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
+            out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw, **mul_mat_facts(trace))
         else:
             kw.update(softcap=case.softcap, sinks=trace.sinks,
                       n_threads=config.get("n_threads", case.n_threads),

@@ -23,7 +23,9 @@ outer ``jax.jit`` they flush); ggml's path selection: the split-KV path (``n_q =
 V both F16 or both F32, ``n_kv >= 512``: ``n_threads`` chunks, partials merged in order) and the
 the tiled path (F16/F32 K and V of one type, ``n_q >= 64``, and in ggml < 0.25.3 ``Dv`` a multiple of
 the ISA's F32 lanes: :mod:`.tiled`; ``version`` names the ggml release, whose facts differ) and the
-per-row loop otherwise.
+per-row loop otherwise; for the unfused op, the mul_mat paths of a build with llamafile
+(``llamafile=True``: n_q >= 2 goes through llamafile's tinyBLAS, :mod:`.sgemm`; the libggml-python
+0.20.2 wheel has no llamafile, llama-cpp-python's ggml 0.25.3 has it).
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ import numpy as np
 from jaxkv import formats
 from jaxkv._checks import check_attention_shapes
 from jaxkv.ggml_cpu import kernels as _k
+from jaxkv.ggml_cpu import sgemm as _sgemm
 from jaxkv.ggml_cpu import tiled as _tiled
 from jaxkv.ggml_cpu.dot import ISA_TABLE, get_isa
 from jaxkv.ggml_cpu.kernels import BUILD_CONTRACT, Contract
 from jaxkv.ggml_cpu.fp import F64
 
 __all__ = ["ISAS", "DEFAULT_ISA", "DEFAULT_VERSION", "Contract", "BUILD_CONTRACT", "SPLIT_KV_MIN", "TILE_Q",
-           "flash_attn_ext", "soft_max_attn", "mixed_flash_attn", "kv_type", "split_chunks", "path"]
+           "flash_attn_ext", "soft_max_attn", "soft_max_attn_paths", "mixed_flash_attn", "kv_type", "split_chunks",
+           "path"]
 
 ISAS = tuple(ISA_TABLE)          # ("avx512", "avx512fp16", "avx2")
 DEFAULT_ISA = "avx512"           # the shared traces' build (ggml-cpu-rounding.md)
@@ -224,6 +228,19 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     return _out32(out, (B, n_q, H, -1))
 
 
+def soft_max_attn_paths(q_shape, k_type: str, v_type: str, n_kv: int, dv: int, *, isa=DEFAULT_ISA,
+                        llamafile: bool = False, q_contiguous: bool = True) -> tuple[str, str]:
+    """The paths of the two mul_mats of :func:`soft_max_attn` (:func:`.sgemm.mul_mat_path`): ("vec_dot" |
+    "sgemm" | "sgemm_q0") for ``kq = mul_mat(k, q)`` and for ``kqv = mul_mat(v^T, kq)``. q_shape
+    [B, n_q, H, Dk]; ``llamafile``: the build fact (trace metadata ``ggml.llamafile``); ``q_contiguous``:
+    q's ggml tensor [Dk, n_q, H, B] is contiguous (llama.cpp's permuted q is not, for n_q, H > 1)."""
+    n_q, dk = int(q_shape[1]), int(q_shape[3])
+    kq = _sgemm.mul_mat_path(k_type, "f32", n_kv, n_q, dk, isa=isa, llamafile=llamafile,
+                             src1_contiguous=q_contiguous)
+    kqv = _sgemm.mul_mat_path(v_type, "f32", dv, n_q, n_kv, isa=isa, llamafile=llamafile)
+    return kq, kqv
+
+
 def _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, n_threads, isa, version):
     """flash_attn_ext on ggml's tiled path (:mod:`.tiled`), arguments checked by the caller. No
     ``Contract`` applies there: its only contractible step (sinks) is :data:`.tiled.SINKS_FUSED`."""
@@ -242,7 +259,8 @@ def _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, n_threads, isa,
     return _out32(out, (B, n_q, H, -1))
 
 
-def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=DEFAULT_ISA, contract=None):
+def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=DEFAULT_ISA, contract=None,
+                  llamafile=False, q_contiguous=True):
     """ggml's unfused CPU attention, emulated bit for bit: ``kq = mul_mat(k, q)`` (q converted to K's
     vec_dot_type), ``soft_max_ext(kq, mask, scale, max_bias)`` (SIMD ``ggml_v_expf``, sum in double,
     times ``1/sum``), ``kqv = mul_mat(v^T, kq)`` (kq converted to F16 for F16 V), permuted.
@@ -250,7 +268,8 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
     q [B, n_q, H, Dk] float32; k [B, n_kv, Hkv, Dk] float32 / float16 / QuantArray; v (canonical, not
     transposed) [B, n_kv, Hkv, Dv] float16 or float32; mask [B|1, H|1, n_q, n_kv] -> float32
     [B, n_q, H, Dv]. ``n_threads`` does not change ggml's results here. ``contract`` as in
-    :func:`flash_attn_ext`."""
+    :func:`flash_attn_ext`. ``llamafile`` / ``q_contiguous``: see :func:`soft_max_attn_paths`; a mul_mat
+    on llamafile's tinyBLAS (float, or ``tinyBLAS_Q0_AVX`` for block K) is emulated by :mod:`.sgemm`."""
     ctr = _contract(isa, contract)
     k_type, v_type = kv_type(k, "k"), kv_type(v, "v")
     if v_type not in ("f16", "f32"):
@@ -262,10 +281,13 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
     hkv = k.shape[2]
     if k_type not in ("f16", "f32") and q.shape[-1] % 32:
         raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
+    kq_path, kqv_path = soft_max_attn_paths(q.shape, k_type, v_type, k.shape[1], v.shape[-1], isa=isa,
+                                            llamafile=bool(llamafile), q_contiguous=bool(q_contiguous))
     qg, mg, _, slg = _group(q, mask, None, _slopes(H, max_bias), hkv)
     out = _k.softmax_attn_core(qg, _kv_operand(k, k_type), _kv_operand(v, v_type),
                                jnp.asarray(float(np.float32(scale)), F64), slg, mg, k_type=k_type,
-                               v_type=v_type, isa=get_isa(isa).name, contract=ctr)
+                               v_type=v_type, isa=get_isa(isa).name, contract=ctr,
+                               kq_path=kq_path, sgemm_kqv=kqv_path == "sgemm")
     return _out32(out, (B, n_q, H, -1))
 
 

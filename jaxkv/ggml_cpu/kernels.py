@@ -41,6 +41,7 @@ from jax import lax
 
 from jaxkv import formats
 from jaxkv.ggml_cpu import dot as _dot
+from jaxkv.ggml_cpu import sgemm as _sgemm
 from jaxkv.ggml_cpu.fp import (F64, add32, div32, expf, fma16, fma32, mul16, mul32, r16, r32, sub32, tanhf,
                                v_expf)
 
@@ -116,10 +117,11 @@ def _k_operand(k, k_type: str):
     return formats.decode_blocks(k.raw, k.fmt)
 
 
-def scores(qg, k, k_type: str, isa):
+def scores(qg, k, k_type: str, isa, q0_sgemm: bool = False):
     """Raw dots ``vec_dot(k_j, convert(q_i))`` -> f32 carriers [B, n_q, Hkv, G, n_kv].
 
-    qg [B, n_q, Hkv, G, Dk] f32 carriers; k [B, n_kv, Hkv, Dk] float16/float32 array or QuantArray."""
+    qg [B, n_q, Hkv, G, Dk] f32 carriers; k [B, n_kv, Hkv, Dk] float16/float32 array or QuantArray.
+    ``q0_sgemm``: block K through llamafile's ``tinyBLAS_Q0_AVX`` (:func:`.sgemm.q0_dot`) instead."""
     dot_type = formats.get_format(k_type).dot_type
     qc = _dot.convert_q(qg, dot_type)
     kop = _k_operand(k, k_type)
@@ -134,7 +136,7 @@ def scores(qg, k, k_type: str, isa):
         s=None)
     qb = formats.Blocks(q=qc.q[:, :, :, :, None], d=qc.d[:, :, :, :, None], m=None,
                         s=None if qc.s is None else qc.s[:, :, :, :, None])
-    return _dot.dot_blocks(kb, k_type, qb)
+    return _sgemm.q0_dot(kb, qb) if q0_sgemm else _dot.dot_blocks(kb, k_type, qb)
 
 
 def _v_rows(v, v_type: str):
@@ -307,12 +309,19 @@ def _row_exp_sum(x, mx, isa):
     return jnp.concatenate(parts, axis=-1), total
 
 
-@partial(jax.jit, static_argnames=("k_type", "v_type", "isa", "contract"))
-def softmax_attn_core(qg, k, v, scale, slopes_g, mask_g, *, k_type, v_type, isa, contract):
+@partial(jax.jit, static_argnames=("k_type", "v_type", "isa", "contract", "kq_path", "sgemm_kqv"))
+def softmax_attn_core(qg, k, v, scale, slopes_g, mask_g, *, k_type, v_type, isa, contract, kq_path="vec_dot",
+                      sgemm_kqv=False):
     """Unfused attention: kq = mul_mat(k, q); soft_max_ext(kq, mask, scale, max_bias);
     kqv = mul_mat(v^T, kq). qg [B, n_q, Hkv, G, Dk]; v [B, n_kv, Hkv, Dv] (F16 or F32) ->
-    f32 carriers (float64) [B, n_q, Hkv, G, Dv] (see :func:`fa_core`)."""
-    kq = scores(qg, k, k_type, isa)                      # [B, n_q, Hkv, G, n_kv]
+    f32 carriers (float64) [B, n_q, Hkv, G, Dv] (see :func:`fa_core`). ``kq_path`` ("vec_dot", "sgemm",
+    "sgemm_q0") / ``sgemm_kqv``: the mul_mat's path (:func:`jaxkv.ggml_cpu.sgemm.mul_mat_path`)."""
+    if kq_path == "sgemm":  # F16 / F32 K: q converted to K's type, one FMA accumulator per dot
+        kk = jnp.transpose(_k_operand(k, k_type), (0, 2, 1, 3))[:, None, :, None]  # [B,1,Hkv,1,n_kv,Dk]
+        qc = _dot.convert_q(qg, formats.get_format(k_type).dot_type)[:, :, :, :, None, :]
+        kq = _sgemm.sgemm_dot(kk, qc, isa)
+    else:
+        kq = scores(qg, k, k_type, isa, q0_sgemm=kq_path == "sgemm_q0")  # [B, n_q, Hkv, G, n_kv]
     w = mul32(kq, r32(scale))                             # ggml_vec_scale_f32
     if mask_g is not None:
         w = _mad(slopes_g[:, :, None], jnp.asarray(mask_g, F64), w, contract.softmax_mask)
@@ -321,8 +330,11 @@ def softmax_attn_core(qg, k, v, scale, slopes_g, mask_g, *, k_type, v_type, isa,
     inv = r32(1.0 / total)                                # double 1/sum, passed as float
     p = mul32(y, inv[..., None])
     vt = jnp.transpose(jnp.asarray(v).astype(F64), (0, 2, 3, 1))[:, None, :, None]  # [B,1,Hkv,1,Dv,n_kv]
+    pv = r16(p) if v_type == "f16" else p                # kq converted to V's vec_dot_type
+    if sgemm_kqv:
+        return _sgemm.sgemm_dot(vt, pv[..., None, :], isa)
     if v_type == "f16":
-        out = _dot.dot_f16(vt, r16(p)[..., None, :], isa)
+        out = _dot.dot_f16(vt, pv[..., None, :], isa)
     else:
-        out = _dot.dot_f32(vt, p[..., None, :], isa)
+        out = _dot.dot_f32(vt, pv[..., None, :], isa)
     return out
