@@ -173,7 +173,7 @@ def _plans(c, tmp: pathlib.Path) -> dict:
     campaign += [fz("campaign --properties ''", ["--properties", ",", "--out", out / "e"]),
                  fz("campaign --shard 3/2", ["--shard", "3/2", "--out", out / "e"]),
                  fz("campaign --target evil", ["--target", "\x1b[31mnosuchmod:f", "--out", out / "e"])]
-    sens = [fz(f"sensitivity {' '.join(a)[:60]}", ["sensitivity", "--no-plot", "--out", out / "s"] + a) for a in (
+    sens = [fz(f"sensitivity {' '.join(map(str, a))[:60]}", ["sensitivity", "--no-plot", "--out", out / "s"] + a) for a in (
         ["--formats", ""], ["--kv-len", "1000000000", "--samples", "1000000000"], ["--head-dim", "1000000"],
         ["--samples", "1"], ["--kv-len", "-5"], ["--hot-window", "99999999999"], ["--formats", "\x1b[31m"],
         ["--devices", "0"])]
@@ -184,7 +184,7 @@ def _plans(c, tmp: pathlib.Path) -> dict:
     sens.append(fz("sensitivity --out /dev/null", ["sensitivity", "--no-plot", "--out", "/dev/null",
                                                    "--formats", "q8_0", "--kv-len", "64", "--head-dim", "32",
                                                    "--hot-window", "0", "--dist", "normal", "--samples", "2"]))
-    record = [fz(f"record {' '.join(a)[:60]}", ["record", "--op", "flash_attn_ext"] + a) for a in (
+    record = [fz(f"record {' '.join(map(str, a))[:60]}", ["record", "--op", "flash_attn_ext"] + a) for a in (
         ["--out", "/dev/null"], ["--out", out / "no" / "such" / "x.gguf"], ["--out", out / ("n" * 300)],
         ["--out", out / "r.gguf", "--n-kv", "1000000000"], ["--out", out / "r.gguf", "--heads", "0"],
         ["--out", out])]
