@@ -45,7 +45,9 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
 
 from fuzz import properties as P
+from fuzz import schema
 from fuzz.engine import BATCH, COMPILES
+from jaxkv.textsafe import escape
 
 __all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize",
            "format_summary", "save_failure", "shrink"]
@@ -64,6 +66,7 @@ class Options:
     traces: str | None = None
     out: str = "fuzz-out"
     resume: bool = False
+    overwrite: bool = False  # --overwrite: replace the results (and failures/) already in --out
     quiet: bool = False
     shard: tuple = (0, 1)
     shrink: bool = True
@@ -185,16 +188,40 @@ def _json_default(x):
 
 
 def read_records(path) -> list:
-    """Records of a results.jsonl (a truncated last line, from a kill mid-write, is ignored)."""
+    """Validated records of a results.jsonl (fuzz.schema; a truncated last line, from a kill mid-write,
+    is ignored; a missing file has none). A line of the wrong shape, or a path that is not a regular file,
+    raises ValueError naming the file and line."""
+    try:
+        return schema.read_lines(path)
+    except FileNotFoundError:
+        return []
+
+
+def first_failures(records) -> dict:
+    """property -> the smallest failing case number (chunk, k) among ``records``."""
+    first = {}
+    for r in records:
+        if r.get("type") == "case" and not r["ok"]:
+            n = schema.case_number(r["id"])
+            if r["property"] not in first or n < first[r["property"]]:
+                first[r["property"]] = n
+    return first
+
+
+def partition_view(records) -> list:
+    """The records an unsharded campaign would have written, from the union of its shards' records:
+    a failing property stops after the chunk of its first failing case (the smallest case number over
+    all shards), so case records of later chunks (a shard that saw its own first failure later ran
+    them) are dropped, and of the failure records only the one of that first failing case is kept."""
+    first = first_failures(records)
     out = []
-    p = pathlib.Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
+    for r in records:
+        f = first.get(r.get("property"))
+        if f is not None and r.get("type") == "case" and schema.case_number(r["id"])[0] > f[0]:
             continue
+        if f is not None and r.get("type") == "failure" and schema.case_number(r["id"]) != f:
+            continue
+        out.append(r)
     return out
 
 
@@ -250,7 +277,7 @@ def format_summary(props: dict) -> str:
     tot = dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0)
     for name, s in props.items():
         if s.get("skipped") and not s["cases"]:
-            rows.append((name, "-", "-", "-", "-", f"skipped: {s['skipped']}"))
+            rows.append((name, "-", "-", "-", "-", f"skipped: {escape(s['skipped'], 120)}"))
             continue
         rate = s["checks"] / s["seconds"] if s["seconds"] > 0 else 0.0
         rows.append((name, str(s["cases"]), str(s["failures"]), str(s["checks"]), f"{rate:.0f}",
@@ -419,19 +446,47 @@ class Campaign:
         self.path = self.out / "results.jsonl"
         self.failed = False
 
-    def run(self) -> int:
+    def prepare_out(self) -> list:
+        """Check and prepare --out; returns the records a --resume continues. An existing --out must be a
+        directory; a non-empty one is refused unless --resume (continue it) or --overwrite (its
+        results.jsonl and failures/ are removed). ValueError with one line otherwise."""
+        import shutil
+
         o = self.opts
-        self.out.mkdir(parents=True, exist_ok=True)
+        where = f"--out {escape(self.out)}"
+        if o.resume and o.overwrite:
+            raise ValueError("--resume and --overwrite: choose one")
+        try:
+            if self.out.exists() and not self.out.is_dir():
+                raise ValueError(f"{where}: expected a directory, found a file or device")
+            self.out.mkdir(parents=True, exist_ok=True)
+            entries = sorted(x.name for x in self.out.iterdir())
+        except OSError as e:
+            raise ValueError(f"{where}: cannot use it as the results directory ({e.strerror or type(e).__name__})"
+                             ) from None
+        if entries and not o.resume and not o.overwrite:
+            raise ValueError(f"{where}: holds an earlier run's files ({', '.join(map(escape, entries[:3]))}"
+                             f"{', ...' if len(entries) > 3 else ''}); add --resume to continue it, --overwrite "
+                             f"to replace its results, or give a new --out DIR")
+        if o.overwrite:
+            if self.path.exists() or self.path.is_symlink():
+                self.path.unlink()
+            if (self.out / "failures").is_dir():
+                shutil.rmtree(self.out / "failures")
         old = []
-        if o.resume:
+        if o.resume and (self.path.exists() or self.path.is_symlink()):
+            schema.regular_file(self.path, "--resume")
             drop_partial_line(self.path)
             old = read_records(self.path)
             seeds = {r.get("seed") for r in old if r.get("type") == "campaign"}
             if seeds and seeds != {o.seed}:
-                raise ValueError(f"--resume: {self.path} holds a campaign with seed {sorted(seeds)[0]}, "
+                raise ValueError(f"--resume: {escape(self.path)} holds a campaign with seed {sorted(seeds)[0]}, "
                                  f"not --seed {o.seed}")
-        elif self.path.exists():
-            self.path.unlink()
+        return old
+
+    def run(self) -> int:
+        o = self.opts
+        old = self.prepare_out()
         self.done = {r["id"] for r in old if r.get("type") == "case"}
         self.prior = self._prior(old)
         self.rec = Records(self.path)
@@ -458,7 +513,8 @@ class Campaign:
         print(format_summary(props), flush=True)
         fails = [r for r in read_records(self.path) if r.get("type") == "failure"]
         for f in fails:
-            print(f"FAIL {f['property']}: {f['error']}\n  saved {f['file']}\n  replay: {f['replay']}", flush=True)
+            print(f"FAIL {f['property']}: {escape(f['error'])}\n  saved {escape(f['file'])}\n  replay: "
+                  f"{escape(f['replay'])}", flush=True)
         if interrupted:
             return 130
         return 1 if any(s["failures"] for s in props.values()) else 0
@@ -545,7 +601,11 @@ class Campaign:
                            f"{spent:.1f} s, {COMPILES.count - c0} compiles")
         if first_fail is not None and not saved:
             (chunk, _), cid, params, oc = first_fail
-            self._report_failure(prop, cid, chunk, params, oc)
+            try:
+                self._report_failure(prop, cid, chunk, params, oc)
+            except Exception as e:  # e.g. a resumed record's params this property cannot rebuild
+                self.progress.line(f"{prop.name}: FAIL {cid}: could not shrink and save it: "
+                                   f"{escape(type(e).__name__)}: {escape(str(e), 160)}")
 
     def _report_failure(self, prop, cid, chunk, params, outcome):
         o, ctx = self.opts, self.ctx
