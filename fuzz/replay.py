@@ -155,11 +155,9 @@ def replay(rec: dict, target: str | None = None, threads: int | None = None) -> 
 def _parse(argv):
     import argparse
 
-    from fuzz.__main__ import UsageError
-
     class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError(message)
+        def error(self, message):  # a ValueError: python -m fuzz prints it as one line, exit 2
+            raise ValueError(f"replay: {message} (usage: python -m fuzz replay FILE [--target SPEC])")
 
     p = Parser(prog="python -m fuzz replay")
     p.add_argument("file")

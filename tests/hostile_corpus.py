@@ -307,6 +307,12 @@ def _forged_traces(full: bool):
                         ("view_out_broadcast", _view_kvs("out", [32, 2, 1 << 24, 1], [4, 128, 0, 0]))):
         kvs, ts = _base()
         add(name, kvs + extra, ts)
+    # the attack: K and V both broadcast along n_kv (nb[1] = 0), no mask: a consistent call whose
+    # operands and logits are huge while the file is a few KB
+    for n in ((1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 30, 1 << 40) if full else (1 << 20, 1 << 30)):
+        kvs, ts = _base()
+        kvs += _view_kvs("k", [32, n, 1, 1], [2, 0, 0, 0]) + _view_kvs("v", [32, n, 1, 1], [2, 0, 0, 0])
+        add(f"kv_broadcast_{n}", kvs, [t for t in ts if t.name != "mask"])
     # big honest-looking shapes whose attention call is large (logits n_q * n_kv * H)
     kvs, ts = _base(n_q=1, n_kv=8)
     kvs += _view_kvs("q", [32, 1 << 16, 2, 1], [4, 0, 128, 256]) + _view_kvs("mask", [8, 1 << 16, 1, 1],
