@@ -395,7 +395,11 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
                target=opts.target, threads=opts.threads, traces=opts.traces, arrays=arrays, arrays_call=call,
                diagnosis=diagnosis)
     path = base.with_suffix(".json")
-    rec["replay"] = f"python -m fuzz replay {path}"
+    import shlex
+
+    kernel = f" --target {shlex.quote(opts.target)}" if opts.target else ""
+    kernel += f" --threads {int(opts.threads)}" if opts.target and opts.threads else ""
+    rec["replay"] = f"python -m fuzz replay {shlex.quote(str(path))}{kernel}"
     path.write_text(json.dumps(rec, indent=1, default=_json_default) + "\n")
     rec["file"] = str(path)
     return rec

@@ -107,7 +107,7 @@ def test_buggy_target_found_shrunk_saved_replayed(env, tmp_path):
     p = rec["params"]
     assert p["n_kv"] <= rec["original"]["n_kv"] and p["B"] == 1
     assert rec["arrays"].endswith((".gguf", ".npz")) and pathlib.Path(rec["arrays"]).is_file()
-    assert rec["replay"] == f"python -m fuzz replay {fails[0]}"
+    assert rec["replay"] == f"python -m fuzz replay {fails[0]} --target fuzz.targets:buggy_scale_twice"
     labels = [d["hypothesis"] for d in (rec["diagnosis"] or {}).get("diagnosis") or []]
     assert "scale" in " ".join(labels), rec["diagnosis"]
     # replay never imports the kernel a record names: without --target it refuses in one line

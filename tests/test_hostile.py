@@ -86,9 +86,10 @@ def _drive(plan_path: str, out_path: str) -> None:
             log.flush()
 
 
-def run_plan(plan: list, tmp: pathlib.Path, total_timeout: float) -> list:
-    """Run ``plan`` in a driver subprocess -> one result dict per invocation (a crashed or killed driver
-    leaves the invocation it was running reported as such, and the rest unrun)."""
+def run_plan(plan: list, tmp: pathlib.Path, total_timeout: float, cwd: pathlib.Path | None = None) -> list:
+    """Run ``plan`` in a driver subprocess (working directory ``cwd``, default ``tmp``) -> one result dict
+    per invocation (a crashed or killed driver leaves the invocation it was running reported as such, and
+    the rest unrun)."""
     tmp.mkdir(parents=True, exist_ok=True)
     pp, rp = tmp / "plan.json", tmp / "results.jsonl"
     pp.write_text(json.dumps(plan))
@@ -96,7 +97,7 @@ def run_plan(plan: list, tmp: pathlib.Path, total_timeout: float) -> list:
         rp.unlink()
     env = dict(os.environ, PYTHONPATH=str(CODE), JAX_PLATFORMS="cpu", PYTHONWARNINGS="default")
     try:
-        p = subprocess.run([sys.executable, __file__, "--drive", str(pp), str(rp)], env=env, cwd=tmp,
+        p = subprocess.run([sys.executable, __file__, "--drive", str(pp), str(rp)], env=env, cwd=cwd or tmp,
                            capture_output=True, text=True, timeout=total_timeout)
         tail = p.stderr[-2000:]
     except subprocess.TimeoutExpired:
@@ -221,7 +222,8 @@ def results(corpus, tmp_path_factory):
     plans = _plans(corpus, tmp)
     out = {}
     for name, plan in plans.items():
-        out[name] = run_plan(plan, tmp / name, total_timeout=CALL_LIMIT * len(plan) + 60)
+        # working directory: where the evil module lies (an import of the record's target would find it)
+        out[name] = run_plan(plan, tmp / name, total_timeout=CALL_LIMIT * len(plan) + 60, cwd=tmp)
     return out, marker, plans
 
 
