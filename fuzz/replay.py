@@ -134,7 +134,7 @@ def replay(rec: dict, target: str | None = None, threads: int | None = None) -> 
     prop = P.get(rec["property"])
     P.set_active([prop.name])
     named = rec.get("target")
-    if (prop.name == "target" or named) and target is None:
+    if prop.name == "target" and target is None:
         raise ValueError(f"replay: the record's kernel is {escape(named)!s}; replay imports nothing a file "
                          f"names: pass it yourself with --target MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed")
     kernel = load_target(target, threads if threads is not None else rec.get("threads")) if target else None
