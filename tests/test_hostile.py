@@ -278,3 +278,69 @@ def test_python_m_wrappers(corpus, tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--drive":
     _drive(sys.argv[2], sys.argv[3])
+
+
+def test_results_lines_are_checked_with_file_and_line(tmp_path):
+    """fuzz.schema: a results line of the wrong shape is an error naming file, line and field; a cut last
+    line (a kill mid-write) is ignored; a FIFO is refused without being opened."""
+    from fuzz import schema
+
+    p = tmp_path / "results.jsonl"
+    good = '{"type": "case", "id": "layout/0/0", "property": "layout", "ok": true, "checks": 1, "error": null}'
+    p.write_text('{"type": "campaign", "seed": 0}\n' + good + '\n{"type": "case", "id": 5}\n')
+    with pytest.raises(schema.SchemaError, match=r"results.jsonl:3: property"):
+        schema.read_lines(p)
+    p.write_text('{"type": "campaign", "seed": 0}\n' + good + '\n{"type": "ca')
+    assert [r["type"] for r in schema.read_lines(p)] == ["campaign", "case"]
+    p.write_text(good.replace('"ok": true', '"ok": false') + "\n")  # a failing case needs its error
+    with pytest.raises(schema.SchemaError, match=r":1: error: expected a string"):
+        schema.read_lines(p)
+    f = tmp_path / "fifo"
+    os.mkfifo(f)
+    with pytest.raises(ValueError, match="FIFO"):
+        schema.read_lines(f)
+
+
+def test_out_refuses_earlier_results_unless_resume_or_overwrite(tmp_path):
+    """--out never destroys an earlier run: a second run into the same directory is refused with a line
+    saying what to add; --overwrite replaces the results and failures/, --resume continues them."""
+    from fuzz import properties as P
+    from fuzz.campaign import Campaign, Options, read_records
+
+    out = tmp_path / "o"
+
+    def run(**kw):
+        opts = Options(max_examples=3, properties=("layout",), out=str(out), quiet=True, **kw)
+        return Campaign(opts, P.Context()).run()
+
+    assert run() == 0
+    (out / "failures").mkdir()
+    (out / "failures" / "old.json").write_text("{}")
+    before = (out / "results.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="--resume.*--overwrite.*--out"):
+        run()
+    assert (out / "results.jsonl").read_bytes() == before
+    assert run(resume=True) == 0
+    assert [r["type"] for r in read_records(out / "results.jsonl")].count("campaign") == 2
+    assert run(overwrite=True) == 0
+    assert [r["type"] for r in read_records(out / "results.jsonl")].count("campaign") == 1
+    assert not (out / "failures").exists()
+
+
+def test_trace_bounds_broadcast_zero_and_max_elements(corpus):
+    """A view broadcasting stored bytes (nb = 0), a view with a zero count and a call past max_elements
+    are TraceErrors naming the tensor or key; the honest file loads, and a bound it exceeds is named."""
+    from jaxkv import trace
+
+    t = corpus.root / "traces"
+    with pytest.raises(trace.TraceError, match=r"trace\.view\.k\.ne.*stored tensor 'k'"):
+        trace.load(t / "kv_broadcast_1048576.gguf")
+    with pytest.raises(trace.TraceError, match=r"trace\.view\.k\.ne.*positive"):
+        trace.load(t / "k_view_zero_ne1.gguf")
+    honest = trace.load(t / "honest_f16.gguf")
+    assert honest.n_kv == 8 and honest.n_head == 2
+    with pytest.raises(trace.TraceError, match=r"max_elements = 15"):
+        trace.load(t / "honest_f16.gguf", max_elements=15)  # q holds 64 elements, the logits 16
+    with pytest.raises(trace.TraceError, match=r"tensor 'k' ne.*max_elements = 255"):
+        trace.load(t / "honest_f16.gguf", max_elements=255)  # k and v hold 32*8 = 256 elements
+    assert trace.load(t / "honest_f16.gguf", max_elements=256).n_kv == 8
