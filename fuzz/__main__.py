@@ -9,6 +9,9 @@
     python -m fuzz sensitivity ...      (fuzz.sensitivity_cmd, when present)
     python -m fuzz record ...           (fuzz.record_cmd, when present)
 
+The subcommands are the rows of :data:`jaxkv.cli.COMMANDS`, the same as the ``jaxkv`` console script's
+(``jaxkv --help``); ``python -m fuzz`` without one is ``jaxkv fuzz``.
+
 ``--target ggml|ggml-unfused|ggml-mixed`` fuzzes live ggml (the ``ggml`` extra, libggml-python) at
 ``--threads N`` (default 1) through ``fuzz.ggml_targets.make_target``; such a target declares the
 ``ggml-cpu`` precision and is judged against its emulation (jaxkv.ggml_cpu) with jaxkv.verify's budget.
@@ -31,7 +34,10 @@ from __future__ import annotations
 import sys
 
 DEFAULT_EXAMPLES = 64
-SUBCOMMANDS = {"verify": "fuzz.verify_cmd", "sensitivity": "fuzz.sensitivity_cmd", "record": "fuzz.record_cmd"}
+
+
+from fuzz.target_spec import GGML_TARGETS, load_target  # noqa: F401  (re-exported: older imports)
+from jaxkv.cli import COMMANDS
 
 
 class UsageError(Exception):
@@ -46,7 +52,8 @@ def _parser():
             raise UsageError(message)
 
     p = Parser(prog="python -m fuzz", description="Fuzz campaigns over jaxkv's properties and kernels.",
-               epilog="subcommands: replay FILE | merge DIR... | verify ... | sensitivity ... | record ...",
+               epilog="subcommands (python -m fuzz SUB --help; the same as jaxkv SUB): " + " | ".join(
+                   n for n in COMMANDS if n != "fuzz"),
                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--max-examples", type=int, metavar="N",
@@ -110,43 +117,6 @@ def _parse_shard(s: str):
     return i, n
 
 
-GGML_TARGETS = ("ggml", "ggml-unfused", "ggml-mixed")
-
-
-def load_target(spec: str, threads: int | None = None):
-    """'MODULE:FUNCTION' -> the callable; 'ggml' / 'ggml-unfused' / 'ggml-mixed' ->
-    fuzz.ggml_targets.make_target(spec, threads or 1). ValueError with one line otherwise (a bad
-    spec, --threads with a MODULE:FUNCTION target, ggml not installed)."""
-    import importlib
-
-    if threads is not None and (isinstance(threads, bool) or not 1 <= threads <= 512):
-        raise ValueError(f"--threads: expected an int in [1, 512], got {threads!r}")
-    if spec in GGML_TARGETS:
-        from fuzz import ggml_targets
-
-        try:
-            return ggml_targets.make_target(spec, 1 if threads is None else threads)
-        except (ImportError, OSError, RuntimeError) as e:  # OracleUnavailable is a RuntimeError
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"--target {spec}: live ggml is not available (install the extra: pip install "
-                             f"'jaxkv[ggml]'): {msg}") from None
-    if threads is not None:
-        raise ValueError(f"--threads: only for --target {'|'.join(GGML_TARGETS)}, not {spec!r}")
-    if ":" not in spec:
-        raise ValueError(f"--target: expected MODULE:FUNCTION or one of {', '.join(GGML_TARGETS)}, got {spec!r}")
-    mod, fn = spec.split(":", 1)
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        m = importlib.import_module(mod)
-    except Exception as e:
-        raise ValueError(f"--target: cannot import {mod!r}: {type(e).__name__}: {e}") from None
-    f = getattr(m, fn, None)
-    if not callable(f):
-        raise ValueError(f"--target: {mod!r} has no function {fn!r}")
-    return f
-
-
 def _campaign(argv) -> int:
     args = _parser().parse_args(argv)
     from fuzz import properties as P
@@ -207,41 +177,18 @@ def _campaign(argv) -> int:
     return Campaign(opts, ctx).run()
 
 
-def _dispatch(name, argv) -> int:
-    import importlib
-
-    try:
-        mod = importlib.import_module(SUBCOMMANDS[name])
-    except ModuleNotFoundError as e:
-        if e.name == SUBCOMMANDS[name]:
-            print(f"python -m fuzz {name}: not available ({SUBCOMMANDS[name]} is not installed)", file=sys.stderr)
-            return 2
-        raise
-    return int(mod.main(argv) or 0)
-
-
 def _line(e: BaseException) -> str:
     """An exception as one escaped line."""
-    from jaxkv.textsafe import escape
+    from jaxkv.cli import one_line
 
-    lines = str(e).strip().splitlines()
-    return escape(lines[0] if lines else type(e).__name__)
+    return one_line(e)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def campaign_main(argv) -> int:
+    """``python -m fuzz [options]`` / ``jaxkv fuzz [options]``: run a campaign; bad arguments or
+    unreadable input -> one line on stderr, exit 2."""
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return _dispatch(argv[0], argv[1:])
-        if argv and argv[0] == "replay":
-            from fuzz.replay import main as replay_main
-
-            return replay_main(argv[1:])
-        if argv and argv[0] == "merge":
-            from fuzz.replay import merge_main
-
-            return merge_main(argv[1:])
-        return _campaign(argv)
+        return _campaign(list(argv))
     except UsageError as e:
         print(f"python -m fuzz: error: {_line(e)}", file=sys.stderr)
         return 2
@@ -251,13 +198,14 @@ def main(argv=None) -> int:
     except (OSError, MemoryError) as e:  # the file system or the machine refused: one line, no traceback
         print(f"python -m fuzz: error: {type(e).__name__}: {_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
-        import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+
+def main(argv=None) -> int:
+    """``python -m fuzz [SUBCOMMAND] ...``: the subcommands of :mod:`jaxkv.cli` (the same table as the
+    ``jaxkv`` command); without one, a campaign."""
+    from jaxkv import cli
+
+    return cli.run(list(sys.argv[1:] if argv is None else argv), prog="python -m fuzz", default="fuzz")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def replay(rec: dict, target: str | None = None, threads: int | None = None) -> 
     the ``target`` property needs ``target`` (the command line's --target): the record's own is never
     imported."""
     from fuzz import properties as P
-    from fuzz.__main__ import load_target
+    from fuzz.target_spec import load_target
 
     prop = P.get(rec["property"])
     P.set_active([prop.name])
