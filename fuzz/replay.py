@@ -56,7 +56,8 @@ def load_record(path) -> dict:
 
 
 def _ints(x, path=()):
-    """(path, value) of every integer in a JSON value (keys and list positions joined)."""
+    """(path, value) of every integer in a JSON value; list positions are ``*`` (one bound per list), and
+    each list's length counts as an integer at ``path + ('len',)``."""
     if isinstance(x, bool):
         return
     if isinstance(x, int):
@@ -65,25 +66,42 @@ def _ints(x, path=()):
         for k, v in x.items():
             yield from _ints(v, path + (k,))
     elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from _ints(v, path + (i,))
+        yield path + ("len",), len(x)
+        for v in x:
+            yield from _ints(v, path + ("*",))
 
 
 def _shape(x):
-    """A JSON value's structure: dict keys and list lengths, leaf types (int/float/str/bool/null)."""
+    """A JSON value's structure: dict keys, the set of element structures of a list, leaf kinds."""
     if isinstance(x, dict):
         return {k: _shape(v) for k, v in sorted(x.items())}
     if isinstance(x, list):
-        return [_shape(v) for v in x]
+        return ["list"] + sorted({json.dumps(_shape(v), sort_keys=True) for v in x})
     if isinstance(x, bool):
         return "bool"
     return "num" if isinstance(x, (int, float)) else type(x).__name__
 
 
+def _fits(v, shapes: set) -> bool:
+    """``v``'s structure is one drawn (a list: every element's structure among the drawn elements')."""
+    sv = _shape(v)
+    if json.dumps(sv, sort_keys=True) in shapes:
+        return True
+    if isinstance(v, list):
+        drawn_elems = set()
+        for s in shapes:
+            d = json.loads(s)
+            if isinstance(d, list) and d[:1] == ["list"]:
+                drawn_elems |= set(d[1:])
+        return set(sv[1:]) <= drawn_elems
+    return False
+
+
 def check_params(prop, params: dict, ctx) -> None:
-    """``params`` must have the structure of the cases ``prop``'s strategy draws (same keys, list lengths
-    of some drawn case, leaf types) and integers at most `PARAM_FACTOR` x the largest drawn for that
-    position (seeds excepted), so a forged record cannot ask for an absurd allocation. ValueError."""
+    """``params`` must have the structure of the cases ``prop``'s strategy draws (same keys, leaf kinds,
+    list elements of drawn kinds) and every integer -- list lengths included -- at most `PARAM_FACTOR` x the
+    largest drawn at that position in `_SAMPLES` cases (keys ending in ``seed``: any value in [0, 2^63)), and not negative
+    where no drawn one is; so a forged record cannot ask for an absurd allocation. ValueError otherwise."""
     from fuzz.campaign import generate
 
     if prop.files is not None or prop.strategy is None:
@@ -95,33 +113,27 @@ def check_params(prop, params: dict, ctx) -> None:
         raise ValueError(f"replay: params: expected the keys of a {prop.name} case {want}, found "
                          f"{escape(sorted(params), 200)}")
     for k, v in params.items():
-        shapes = {json.dumps(_shape(d[k])) for d in drawn if k in d}
-        if json.dumps(_shape(v)) not in shapes and not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        and '"num"' in shapes):
+        shapes = {json.dumps(_shape(d[k]), sort_keys=True) for d in drawn if k in d}
+        if not _fits(v, shapes):
             raise ValueError(f"replay: params[{escape(repr(k))}]: expected a value shaped like the strategy's "
                              f"({escape(sorted(shapes)[0], 80)}), found {escape(json.dumps(v)[:80])}")
-    top = {}
+    top, low = {}, {}
     for d in drawn:
         for path, x in _ints(d):
             top[path] = max(top.get(path, 0), abs(x))
+            low[path] = min(low.get(path, 0), x)
     for path, x in _ints(params):
-        if "seed" in path:
+        where = escape("".join(f"[{p!r}]" for p in path))
+        if any(isinstance(p, str) and p.endswith("seed") for p in path):  # seed, corrupt_seed, ...
             if not 0 <= x < 2**63:
-                raise ValueError(f"replay: params{list(path)}: expected a seed in [0, 2^63), found {x}")
+                raise ValueError(f"replay: params{where}: expected a seed in [0, 2^63), found {x}")
             continue
         bound = PARAM_FACTOR * max(top.get(path, 1), 1)
         if abs(x) > bound:
-            raise ValueError(f"replay: params{escape(list(path))}: expected |value| <= {bound} ({PARAM_FACTOR}x the "
-                             f"largest the strategy drew), found {x}")
-        if x < 0 <= min((v for p, v in _ints_at(drawn, path)), default=0):
-            raise ValueError(f"replay: params{escape(list(path))}: expected a value >= 0, found {x}")
-
-
-def _ints_at(drawn, path):
-    for d in drawn:
-        for p, v in _ints(d):
-            if p == path:
-                yield p, v
+            raise ValueError(f"replay: params{where}: expected |value| <= {bound} ({PARAM_FACTOR}x the largest "
+                             f"the strategy drew), found {x}")
+        if x < 0 <= low.get(path, 0):
+            raise ValueError(f"replay: params{where}: expected a value >= 0, found {x}")
 
 
 def replay(rec: dict, target: str | None = None, threads: int | None = None) -> dict:
