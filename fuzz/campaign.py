@@ -4,8 +4,14 @@ Cases. Property ``p`` draws its cases in *chunks* of ``CHUNK`` examples; chunk `
 phase of a hypothesis run of ``p``'s strategy seeded with ``sha256(seed, p, j)`` (no database), whose
 test body only records the examples. Case ``k`` of chunk ``j`` has id ``p/j/k`` and number
 ``j * CHUNK + k``. So the same ``--seed`` gives the same cases in the same order whatever the budget,
-sharding or resumption. ``--shard I/N`` evaluates the cases with ``number % N == I`` (disjoint, no
-coordination); ``--max-examples`` counts the campaign's cases (all shards together).
+sharding or resumption (hypothesis' pool of constants harvested from loaded modules is pinned while
+drawing, `_fixed_constants`: otherwise a module imported by a first failure's diagnosis changed the cases
+drawn after it). ``--shard I/N`` evaluates the cases with ``number % N == I`` (disjoint, no
+coordination); ``--max-examples`` counts the campaign's cases (all shards together). A shard stops a
+failing property after *its own* first failing chunk, which may be later than the campaign's; ``merge``
+(`partition_view`) drops the later chunks' cases and failures, so merged shards give exactly the
+unsharded campaign's case ids, verdicts and failure (with ``--max-examples``; a ``--time-budget`` run
+is cut by time and is not reproducible case for case).
 
 Records. ``OUT/results.jsonl``: one JSON line per event, appended. A case's line is handed to the
 kernel (one ``os.write``, ``O_APPEND``) the moment its verdict is known, so it survives the process
@@ -33,6 +39,7 @@ diagnosis, replay command, ``--target`` and ``--threads``) plus the arrays of th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -84,8 +91,33 @@ def _settings(n, phases):
                     print_blob=False, verbosity=settings.default.verbosity.quiet)
 
 
+@contextlib.contextmanager
+def _fixed_constants():
+    """Hypothesis also draws from a pool of constants it harvests from the source of every *local* module
+    in ``sys.modules`` (hypothesis.internal.conjecture.providers), so the cases of one (seed, property,
+    chunk) would depend on what the process happened to import before -- e.g. the modules a first
+    failure's diagnosis imports -- and the shards of a campaign (whose first failures come at different
+    points) would draw different cases under the same ids. While a campaign draws, that pool is pinned
+    empty (the global constants stay), so a chunk's cases depend on (seed, property, chunk) only."""
+    try:
+        from hypothesis.internal.conjecture import providers as hp
+
+        orig, empty, cache = hp._get_local_constants, hp.Constants(), hp.CONSTANTS_CACHE
+    except (ImportError, AttributeError):  # a hypothesis without the pool: nothing to pin
+        yield
+        return
+    hp._get_local_constants = lambda: empty
+    cache.cache.clear()
+    try:
+        yield
+    finally:
+        hp._get_local_constants = orig
+        cache.cache.clear()
+
+
 def generate(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHUNK) -> list:
-    """The cases (parameter dicts) of chunk ``chunk`` of ``prop`` for campaign ``seed``."""
+    """The cases (parameter dicts) of chunk ``chunk`` of ``prop`` for campaign ``seed`` (a function of
+    these arguments only: `_fixed_constants`)."""
     if prop.files is not None:
         return prop.files(ctx) if chunk == 0 else []
     got = []
@@ -97,7 +129,8 @@ def generate(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = C
     def collect(c):
         got.append(c)
 
-    collect()
+    with _fixed_constants():
+        collect()
     return got
 
 
@@ -129,7 +162,8 @@ def shrink(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHU
             raise AssertionError(o["error"])
 
     try:
-        run()
+        with _fixed_constants():
+            run()
     except AssertionError:
         pass
     except Exception:  # hypothesis Flaky / unsatisfiable: keep the best failure seen

@@ -359,3 +359,26 @@ def test_shards_partition_the_campaign_whatever_fails(tmp_path, monkeypatch):
     s, s_ref = summarize(partition_view(merged)), summarize(full)
     assert {k: (v["cases"], v["failures"]) for k, v in s.items()} == \
            {k: (v["cases"], v["failures"]) for k, v in s_ref.items()}
+
+
+def test_cases_do_not_depend_on_what_the_process_imported(tmp_path):
+    """A chunk's cases are a function of (seed, property, chunk). Hypothesis also draws from constants it
+    harvests from the local modules loaded so far, so without fuzz.campaign pinning that pool, importing
+    jaxkv.diagnose (as a first failure's diagnosis does) changed the cases drawn afterwards under the same
+    ids -- and shards, whose first failures come at different points, drew different cases. Run in a
+    fresh interpreter (a test suite has imported everything already)."""
+    code = (
+        "import json, sys, importlib\n"
+        "from fuzz import properties as P\n"
+        "from fuzz.campaign import generate\n"
+        "ctx = P.Context(seed=7)\n"
+        "draw = lambda: [generate(P.get(n), ctx, 7, j) for n in ('large_logits', 'layout') for j in (0, 1)]\n"
+        "before = draw()\n"
+        "new = [m for m in ('jaxkv.diagnose', 'fuzz.ggml_campaign', 'jaxkv.trace') if m not in sys.modules]\n"
+        "for m in new: importlib.import_module(m)\n"
+        "print(json.dumps(dict(new=new, same=draw() == before)))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([PY, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "jaxkv.diagnose" in got["new"] and got["same"], got
