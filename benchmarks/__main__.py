@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "trace": ("bench_trace.py", [], ["--repeat", "3"]),
     "fuzz": ("bench_fuzz.py", [], ["--cases", "128", "--naive-cases", "4"]),
     "ggml-model": ("bench_ggml_model.py", ["--seeds", "2"], ["--seeds", "1"]),
+    "capture": ("bench_capture.py", ["--repeat", "3"], ["--repeat", "1", "--configs", "fa_f16"]),
     "sensitivity": ("bench_sensitivity.py", [], ["--kv-len", "512", "--hot-window", "0,32", "--samples", "16",
                                                  "--repeat", "1"]),
 }

@@ -8,6 +8,7 @@
     python -m fuzz verify ...           verify traces (fuzz.verify_cmd)
     python -m fuzz sensitivity ...      (fuzz.sensitivity_cmd, when present)
     python -m fuzz record ...           (fuzz.record_cmd, when present)
+    python -m fuzz capture ...          capture a real llama.cpp run as traces (fuzz.capture_cmd)
 
 The subcommands are the rows of :data:`jaxkv.cli.COMMANDS`, the same as the ``jaxkv`` console script's
 (``jaxkv --help``); ``python -m fuzz`` without one is ``jaxkv fuzz``.
@@ -117,12 +118,25 @@ def _parse_shard(s: str):
     return i, n
 
 
+def default_traces() -> str | None:
+    """The real-model traces shipped in the repository (``traces/gemma3-270m``, captured from llama.cpp by
+    ``python -m fuzz capture``), next to the fuzz package or under the working directory: the default
+    campaign verifies them in its ``traces`` property; ``--traces DIR`` replaces them."""
+    import pathlib
+
+    for root in (pathlib.Path(__file__).resolve().parent.parent, pathlib.Path.cwd()):
+        p = root / "traces" / "gemma3-270m"
+        if p.is_dir():
+            return str(p)
+    return None
+
+
 def _campaign(argv) -> int:
     args = _parser().parse_args(argv)
     from fuzz import properties as P
 
     if args.list:
-        ctx = P.Context()
+        ctx = P.Context(traces=default_traces())
         w = max(len(n) for n in P.PROPERTIES)
         for name, p in P.PROPERTIES.items():
             why = P.available(p, ctx)
@@ -164,6 +178,8 @@ def _campaign(argv) -> int:
                              f"python -m fuzz verify FILE)")
     from fuzz.campaign import Campaign, Options
     from fuzz.properties import cache_pairs
+
+    args.traces = args.traces or default_traces()
 
     max_ex = args.max_examples
     if max_ex is None and args.time_budget is None:

@@ -378,7 +378,10 @@ def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
     from fuzz import cases as C
 
     diag, tried = None, []
-    for which, a in (("case", C.attention_arrays(params)), ("padded program call", padded)):
+    own = getattr(kernel, "case_arrays", None)  # a ggml target's own cases are not padded
+    calls = (("case", own(params)),) if callable(own) else (("case", C.attention_arrays(params)),
+                                                             ("padded program call", padded))
+    for which, a in calls:
         try:
             v, got, a = _verdict_of_target(a, kernel, params)
         except Exception as e:
@@ -549,6 +552,8 @@ class Campaign:
         props = summarize(read_records(self.path))
         props = {k: props[k] for k in o.properties if k in props}
         print(format_summary(props), flush=True)
+        if callable(getattr(self.ctx.target, "coverage_table", None)):  # a live-ggml target's paths and types
+            print(self.ctx.target.coverage_table(), flush=True)
         fails = [r for r in read_records(self.path) if r.get("type") == "failure"]
         for f in fails:
             print(f"FAIL {f['property']}: {escape(f['error'])}\n  saved {escape(f['file'])}\n  replay: "

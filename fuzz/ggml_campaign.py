@@ -1,13 +1,16 @@
 """A campaign against live ggml: random cases through :mod:`fuzz.ggml_targets`, judged against the
 ``ggml-cpu`` precision model (:mod:`jaxkv.ggml_cpu` at the wheel's ISA) with jaxkv.verify's budgets.
 
-    python -m fuzz.ggml_campaign [--n N] [--seed S] [--menu ci|full] [--out DIR]
+    python -m fuzz.ggml_campaign [--n N] [--seed S] [--menu ci|full|tiled] [--out DIR]
 
 A case is a JSON-ready dict (:func:`draw_case` / :func:`case_strategy`): ``op`` ('ggml', 'ggml-unfused',
 'ggml-mixed'), ``bucket`` (a fixed shape: :data:`BUCKETS`), ``k_fmt``/``v_fmt`` (ggml type names, K and V
 independent), ``flags`` (which optional operands exist: mask, per-head mask, softcap, ALiBi, sinks),
 ``mask`` kind, ``softcap``, ``max_bias``, ``threads`` (1..4), ``scale``, value ``dist`` and ``seed``.
 Shapes are bucketed so the JAX model compiles a few programs; values, masks and parameters vary freely.
+The 'full' menu adds the tiled path (n_q >= 64), the split-KV path at a leftover head size, head sizes
+60 / 40 / 112 with SIMD leftovers (F16/F32 K/V: 'ggml-float' cases) and GQA 32. Every run ends with a
+path-coverage table (fuzz.ggml_targets.coverage_table: the ggml code paths and K/V types exercised).
 
 Layout as everywhere: q [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv], mask
 [B|1, H|1, n_q, n_kv], sinks [H], out [B, n_q, H, Dv].
@@ -21,6 +24,7 @@ model is recorded (it is expected everywhere: the model is bit-faithful to the w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -40,7 +44,16 @@ BUCKETS = {
     "row": (2, 3, 4, 2, 64, 64, 96),
     "gqa3": (1, 2, 6, 2, 64, 32, 64),     # G = 3, H = 6: ALiBi's second slope series, Dk != Dv
     "split": (1, 1, 4, 2, 64, 64, 640),
+    "split_d80": (1, 1, 8, 1, 80, 80, 530),   # split-KV with a SIMD leftover head size, G = 8
+    "tiled": (1, 64, 4, 2, 64, 64, 100),      # n_q >= 64: the tiled path for same-type F16/F32 K/V
+    "tiled_d40": (1, 96, 4, 1, 40, 40, 70),   # tiled (or, where Dv % lanes != 0, per-row) with G = 4
+    "d60": (1, 3, 4, 2, 60, 60, 33),          # leftover head sizes: F16/F32 only (blocks need 32s)
+    "d112": (2, 2, 4, 4, 112, 112, 50),
+    "gqa32": (1, 1, 32, 1, 128, 128, 72),     # G = 32
+    "tiled_n256": (1, 256, 2, 1, 80, 80, 300),  # four query tiles, five key tiles (the last ragged)
 }
+#: buckets whose head sizes are no multiple of 32 (F16/F32 K/V only)
+FLOAT_ONLY = ("split_d80", "tiled_d40", "d60", "d112")
 MASKS = ("none", "causal", "window", "random", "fullrow")
 #: flag sets: (mask present, per-head mask, softcap, alibi, sinks)
 FLAGSETS = {
@@ -61,6 +74,8 @@ MENUS = {
         flagsets=("plain", "all", "alibi_sinks"),
         split_flagsets=("all",),
         buckets=("row",),
+        split_buckets=("split",),
+        float_buckets=(),
     ),
     "full": dict(
         pairs=tuple((a, b) for a in FORMATS for b in FORMATS),
@@ -68,7 +83,16 @@ MENUS = {
         unfused_k=FORMATS,
         flagsets=tuple(FLAGSETS),
         split_flagsets=tuple(FLAGSETS),
-        buckets=("row", "gqa3"),
+        buckets=("row", "gqa3", "tiled", "gqa32"),
+        split_buckets=("split", "split_d80"),
+        float_buckets=("tiled", "tiled_d40", "d60", "d112", "gqa32"),
+    ),
+    # the tiled path only (F16/F32 K/V, n_q >= 64) and the mixed cache on it
+    "tiled": dict(
+        ops=("ggml-float", "ggml-float", "ggml-mixed"),
+        pairs=(), mixed_pairs=tuple((a, b) for a in _BLOCK for b in _BLOCK), unfused_k=(),
+        flagsets=tuple(FLAGSETS), split_flagsets=(), buckets=("tiled",), split_buckets=(),
+        float_buckets=("tiled", "tiled_d40", "tiled_n256"),
     ),
 }
 _DISTS = ("normal", "outlier", "uniform", "big")
@@ -84,11 +108,17 @@ def draw_case(draw, menu="ci") -> dict:
     """One case; ``draw(choices)`` picks one element of a sequence, ``draw(('int', lo, hi))`` an int,
     ``draw(('float', lo, hi))`` a float (so the same code serves numpy RNGs and hypothesis)."""
     m = MENUS[menu]
-    op = draw(("ggml", "ggml", "ggml-split", "ggml-unfused", "ggml-mixed"))
+    ops = ("ggml", "ggml", "ggml-split", "ggml-unfused", "ggml-mixed")
+    op = draw(m.get("ops") or ops + (("ggml-float", "ggml-float") if m["float_buckets"] else ()))
     if op == "ggml-split":
-        op, bucket = "ggml", "split"
+        op, bucket = "ggml", draw(m["split_buckets"])
         kf = vf = draw(("F16", "F32"))
         flags = draw(m["split_flagsets"])
+    elif op == "ggml-float":  # F16/F32 K/V: the tiled path, leftover head sizes, GQA 32
+        op, bucket = "ggml", draw(m["float_buckets"])
+        kf = draw(("F16", "F32"))
+        vf = kf if draw((True, True, False)) else draw(("F16", "F32"))
+        flags = draw(m["flagsets"])
     else:
         bucket = draw(m["buckets"])
         if op == "ggml-unfused":
@@ -329,11 +359,16 @@ def run(c):
     fn = T.make_target(c["op"], int(c["threads"]), k_format=c["k_fmt"], v_format=c["v_fmt"], hot=HOT)
     kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
     got = fn(a["q"], a["k"], a["v"], **kw)
+    COVERAGE.update(fn.coverage)
     model = fn.model(a["q"], a["k"], a["v"], **kw)
     st = T.prepare(c["op"], a["k"], a["v"], k_format=c["k_fmt"], v_format=c["v_fmt"], hot=HOT)
     g = golden(a, st)
     unit = V.acc_unit(c["op"] == "ggml-mixed", c["v_fmt"] == "F16")
     return got, model, g, unit
+
+
+#: (op, ggml path, K type, V type, n_threads) -> live-ggml calls made by :func:`run` in this process
+COVERAGE: "collections.Counter" = collections.Counter()
 
 
 def dead_rows(a) -> np.ndarray:
@@ -388,7 +423,6 @@ def judge(got, model, g, unit, unfused_dead=None) -> Result:
 def main(argv=None) -> int:
     """CLI (module docstring): prints one line per failing case and a summary; exit 1 on any failure."""
     import argparse
-    import collections
     import pathlib
     import time
 
@@ -401,7 +435,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     draw = rng_drawer(rng)
     t0 = time.time()
-    fails, stats = [], collections.defaultdict(lambda: [0, 0, 0.0])
+    fails, stats = [], collections.defaultdict(lambda: [0, 0, 0.0, 0.0])
     for i in range(args.n):
         c = draw_case(draw, args.menu)
         r = check(c)
@@ -410,11 +444,16 @@ def main(argv=None) -> int:
         s[0] += 1
         s[1] += r.bitwise == 1.0
         s[2] = max(s[2], r.nmse_model)
+        s[3] = max(s[3], r.emu_units)
         if not r.ok:
             fails.append(dict(case=c, why=r.why, bitwise=r.bitwise))
             print(f"FAIL {json.dumps(c)}: {r.why}", flush=True)
-    for key, (n, eq, worst) in sorted(stats.items()):
-        print(f"{key:22} cases {n:5}  bitwise-equal {eq:5}  worst nmse vs model {worst:.3g}")
+    for key, (n, eq, worst, units) in sorted(stats.items()):
+        print(f"{key:22} cases {n:5}  bitwise-equal {eq:5}  worst nmse vs model {worst:.3g}  "
+              f"max emu units {units:.3g}")
+    from fuzz import ggml_targets as T
+
+    print(T.coverage_table(COVERAGE))
     print(f"{args.n} cases, {len(fails)} failed, {time.time() - t0:.1f} s")
     if args.out and fails:
         pathlib.Path(args.out).write_text("".join(json.dumps(f) + "\n" for f in fails))

@@ -33,6 +33,13 @@ SIMD build, from ``library_info()``), ``n_threads``, ``op`` (the trace op) and `
 ``prepare(k, v)`` (the storage it gives k and v, for a golden over the stored values). ALiBi scales the
 mask, so ``max_bias`` without a mask changes nothing and reaches ggml as 0 (which asserts otherwise).
 
+Fuzz cases: a target carries its own case menu (``case_strategy()``: :func:`draw_case` over
+:data:`SHAPES`: block formats, the split-KV path (n_kv >= 512), the tiled path (n_q >= 64), head sizes with
+SIMD leftovers, GQA up to 32, sinks / softcap / ALiBi, threads 1-4 unless ``--threads N > 1`` fixes them) and
+``case_arrays(case)`` (the unpadded call), which ``python -m fuzz --target`` uses instead of its padded
+float programs; ``coverage`` counts its calls per (op, ggml path, K/V types, threads) and
+``coverage_table()`` prints them (the campaign does, at the end).
+
 ``python -m fuzz --target ggml|ggml-unfused|ggml-mixed --threads N`` calls ``make_target(name, N)``; the
 module-level ``ggml``, ``ggml_unfused``, ``ggml_mixed`` (n_threads 1, made on first use, attributes
 included) serve ``--target fuzz.ggml_targets:NAME``, and ``buggy_q_f16`` is a deliberately buggy one.
@@ -40,12 +47,14 @@ included) serve ``--target fuzz.ggml_targets:NAME``, and ``buggy_q_f16`` is a de
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import numpy as np
 
-__all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "UNSUPPORTED", "isa", "make_target", "make_model", "prepare",
-           "ggml", "ggml_unfused", "ggml_mixed", "buggy_q_f16"]
+__all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "UNSUPPORTED", "SHAPES", "isa", "make_target", "make_model",
+           "prepare", "draw_case", "case_strategy", "case_arrays", "coverage_key", "coverage_table", "ggml",
+           "ggml_unfused", "ggml_mixed", "buggy_q_f16"]
 
 DECLARED_PRECISION = "ggml-cpu"
 #: target name -> trace op
@@ -168,15 +177,17 @@ def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_
 
     if name not in OPS:
         raise ValueError(f"name: unknown ggml target {name!r}; known: {', '.join(TARGETS)}")
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or not 1 <= n_threads <= 512:
-        raise ValueError(f"n_threads: expected an int in [1, 512], got {n_threads!r}")
-    n_threads = int(n_threads)
+    n_threads = _threads(n_threads)
     _fmt_name(k_format, "k_format"), _fmt_name(v_format, "v_format")  # bad names fail here, not per call
 
-    def fn(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
+    info = G.library_info()
+
+    def fn(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
+        nt = fn.n_threads if n_threads is None else _threads(n_threads)
         st = prepare(name, k, v, k_format=k_format, v_format=v_format, hot=hot)
         q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
-        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=n_threads)
+        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=nt)
+        fn.coverage[coverage_key(name, q.shape, st, info["isa"], info["version"], nt)] += 1
         if name == "ggml":
             return G.flash_attn_ext(q, st["k"], st["v"], k_format=_gfmt(st["k"]), v_format=_gfmt(st["v"]),
                                     softcap=float(softcap), sinks=sinks, **kw)
@@ -192,34 +203,201 @@ def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_
     fn.unsupported = UNSUPPORTED[name]
     fn.prepare = functools.partial(prepare, name, k_format=k_format, v_format=v_format, hot=hot)
     fn.isa = isa()
-    fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot)
+    fn.version = info["version"]
+    fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot,
+                          version=fn.version)
+    fn.coverage = collections.Counter()
+    fn.coverage_table = functools.partial(coverage_table, fn.coverage)
+    fn.case_strategy = functools.partial(case_strategy, name, unsupported=fn.unsupported,
+                                         threads=None if n_threads == 1 else n_threads)
+    fn.case_arrays = functools.partial(case_arrays, name)
     return fn
 
 
-def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, hot=DEFAULT_HOT):
+def _threads(n):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 512:
+        raise ValueError(f"n_threads: expected an int in [1, 512], got {n!r}")
+    return int(n)
+
+
+def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, hot=DEFAULT_HOT, version=None):
     """The jaxkv.ggml_cpu emulation of :func:`make_target`'s kernel (same signature, same storage
-    conversion, same n_threads; ``isa`` the build modelled) -> float32 numpy [B, n_q, H, Dv]."""
+    conversion, same n_threads; ``isa`` / ``version`` the build modelled, version None = the model's
+    default) -> float32 numpy [B, n_q, H, Dv]. ``n_threads=`` on a call overrides the default."""
     from jaxkv import ggml_cpu as M
 
     if name not in OPS:
         raise ValueError(f"name: unknown ggml target {name!r}; known: {', '.join(TARGETS)}")
 
-    def model(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
+    def model(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
+        nt = _threads(n_threads) if n_threads is not None else n_default
         st = prepare(name, k, v, k_format=k_format, v_format=v_format, hot=hot)
         q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
-        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=int(n_threads), isa=isa)
+        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=nt, isa=isa)
         if name == "ggml":
-            out = M.flash_attn_ext(q, st["k"], st["v"], softcap=float(softcap), sinks=sinks, **kw)
+            out = M.flash_attn_ext(q, st["k"], st["v"], softcap=float(softcap), sinks=sinks, version=version, **kw)
         elif name == "ggml-unfused":
             _check_unfused(softcap, sinks, st)
             out = M.soft_max_attn(q, st["k"], st["v"], **kw)
         else:
             out = M.mixed_flash_attn(q, st["k_cold"], st["v_cold"], st["k_hot"], st["v_hot"],
-                                     softcap=float(softcap), sinks=sinks, **kw)
+                                     softcap=float(softcap), sinks=sinks, version=version, **kw)
         return np.asarray(out, np.float32)
+
+    n_default = _threads(n_threads)
 
     model.__name__ = model.__qualname__ = name.replace("-", "_") + "_model"
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cases of ``python -m fuzz --target ggml|ggml-unfused|ggml-mixed`` and their path coverage
+
+#: shape menu: name -> ((B, n_q, H, Hkv, Dk, Dv, n_kv), weight). Each shape is one compiled model program
+#: per (types, flags), so the menu is short; which ggml path a case takes follows from shape and types
+#: (per-row loop; split-KV: n_q = B = 1, same-type F16/F32, n_kv >= 512; tiled: n_q >= 64, same-type
+#: F16/F32). Head sizes leave SIMD leftovers (40, 60, 80, 96, 112 against 16/32/64-wide steps), GQA up to 32.
+SHAPES = {
+    "row": ((2, 3, 4, 2, 64, 64, 96), 3),
+    "gqa32_decode": ((1, 1, 32, 1, 128, 128, 72), 1),
+    "gqa8_d80": ((1, 2, 16, 2, 80, 80, 48), 1),
+    "d40": ((2, 2, 4, 4, 40, 40, 40), 1),
+    "d60": ((1, 3, 4, 2, 60, 60, 33), 1),
+    "d96_112": ((1, 2, 4, 2, 96, 112, 50), 1),
+    "d256": ((1, 1, 4, 1, 256, 256, 64), 1),
+    "d576_512": ((1, 1, 2, 1, 576, 512, 40), 1),
+    "split": ((1, 1, 4, 2, 64, 64, 600), 2),
+    "split_d80": ((1, 1, 8, 1, 80, 80, 530), 1),
+    "tiled": ((1, 64, 4, 2, 64, 64, 100), 2),
+    "tiled_d40_gqa4": ((1, 96, 4, 1, 40, 40, 70), 1),
+    "tiled_d112": ((2, 70, 2, 2, 112, 112, 130), 1),
+}
+FLOATS = ("f16", "f32")
+BLOCKS = tuple(b.lower() for b in _BLOCK)
+CASE_MASKS = ("none", "causal", "window", "random", "fullrow")
+_DISTS = ("normal", "outlier", "uniform", "big")
+
+
+def _fast_path_shape(shape) -> bool:
+    B, n_q, *_, n_kv = SHAPES[shape][0]
+    return n_q >= 64 or (B == 1 and n_q == 1 and n_kv >= 512)
+
+
+def draw_case(name, draw, *, unsupported=(), threads=None) -> dict:
+    """One live-ggml fuzz case for target ``name``: ``draw(spec)`` picks from a sequence, ``("int", lo,
+    hi)`` an int, ``("float", lo, hi)`` a float, ``("p", x)`` True with probability x (so hypothesis and
+    numpy generators share it). Keys: shape and its sizes (heads [H, Hkv], B, n_q, Dk, Dv, n_kv; bucket =
+    n_kv), k_fmt / v_fmt (ggml type names, lower case), mask kind and parameter, mask_heads, softcap,
+    max_bias, sinks (bool), threads (1..4 unless fixed), scale, dist, seed."""
+    shapes = [s for s in SHAPES if name != "ggml-mixed" or all(d % 32 == 0 for d in SHAPES[s][0][4:6])]
+    shape = draw(tuple(s for s in shapes for _ in range(SHAPES[s][1])))
+    B, n_q, H, Hkv, Dk, Dv, n_kv = SHAPES[shape][0]
+    kb, vb = Dk % 32 == 0, Dv % 32 == 0   # block types need whole 32-element blocks
+    if name == "ggml-mixed":
+        kf, vf = draw(BLOCKS), draw(BLOCKS)
+    elif name == "ggml-unfused":
+        kf = draw(FLOATS + BLOCKS) if kb else draw(FLOATS)
+        vf = draw(FLOATS)
+    elif _fast_path_shape(shape) and draw(("p", 0.75)):
+        kf = vf = draw(FLOATS)            # the split-KV / tiled path's types
+    else:
+        kf = draw(FLOATS + BLOCKS) if kb else draw(FLOATS)
+        vf = kf if (kf in FLOATS or vb) and draw(("p", 0.5)) else (draw(FLOATS + BLOCKS) if vb else draw(FLOATS))
+    mask = draw(CASE_MASKS)
+    return dict(
+        shape=shape, heads=[H, Hkv], B=B, n_q=n_q, Dk=Dk, Dv=Dv, n_kv=n_kv, bucket=n_kv, k_fmt=kf, v_fmt=vf,
+        mask=mask, mask_param=draw(("int", 1, 48)), mask_heads=bool(draw(("p", 0.3))),
+        softcap=(float(np.float32(draw(("float", 1.0, 50.0))))
+                 if "softcap" not in unsupported and draw(("p", 0.25)) else 0.0),
+        max_bias=float(np.float32(draw(("float", 0.5, 12.0)))) if mask != "none" and draw(("p", 0.25)) else 0.0,
+        sinks="sinks" not in unsupported and bool(draw(("p", 0.3))),
+        threads=int(threads) if threads else draw(("int", 1, 4)),
+        scale=float(np.float32(draw(("float", 0.02, 0.5)))), dist=draw(_DISTS), seed=draw(("int", 0, 2**31 - 1)),
+    )
+
+
+def case_strategy(name, *, unsupported=(), threads=None):
+    """A hypothesis strategy of :func:`draw_case` cases (``threads`` None: drawn in 1..4)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def case(d):
+        def draw(spec):
+            if isinstance(spec, tuple) and spec and spec[0] == "int":
+                return d(st.integers(spec[1], spec[2]))
+            if isinstance(spec, tuple) and spec and spec[0] == "float":
+                return d(st.floats(spec[1], spec[2]))
+            if isinstance(spec, tuple) and spec and spec[0] == "p":
+                return d(st.floats(0.0, 1.0)) < spec[1]
+            return d(st.sampled_from(spec))
+        return draw_case(name, draw, unsupported=unsupported, threads=threads)
+    return case()
+
+
+def case_arrays(name, c) -> dict:
+    """The call of case ``c`` (no padding): dict(q float32 [B, n_q, H, Dk], k / v in their storage
+    (float16 for f16, float32 for f32, QuantArray for a block type, stored by ggml's quantize_chunk),
+    mask [1|B, 1|H, n_q, n_kv] or None, sinks [H] or None, scale, softcap, max_bias, n_threads)."""
+    from fuzz import ggml_campaign as GC
+
+    H, Hkv = c["heads"]
+    B, n_q, Dk, Dv, n = c["B"], c["n_q"], c["Dk"], c["Dv"], c["n_kv"]
+    rng = np.random.default_rng(int(c["seed"]))
+    q = GC._values(rng, (B, n_q, H, Dk), c["dist"])
+    k = GC._values(rng, (B, n, Hkv, Dk), c["dist"])
+    v = GC._values(rng, (B, n, Hkv, Dv), "normal")
+    hm = c.get("mask_heads", False)
+    mask = GC._mask(rng, c["mask"], int(c["mask_param"]), B if hm else 1, H if hm else 1, n_q, n)
+    sinks = (rng.standard_normal(H) * 2).astype(np.float32) if c["sinks"] else None
+    return dict(q=q, k=_store(k, c["k_fmt"].upper(), "k"), v=_store(v, c["v_fmt"].upper(), "v"), mask=mask,
+                sinks=sinks, scale=np.float32(c["scale"]), softcap=np.float32(c["softcap"]),
+                max_bias=np.float32(c["max_bias"]), n_threads=int(c["threads"]))
+
+
+def _tname(x) -> str:
+    if _is_quant(x):
+        from jaxkv import formats as F
+
+        return F.get_format(x.fmt).name.lower()
+    return "f16" if np.asarray(x).dtype == np.float16 else "f32"
+
+
+def coverage_key(name, q_shape, st, isa_name, version, n_threads) -> tuple:
+    """(op, ggml path, K type, V type, n_threads) of one call of target ``name`` on the storage ``st``
+    (:func:`prepare`): the path by jaxkv.ggml_cpu.path's rule ("unfused" for ggml-unfused; the mixed
+    cache's concatenated F16 K/V decide its path, its types are named "cold+f16")."""
+    from jaxkv import ggml_cpu as M
+
+    B, n_q = int(q_shape[0]), int(q_shape[1])
+    if name == "ggml-unfused":
+        return OPS[name], "unfused", _tname(st["k"]), _tname(st["v"]), n_threads
+    if name == "ggml-mixed":
+        n_kv = int(st["k_cold"].shape[1]) + int(st["k_hot"].shape[1])
+        dv = int(st["v_hot"].shape[-1])
+        path = M.path(n_q, B, "f16", "f16", n_kv, dv, isa_name, version)
+        return OPS[name], path, _tname(st["k_cold"]) + "+f16", _tname(st["v_cold"]) + "+f16", n_threads
+    kt, vt = _tname(st["k"]), _tname(st["v"])
+    n_kv, dv = int(st["k"].shape[1]), int(st["v"].shape[-1])
+    return OPS[name], M.path(n_q, B, kt, vt, n_kv, dv, isa_name, version), kt, vt, n_threads
+
+
+def coverage_table(counter) -> str:
+    """The path-coverage table of a campaign: calls per (op, ggml path, K type / V type), with the thread
+    counts seen, as text (one row per combination; a header and a total)."""
+    rows = collections.defaultdict(lambda: [0, set()])
+    for (op, path, kt, vt, nt), n in counter.items():
+        r = rows[(op, path, f"{kt}/{vt}")]
+        r[0] += n
+        r[1].add(nt)
+    lines = ["path coverage (live ggml calls):", f"  {'op':18} {'path':9} {'K/V types':22} {'calls':>6}  threads"]
+    for (op, path, kv), (n, nts) in sorted(rows.items()):
+        lines.append(f"  {op:18} {path:9} {kv:22} {n:6}  {','.join(map(str, sorted(nts)))}")
+    paths = collections.Counter()
+    for (op, path, *_), n in counter.items():
+        paths[path] += n
+    lines.append("  total: " + ", ".join(f"{p} {n}" for p, n in sorted(paths.items()))
+                 + f" ({sum(paths.values())} calls)")
+    return "\n".join(lines)
 
 
 class _Lazy:
@@ -236,8 +414,9 @@ class _Lazy:
         t = make_target(self._name, 1)
         return self._wrap(t) if self._wrap else t
 
-    def __call__(self, q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None):
-        return self._target(q, k, v, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias, sinks=sinks)
+    def __call__(self, q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
+        return self._target(q, k, v, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias, sinks=sinks,
+                            n_threads=n_threads)
 
     def __getattr__(self, attr):
         if attr.startswith("__") or attr == "_target":
@@ -251,12 +430,14 @@ def _lazy(name):
 
 def _q_f16(t):
     """The live ggml target fed a query rounded to F16, claiming the honest ggml-cpu model. ggml's CPU
-    path converts the query to K's dot type itself (F16 for F16 K, so there the rounding changes
-    nothing) but keeps it F32 for F32 K: with F32 K this is a bug the campaign must find."""
+    per-row and split-KV paths convert the query to K's dot type themselves (F16 for F16 K, so there the
+    rounding changes nothing) but keep it F32 for F32 K, and the tiled path (n_q >= 64) never rounds it:
+    there this is a bug the campaign must find."""
     def fn(q, k, v, **kw):
         return t(np.asarray(q, np.float32).astype(np.float16).astype(np.float32), k, v, **kw)
 
-    for a in ("name", "op", "n_threads", "declared_precision", "unsupported", "prepare", "isa", "model"):
+    for a in ("name", "op", "n_threads", "declared_precision", "unsupported", "prepare", "isa", "model", "version",
+              "coverage", "coverage_table", "case_strategy", "case_arrays"):
         setattr(fn, a, getattr(t, a))
     return fn
 

@@ -583,8 +583,11 @@ def _target_key(c):
 
 
 def _target_call_kw(a, has_sinks):
-    return dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"],
-                sinks=a["sinks"] if has_sinks else None)
+    kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"],
+              sinks=a["sinks"] if has_sinks else None)
+    if "n_threads" in a:  # a ggml target's own case (fuzz.ggml_targets.case_arrays) draws its threads
+        kw["n_threads"] = a["n_threads"]
+    return kw
 
 
 def declares_ggml_cpu(fn) -> bool:
@@ -654,8 +657,9 @@ class _TargetRunner:
         groups = {}
         for i, c in enumerate(cases):
             groups.setdefault(_target_key(c), []).append(i)
+        own = getattr(self.fn, "case_arrays", None)  # a ggml target's own unpadded cases
         for key, idx in groups.items():
-            args = [(C.pad_attention(cases[i]),) for i in idx]
+            args = [(own(cases[i]) if own else C.pad_attention(cases[i]),) for i in idx]
             if declares_ggml_cpu(self.fn):
                 for i, (a,) in zip(idx, args):
                     yield i, self._ggml_cpu(cases[i], a)
@@ -738,6 +742,8 @@ def _target_eval(cases, ctx):
 def _target_strategy(ctx):
     """Attention cases for the --target kernel, without the operands it declares unsupported
     (``unsupported``: e.g. ggml-unfused's ('softcap', 'sinks'))."""
+    if callable(getattr(ctx.target, "case_strategy", None)):  # fuzz.ggml_targets: its own wide cases
+        return ctx.target.case_strategy()
     no = set(getattr(ctx.target, "unsupported", ()) or ())
     return S.attention_case(softcap="softcap" not in no, sinks="sinks" not in no, alibi="alibi" not in no)
 
@@ -761,7 +767,8 @@ def _need(mod):
 
 
 def _target_call(c, ctx):
-    a = C.pad_attention(c)
+    own = getattr(ctx.target, "case_arrays", None)
+    a = own(c) if callable(own) else C.pad_attention(c)
     if not c["sinks"]:
         a = dict(a, sinks=None)
     return a

@@ -5,6 +5,7 @@ the rest in a ggml block format), and which channels hurt.
         [--v-format F,..] [--hot-window 0,32,128,512] [--kv-len 512,4096] [--head-dim 64,128]
         [--dist normal,outliers] [--samples 64] [--seed 0] [--out out/sensitivity] [--plot/--no-plot]
         [--devices N] [--resume]
+    python -m fuzz sensitivity --from-traces DIR ...   the real K/V of a captured run (fuzz.sensitivity_traces)
 
 Formats: with neither --k-format nor --v-format, K and V both use each of --formats; otherwise the
 configurations are k-formats x v-formats (a missing side comes from --formats; ``f16`` = unquantized).
@@ -197,6 +198,9 @@ def _read_jsonl(path: pathlib.Path, configs: dict | None = None) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments)."""
+    if any(a == "--from-traces" or a.startswith("--from-traces=") for a in argv):  # a captured run
+        from fuzz import sensitivity_traces
+        return sensitivity_traces.main(argv)
     try:
         args = _parser().parse_args(argv)
         samples = _ints(args.samples, "--samples")

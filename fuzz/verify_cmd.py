@@ -3,7 +3,11 @@
 Verifies every trace (trace v1 files, and every step of a foreign multi-step dump) against the reference
 under the declared precision model with a per-trace derived tolerance (docs/tolerance.md), and diagnoses
 failures. Exit status: 0 all pass; 1 at least one mismatch; 2 at least one trace could not be read or
-verified (each reported on one line; the others are still verified). 2 wins over 1.
+verified, or a directory holds no trace ("no traces found under DIR"; each reported on one line, the
+others are still verified); 3 at least one trace is undecided (its reference is undefined, e.g. a NaN
+input, or its budget would pass an all-zero output: ``jaxkv.verify``, docs/tolerance.md). Precedence:
+2, then 1, then 3. A trace the declared model does not cover (``jaxkv.ggml_cpu.Unmodelled``) is judged
+under the documented fallback budget, which its line names; it never exits 2.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 
 from jaxkv.textsafe import escape
 
-__all__ = ["main", "parse_names", "expand_paths"]
+__all__ = ["main", "parse_names", "expand_paths", "exit_status"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +29,10 @@ class _Parser(argparse.ArgumentParser):
 
 class _UsageError(Exception):
     pass
+
+
+class _NoTraces(Exception):
+    """A directory argument that holds no ``*.gguf`` file."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,17 +75,20 @@ def parse_names(spec: str | None) -> dict | None:
     return out
 
 
+def _is_dir(p) -> bool:
+    try:
+        return pathlib.Path(p).is_dir()
+    except OSError:  # a name too long for the file system: reported by the loader as unreadable
+        return False
+
+
 def expand_paths(paths) -> list[pathlib.Path]:
     """Files as given; directories -> their ``*.gguf`` files (recursive, sorted). A missing path is
     kept (it is reported as unreadable)."""
     out = []
     for s in paths:
         p = pathlib.Path(s)
-        try:
-            is_dir = p.is_dir()
-        except OSError:  # a name too long, a symlink loop: reported by the loader as unreadable
-            is_dir = False
-        if is_dir:
+        if _is_dir(p):
             out.extend(sorted(x for x in p.rglob("*.gguf") if x.is_file()))
         else:
             out.append(p)
@@ -119,15 +130,27 @@ def main(argv: list[str]) -> int:
 
         warnings.simplefilter("ignore", RuntimeWarning)
     timings = vf.Timings()
-    worst = 0
-    for path in expand_paths(args.paths):
-        try:
-            with timings.loading():
-                items = _load(path, names, args.max_elements)
-        except Exception as e:  # unreadable: one line, go on
-            items = [(str(path), e)]
+    seen = set()
+    done = []  # (name, trace or None, verdict): the whole-run table of captured runs (jaxkv.report)
+    paths = []
+    for s in args.paths:
+        found = expand_paths([s])
+        if _is_dir(s) and not found:
+            found = [(s, _NoTraces(f"no traces found under {s}"))]
+        paths.extend(found)
+    for path in paths:
+        if isinstance(path, tuple):
+            items = [path]
+        else:
+            try:
+                with timings.loading():
+                    items = _load(path, names, args.max_elements)
+            except Exception as e:  # unreadable: one line, go on
+                items = [(str(path), e)]
         for name, t in items:
-            if isinstance(t, BaseException):
+            if isinstance(t, _NoTraces):
+                verdict = vf.Verdict(name, "error", error=str(t))
+            elif isinstance(t, BaseException):
                 verdict = vf.Verdict(name, "error", error=_one_line(t))
             else:
                 try:
@@ -135,17 +158,32 @@ def main(argv: list[str]) -> int:
                         verdict = vf.verify_trace(t, args.precision, name=name)
                 except Exception as e:
                     verdict = vf.Verdict(name, "error", error=_one_line(e))
-            code = {"pass": 0, "fail": 1, "error": 2}[verdict.status]
-            worst = max(worst, code)
+            done.append((name, None if isinstance(t, BaseException) else t, verdict))
+            seen.add(verdict.status)
             if args.json:
                 print(json.dumps(verdict.to_json()), flush=True)
             else:
                 print(escape(verdict.line(), 2000), flush=True)
-                if verdict.status == "fail":
+                if verdict.status in ("fail", "undecided"):
                     print("\n".join(escape(x, 2000) for x in verdict.details().splitlines()), flush=True)
+    from jaxkv import report
+    rows = [r for r in (report.row(n, t, v) for n, t, v in done) if r.layer is not None]
+    if rows:
+        print(report.render(rows), file=sys.stderr if args.json else sys.stdout)
     if args.timings:
         print(timings.line(), file=sys.stderr if args.json else sys.stdout)
-    return worst
+    return exit_status(seen)
+
+
+def exit_status(statuses) -> int:
+    """The command's exit status for the set of verdict statuses seen: error 2, else fail 1, else
+    undecided 3, else 0 (``jaxkv.verify.EXIT_CODES``)."""
+    from jaxkv.verify import EXIT_CODES
+
+    for s in ("error", "fail", "undecided"):
+        if s in statuses:
+            return EXIT_CODES[s]
+    return 0
 
 
 if __name__ == "__main__":

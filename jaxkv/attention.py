@@ -23,8 +23,20 @@ Semantics (those of ggml's ``ggml_flash_attn_ext``), for query row ``i``, head `
 
 with ``M`` the maximum over the live logits and the sink (the sink term only when sinks are given; a
 sink joins the max and the denominator but has no value row). A row with no live key and no sink
-returns zeros, never NaN. A key that is masked for every query row and head of a batch row is skipped
-like ggml skips it: its K/V values are never read (they may be NaN/inf, e.g. unused cache slots).
+returns zeros (no NaN is formed from a mask).
+
+NaN semantics (ggml's, the same in ``jaxkv.precision`` and the float64 golden ``jaxkv.mutations.golden``):
+a NaN that reaches a row's arithmetic propagates to that row, never to zeros. A NaN in q row ``i``, in
+a live key's K entry, in a live mask entry ``mask[., h, i, j]`` or in ``sinks[h]`` makes the logit (or
+the maximum) NaN, hence the whole output row NaN, as ggml's online softmax does (``s > M`` is false for
+a NaN ``s``, then ``vs = expf(NaN)`` enters ``S`` and the accumulator). A NaN in a live key's V entry
+makes that output element NaN (here in every row of the batch row and KV head group, through
+``0 * NaN``, where ggml skips the key in the rows that mask it). ``scale`` or ``softcap`` NaN/inf is
+undefined: every output is NaN. ``jaxkv.verify`` does not judge an output whose reference holds such
+NaN: it gives the verdict "undecided" and names the input (docs/tolerance.md).
+
+A key that is masked for every query row and head of a batch row is skipped like ggml skips it: its K/V
+values are never read (they may be NaN/inf, e.g. unused cache slots).
 
 Precision policies: ``"f64"`` casts every input to float64 (the golden reference); ``"f32"`` computes
 in float32 (matmuls at HIGHEST precision); ``"ggml-cpu"`` (``attention`` only) dispatches to
@@ -118,7 +130,8 @@ def merge(a: State, b: State) -> State:
 
 def finalize(state: State, sinks=None):
     """Output ``acc / l`` [..., Dv] of a state; ``sinks`` [H] (last axis of ``m``) join the max and the
-    denominator with no value row. Rows with ``l == 0`` (no live key, no sink) give zeros."""
+    denominator with no value row. Rows with ``l == 0`` (no live key, no sink) give zeros; a NaN
+    ``m``/``l``/``acc`` (a NaN input) gives NaN."""
     if sinks is not None:
         sinks = jnp.asarray(sinks).astype(state.l.dtype)
         if sinks.ndim != 1 or sinks.shape[0] != state.m.shape[-1]:
@@ -126,9 +139,9 @@ def finalize(state: State, sinks=None):
         sm = jnp.broadcast_to(sinks, state.m.shape)
         sink_state = State(m=sm, l=jnp.ones_like(state.l), acc=jnp.zeros_like(state.acc))
         state = merge(state, sink_state)
-    live = state.l > 0
-    l_safe = jnp.where(live, state.l, jnp.ones_like(state.l))
-    return jnp.where(live[..., None], state.acc / l_safe[..., None], jnp.zeros_like(state.acc))
+    empty = state.l == 0  # no live key, no sink; a NaN l (NaN input) propagates
+    l_safe = jnp.where(empty, jnp.ones_like(state.l), state.l)
+    return jnp.where(empty[..., None], jnp.zeros_like(state.acc), state.acc / l_safe[..., None])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,6 +291,12 @@ def _slopes_arg(n_head, max_bias, mask):
     return alibi_slopes(n_head, max_bias)
 
 
+def _undefined_params(out, scale, softcap):
+    """out with every element NaN when ``scale`` or ``softcap`` is NaN/inf (undefined, module docstring)."""
+    ok = jnp.isfinite(jnp.asarray(scale, out.dtype)) & jnp.isfinite(jnp.asarray(softcap, out.dtype))
+    return jnp.where(ok, out, jnp.full_like(out, jnp.nan))
+
+
 # ----------------------------------------------------------------------------------------------------
 # the standard reference
 
@@ -314,11 +333,11 @@ def _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
     if sinks is not None:
         den = den + jnp.exp(sk - m_safe)
     num = jnp.einsum("bqhgc,bchd->bqhgd", p, vc, precision=_HI)
-    live = den > 0
-    den_safe = jnp.where(live, den, jnp.ones_like(den))
-    out = jnp.where(live[..., None], num / den_safe[..., None], jnp.zeros_like(num))
+    empty = den == 0  # no live key, no sink; a NaN den (NaN input) propagates
+    den_safe = jnp.where(empty, jnp.ones_like(den), den)
+    out = jnp.where(empty[..., None], jnp.zeros_like(num), num / den_safe[..., None])
     B, n_q = q.shape[:2]
-    return out.reshape(B, n_q, hkv * g, out.shape[-1])
+    return _undefined_params(out.reshape(B, n_q, hkv * g, out.shape[-1]), scale, softcap)
 
 
 def attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, precision="f32",
@@ -373,8 +392,7 @@ def _online_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
     init = (jnp.full(lead, -jnp.inf, dt), jnp.zeros(lead, dt), jnp.zeros(lead + (dv,), dt))
     (M, S, acc), _ = lax.scan(step, init, (s_t, v_t))
     st = State(m=M, l=S, acc=acc)
-    out = finalize(_ungroup_state(st), sinks)
-    return out
+    return _undefined_params(finalize(_ungroup_state(st), sinks), scale, softcap)
 
 
 def online_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None,
@@ -590,7 +608,7 @@ def _prep_split(q, k, mask, slopes, precision):
 def _flash_core(q, k, v, scale, mask, softcap, slopes, sinks, *, chunk, precision):
     qg, bias, slopes_g = _prep_split(q, k, mask, slopes, precision)
     st = _split_k_state(qg, k, v, scale, softcap, bias, slopes_g, None, chunk)
-    return finalize(_ungroup_state(st), sinks)
+    return _undefined_params(finalize(_ungroup_state(st), sinks), scale, softcap)
 
 
 def _check_chunk(chunk):

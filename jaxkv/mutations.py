@@ -134,7 +134,8 @@ def weighted_values(case: Case, p: np.ndarray) -> np.ndarray:
 
 
 def golden(case: Case, *, softcap_twice: bool = False, unrescaled=None) -> np.ndarray:
-    """float64 attention of ``case`` -> out [B, n_q, H, Dv]. Hooks (bugs): ``softcap_twice`` applies
+    """float64 attention of ``case`` -> out [B, n_q, H, Dv], with ``jaxkv.attention``'s NaN semantics
+    (a NaN input reaching a row makes it NaN, never zeros). Hooks (bugs): ``softcap_twice`` applies
     the soft cap a second time; ``unrescaled=(bounds, i)`` computes the KV chunks ``bounds`` (list of
     (start, stop)) as partial states and merges chunk ``i`` without its ``exp(m_i - M)`` factor."""
     B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
@@ -161,8 +162,10 @@ def golden(case: Case, *, softcap_twice: bool = False, unrescaled=None) -> np.nd
     if case.sinks is not None:
         L = L + np.exp(sk - Ms)
     A = weighted_values(case, p)
-    with np.errstate(all="ignore"):
-        out = np.where(L[..., None] > 0, A / np.where(L > 0, L, 1.0)[..., None], 0.0)
+    with np.errstate(all="ignore"):  # L == 0: no live key, no sink -> 0; a NaN L propagates
+        out = np.where(L[..., None] == 0, 0.0, A / np.where(L == 0, 1.0, L)[..., None])
+    if not (math.isfinite(case.scale) and math.isfinite(case.softcap)):
+        out = np.full_like(out, np.nan)  # undefined (jaxkv.attention's NaN semantics)
     return np.transpose(out, (0, 2, 1, 3))
 
 

@@ -15,7 +15,11 @@ Model (each step is a rounding an F16 kernel is entitled to make):
    first (two passes, not ggml's online rescaling), weights ``exp(s - M)`` in float32, their sum in
    float32 (sinks join the maximum and the sum);
 4. the V accumulator is F16: ``acc = f16(acc + p_j * v_j)`` key after key (sequential), then
-   ``out = f32(acc) / S``.
+   ``out = f32(acc) / S`` (``acc="f32"``: an F32 accumulator instead, the ``verify`` fallback for
+   kernels that accumulate F32 V in F32).
+
+NaN semantics: those of ``jaxkv.attention`` (a NaN input reaching a row makes that row NaN, never
+zeros; ``scale``/``softcap`` NaN or inf gives all NaN; a row with no live key and no sink gives zeros).
 
 Its error against the float64 golden reference is the yardstick of ``jaxkv.verify`` for
 ``--precision f16``.
@@ -60,10 +64,10 @@ def round_to_dot_type(x, dot_type: str):
 
 # each trace has its own shapes, so this is compiled once per trace and run once: XLA's optimizing
 # passes cost more than they save here (compile ~2x faster, the run stays in milliseconds)
-@partial(jax.jit, static_argnames=("dot_type", "kv_f16"),
+@partial(jax.jit, static_argnames=("dot_type", "kv_f16", "acc_f16"),
          compiler_options={"xla_backend_optimization_level": 0,
                            "xla_llvm_disable_expensive_passes": True})
-def _f16_core(q, k, v, scale, mask, softcap, slopes, sinks, *, dot_type, kv_f16):
+def _f16_core(q, k, v, scale, mask, softcap, slopes, sinks, *, dot_type, kv_f16, acc_f16):
     f32 = jnp.float32
     B, n_q, H, Dk = q.shape
     hkv, dv = k.shape[2], v.shape[3]
@@ -100,19 +104,24 @@ def _f16_core(q, k, v, scale, mask, softcap, slopes, sinks, *, dot_type, kv_f16)
     def step(acc, xs):
         pj, vj = xs  # [B, n_q, hkv, g], [B, hkv, dv]
         new = acc.astype(f32) + pj[..., None] * vj[:, None, :, None, :]
-        return new.astype(jnp.float16), None
+        return new.astype(acc.dtype), None
 
-    acc0 = jnp.zeros((B, n_q, hkv, g, dv), jnp.float16)
+    acc0 = jnp.zeros((B, n_q, hkv, g, dv), jnp.float16 if acc_f16 else f32)
     acc, _ = lax.scan(step, acc0, (jnp.moveaxis(p, -1, 0), jnp.moveaxis(v, 1, 0)))
-    live = den > 0
-    out = jnp.where(live[..., None], acc.astype(f32) / jnp.where(live, den, 1)[..., None], 0)
+    empty = den == 0  # no live key, no sink: zeros; a NaN den (NaN input) propagates
+    out = jnp.where(empty[..., None], 0, acc.astype(f32) / jnp.where(empty, 1, den)[..., None])
+    ok = jnp.isfinite(jnp.asarray(scale, f32)) & jnp.isfinite(cap)
+    out = jnp.where(ok, out, jnp.nan)  # scale / softcap NaN or inf: undefined
     return out.reshape(B, n_q, H, dv)
 
 
 def f16_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None,
-                  dot_type="f16", kv_f16=False):
+                  dot_type="f16", kv_f16=False, acc="f16"):
     """The ``f16`` model (module docstring): q [B, n_q, H, Dk], k/v dense float [B, n_kv, Hkv, D],
-    mask [B|1, H|1, n_q, n_kv], sinks [H] -> out [B, n_q, H, Dv] float32."""
+    mask [B|1, H|1, n_q, n_kv], sinks [H] -> out [B, n_q, H, Dv] float32. ``acc``: the V
+    accumulator, ``"f16"`` (the model) or ``"f32"``."""
+    if acc not in ("f16", "f32"):
+        raise ValueError(f"acc: expected 'f16' or 'f32', got {acc!r}")
     from jaxkv.attention import alibi_slopes
 
     q = jnp.asarray(q, jnp.float32)
@@ -126,4 +135,4 @@ def f16_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks
     sk = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     slopes = alibi_slopes(q.shape[2], float(max_bias))
     return _f16_core(q, k, v, float(scale), m, float(softcap), slopes, sk, dot_type=dot_type,
-                     kv_f16=bool(kv_f16))
+                     kv_f16=bool(kv_f16), acc_f16=acc == "f16")

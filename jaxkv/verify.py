@@ -12,6 +12,23 @@ bit-faithful emulation ``jaxkv.ggml_cpu``; ``f16``: the generic model ``jaxkv.pr
 accumulator rounding units of the emulation itself (the sharp check).
 
 On failure, :mod:`jaxkv.diagnose` tests named bug hypotheses and localizes the error.
+
+Statuses (:data:`STATUSES`) and the exit codes of ``python -m fuzz verify`` (:data:`EXIT_CODES`): ``pass``
+0, ``fail`` 1, ``error`` 2 (unreadable input, bad usage), ``undecided`` 3. ``undecided`` is given when
+no verdict can be trusted (docs/tolerance.md, "Undecided, NaN inputs and the fallback budget"):
+
+- the reference is undefined: an input the golden reads holds NaN or inf (``scale``, ``softcap``,
+  ``max_bias``, a q entry, a K/V entry of a key that is live for some row, a mask entry that is NaN or
+  +inf, a NaN or +inf sink) or the golden overflows; the verdict names the input and its first index
+  (:func:`undefined_inputs`);
+- the budget is not below the signal: the verdict would pass the all-zero output (the golden budget
+  allows an error of NMSE 1 and ``max|golden|``, and the sharp check, if any, allows the zero output
+  too): it could then not reject a zero or a sign-flipped output either (:func:`below_signal`).
+
+An output that fails a budget above the signal still fails (it is farther from the golden than the
+budget allows, however loose). When the declared model does not cover the trace (``ggml-cpu`` raising
+``NotImplementedError``, e.g. ``jaxkv.ggml_cpu.Unmodelled`` for ggml's tiled path), the verdict is
+judged under the fallback budget of :func:`fallback_model` and says so (``Verdict.fallback``).
 """
 
 from __future__ import annotations
@@ -27,14 +44,19 @@ import numpy as np
 from jaxkv import mutations
 
 __all__ = [
-    "PRECISIONS", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
-    "Errors", "Budget", "EmuCheck", "Verdict", "Timings",
+    "PRECISIONS", "STATUSES", "EXIT_CODES", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32",
+    "Errors", "Budget", "EmuCheck", "Verdict", "Timings", "UnmodelledIsa",
     "resolve_precision", "trace_isa", "case_from_trace", "errors", "derive_budget", "emu_check",
-    "model_output", "golden_output", "golden_for", "dead_rows", "acc_unit", "verify_trace", "verify_case",
+    "model_output", "fallback_model", "undefined_inputs", "reference_undefined",
+    "below_signal", "golden_output", "golden_for", "dead_rows", "acc_unit", "verify_trace", "verify_case",
     "dense_model_fn",
 ]
 
 PRECISIONS = ("auto", "ggml-cpu", "f16", "f32", "f64")
+STATUSES = ("pass", "fail", "error", "undecided")
+#: exit status of ``python -m fuzz verify`` per verdict; a run exits with the first of error (2), fail
+#: (1), undecided (3) that occurred, else 0
+EXIT_CODES = {"pass": 0, "fail": 1, "error": 2, "undecided": 3}
 #: C: the kernel may be this many times less accurate than the honest model (RMS and max-abs);
 #: PyTorch's SDPA tests use a fudge factor of 3 on the output (FlashAttention's use 2).
 FACTOR = 3.0
@@ -188,7 +210,7 @@ class Budget:
 def derive_budget(golden, model, model_name: str, factor: float = FACTOR) -> Budget:
     """The budget of a trace from its golden output and the honest model's output (both
     [B, n_q, H, Dv]). A model that is not finite where the golden is (it should never be) gives an
-    infinite budget, which ``verify`` reports as an error of the reference, not a pass."""
+    infinite budget, which ``verify`` reports as undecided (not below the signal), never a pass."""
     golden = np.asarray(golden, np.float64)
     me = errors(model, golden)
     gmax = float(np.max(np.abs(golden), initial=0.0, where=np.isfinite(golden)))
@@ -319,18 +341,27 @@ def case_from_trace(trace) -> mutations.Case:
 
 
 def resolve_precision(trace, precision: str = "auto") -> str:
-    """``auto`` -> from ``trace.producer``: ``ggml...`` -> ``ggml-cpu``; ``float64 reference`` ->
-    ``f64``; anything else -> ``f16``. Other values are returned as given (validated)."""
+    """``auto`` -> ``ggml-cpu`` when the metadata carries ggml build facts (``ggml.version`` or
+    ``ggml.isa``: ``record`` and ``capture`` write them) or ``trace.producer`` starts with ``ggml``;
+    ``float64 reference`` -> ``f64``; anything else -> ``f16``. Other values are returned as given
+    (validated)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
+    md = getattr(trace, "metadata", None) or {}
+    if md.get("ggml.version") is not None or md.get("ggml.isa") is not None:
+        return "ggml-cpu"
     prod = str(getattr(trace, "producer", "") or "").strip().lower()
     if prod.startswith("ggml"):
         return "ggml-cpu"
     if prod.startswith("float64 reference"):
         return "f64"
     return "f16"
+
+
+class UnmodelledIsa(ValueError, NotImplementedError):
+    """A trace from a ggml-cpu SIMD build the emulation does not model (:func:`trace_isa`)."""
 
 
 _ISA_WORD = re.compile(r"\b(avx512\w*|avx2|avx|sse\w*|neon|sve\w*|scalar)\b", re.IGNORECASE)
@@ -341,7 +372,8 @@ def trace_isa(trace) -> str:
     ``ggml.isa`` if present (``python -m fuzz record`` writes it), else an ISA word in ``trace.producer``
     (``"ggml 0.20.2 (8c63e70) CPU avx2 n_threads=2"``; ``avx512*`` counts as ``avx512``), else
     ``jaxkv.ggml_cpu.DEFAULT_ISA`` (``avx512``: the shared traces say ``ggml cpu (n_threads=N)``, and
-    came from an AVX-512 build). An ISA the model does not emulate raises ValueError naming the field."""
+    came from an AVX-512 build). An ISA the model does not emulate raises :class:`UnmodelledIsa` (a
+    ValueError naming the field; also a NotImplementedError, so ``verify_trace`` falls back)."""
     from jaxkv import ggml_cpu
 
     md = getattr(trace, "metadata", None) or {}
@@ -355,7 +387,7 @@ def trace_isa(trace) -> str:
     isa = word.lower()
     isa = "avx512" if isa.startswith("avx512") else isa
     if isa not in ggml_cpu.ISAS:
-        raise ValueError(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
+        raise UnmodelledIsa(f"{field}: ggml-cpu build {word!r} is not modelled (the ggml-cpu model emulates "
                          f"{', '.join(ggml_cpu.ISAS)})")
     return isa
 
@@ -428,7 +460,9 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
             out = ggml_cpu.soft_max_attn(trace.q, trace.k, trace.v, **kw)
         else:
             kw.update(softcap=case.softcap, sinks=trace.sinks,
-                      n_threads=config.get("n_threads", case.n_threads))
+                      n_threads=config.get("n_threads", case.n_threads),
+                      version=ggml_cpu.tiled.trace_version(getattr(trace, "metadata", None),
+                                                           getattr(trace, "producer", None)))
             if trace.op == "mixed_flash_attn":
                 out = ggml_cpu.mixed_flash_attn(trace.q, trace.k_cold, trace.v_cold, trace.k_hot,
                                                 trace.v_hot, kv_order=trace.kv_order, **kw)
@@ -438,15 +472,122 @@ def model_output(trace, case: mutations.Case, precision: str, **config) -> np.nd
     raise ValueError(f"precision: expected one of {PRECISIONS[1:]}, got {precision!r}")
 
 
+def fallback_model(trace, case: mutations.Case) -> tuple[np.ndarray, str]:
+    """The fallback when the declared model does not cover a trace (a ggml path ``jaxkv.ggml_cpu``
+    does not emulate): the generic model of :mod:`jaxkv.precision` with the trace's roundings — q
+    rounded to K's dot type (F16 for the mixed cache), the V accumulator of :func:`acc_unit` (F16 for
+    F16 V or the mixed cache, F32 otherwise). -> (out [B, n_q, H, Dv] float64, model name). Its budget
+    holds every kernel that rounds no more than that (ggml's tiled path rounds less: q not rounded,
+    F32 accumulator); it has no sharp check, so it cannot see bugs below the golden budget."""
+    from jaxkv.precision import f16_attention
+
+    mixed = trace.op == "mixed_flash_attn"
+    dot = "f16" if mixed else _dot_type(trace.k)
+    acc = "f16" if _acc_unit(trace) == U16 else "f32"
+    out = f16_attention(case.q, case.k, case.v, scale=case.scale, mask=case.mask, softcap=case.softcap,
+                        max_bias=case.max_bias, sinks=case.sinks, dot_type=dot, kv_f16=mixed, acc=acc)
+    return np.asarray(out, np.float64), f"generic model (q as {dot}, {acc} accumulator)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# undecided: an undefined reference, a budget above the signal
+
+_LAYOUTS = {"q": "b, query, head, dim", "k": "b, key, kv head, dim", "v": "b, key, kv head, dim",
+            "mask": "b, head, query, key", "sinks": "head"}
+
+
+def _live_keys(case: mutations.Case) -> np.ndarray:
+    """bool [B, n_kv, Hkv]: keys that some query row of their batch row and KV head group reads (the
+    mask is not -inf for it in every row); all True without a mask."""
+    B, n_q, H, Hkv, n_kv, Dk, Dv = case.dims
+    if case.mask is None:
+        return np.ones((B, n_kv, Hkv), bool)
+    m = np.asarray(case.mask)
+    read = np.any(m != -np.inf, axis=2)  # [Bm, Hm, n_kv]
+    if read.shape[1] == 1:
+        read = np.broadcast_to(read, (read.shape[0], Hkv, n_kv))
+    else:
+        read = np.any(read.reshape(read.shape[0], Hkv, H // Hkv, n_kv), axis=2)
+    return np.broadcast_to(np.transpose(read, (0, 2, 1)), (B, n_kv, Hkv))
+
+
+def _first_bad(name: str, x: np.ndarray, bad: np.ndarray) -> str | None:
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return None
+    i = tuple(int(a) for a in np.argwhere(bad)[0])
+    return (f"{name}[{', '.join(map(str, i))}] ({_LAYOUTS[name]}) = {float(x[i])}"
+            f"{f' (first of {n})' if n > 1 else ''}")
+
+
+def undefined_inputs(case: mutations.Case) -> tuple[str, ...]:
+    """The inputs of ``case`` that make the reference undefined, one string each naming the tensor,
+    its first offending index (with the layout) and value: ``scale``, ``softcap`` NaN/inf,
+    ``max_bias`` NaN; q NaN/inf; K or V NaN/inf at a key some row reads (:func:`_live_keys`; a key
+    masked in every row is never read); a mask entry NaN or +inf; a sink NaN or +inf. Empty when all
+    are defined."""
+    out = [f"{n} = {x}" for n, x in (("scale", case.scale), ("softcap", case.softcap))
+           if not math.isfinite(x)]
+    if math.isnan(case.max_bias):
+        out.append(f"max_bias = {case.max_bias}")
+    q = np.asarray(case.q)
+    out.append(_first_bad("q", q, ~np.isfinite(q)))
+    live = _live_keys(case)[..., None]
+    for name, x in (("k", np.asarray(case.k)), ("v", np.asarray(case.v))):
+        out.append(_first_bad(name, x, ~np.isfinite(x) & live))
+    for name, x in (("mask", case.mask), ("sinks", case.sinks)):
+        if x is not None:
+            x = np.asarray(x)
+            out.append(_first_bad(name, x, np.isnan(x) | (x == np.inf)))
+    return tuple(x for x in out if x)
+
+
+def reference_undefined(case: mutations.Case, golden=None) -> str | None:
+    """Why the float64 reference of ``case`` is undefined (its output holds NaN or inf), or None.
+    ``golden``: :func:`golden_output` of the case if already computed."""
+    g = golden_output(case) if golden is None else np.asarray(golden, np.float64)
+    bad = ~np.isfinite(g)
+    if not bad.any():
+        return None
+    causes = undefined_inputs(case)
+    if causes:
+        return "reference undefined: non-finite input " + "; ".join(causes)
+    i = tuple(int(a) for a in np.argwhere(bad)[0])
+    return (f"reference undefined: the golden overflows to {g[i]} at out[{', '.join(map(str, i))}] "
+            f"(b, query, head, dim) on finite inputs")
+
+
+def below_signal(budget: Budget, golden, emu=None, emu_unit: float = U32) -> bool:
+    """Whether a verdict can tell a result from nothing: True when it rejects the all-zero output
+    (on the golden's finite elements) — by the golden budget (NMSE 1 > ``budget.nmse`` or
+    ``max|golden|`` > ``budget.max_abs``) or by the sharp check against ``emu`` [B, n_q, H, Dv].
+    A verdict that rejects zero also rejects the sign-flipped output (NMSE 4, max-abs
+    ``2 max|golden|``, twice the emulation distance). True when the golden is zero everywhere (a zero
+    output is then the right answer)."""
+    g = np.asarray(golden, np.float64)
+    fin = np.isfinite(g)
+    if not np.any(g[fin] != 0):
+        return True
+    zero = np.where(fin, 0.0, g)
+    if not budget.allows(errors(zero, g)):
+        return True
+    if emu is not None:
+        e = np.asarray(emu, np.float64)
+        return not emu_check(np.where(np.isfinite(e), 0.0, e), e, emu_unit).ok
+    return False
+
+
 # ----------------------------------------------------------------------------------------------------
 # verdicts
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Outcome for one trace: ``status`` 'pass' | 'fail' | 'error'; ``errors`` vs golden; ``budget``;
-    ``emu`` (ggml-cpu only); ``diagnosis``: tuple of dicts (hypothesis, label, nmse, max_abs);
-    ``localization``: where the error concentrates (failures without an explaining hypothesis)."""
+    """Outcome for one trace: ``status`` one of :data:`STATUSES`; ``errors`` vs golden; ``budget``
+    (``budget.model``: the model it was derived from); ``emu`` (ggml-cpu only); ``diagnosis``: tuple
+    of dicts (hypothesis, label, nmse, max_abs); ``localization``: where the error concentrates
+    (failures without an explaining hypothesis); ``reason``: why ``undecided``; ``fallback``: why the
+    declared model was replaced by :func:`fallback_model` (None when it was not)."""
 
     trace: str
     status: str
@@ -457,6 +598,13 @@ class Verdict:
     diagnosis: tuple = ()
     localization: dict | None = None
     error: str | None = None
+    reason: str | None = None
+    fallback: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """:data:`EXIT_CODES` of the status."""
+        return EXIT_CODES[self.status]
 
     def to_json(self) -> dict:
         """A JSON-ready dict (non-finite numbers become null)."""
@@ -466,7 +614,9 @@ class Verdict:
         d = dict(trace=self.trace, status=self.status, precision=self.precision, nmse=None,
                  max_abs=None, budget=None, worst=None, per_head_max_abs=None, nan_count=None,
                  diagnosis=[dict(x, nmse=num(x["nmse"]), max_abs=num(x["max_abs"]))
-                            for x in self.diagnosis], error=self.error)
+                            for x in self.diagnosis], error=self.error, reason=self.reason,
+                 model=self.budget.model if self.budget is not None else None,
+                 fallback=self.fallback)
         if self.errors is not None:
             e = self.errors
             d.update(nmse=num(e.nmse), max_abs=num(e.max_abs), worst=e.worst,
@@ -490,18 +640,25 @@ class Verdict:
         if self.status == "error":
             return f"ERROR {self.trace}: {self.error}"
         e, b = self.errors, self.budget
-        s = (f"{self.status.upper():5} {self.trace}  [{self.precision}]  nmse {e.nmse:.3g} "
+        prec = self.precision if self.fallback is None else f"{self.precision} -> fallback {b.model}"
+        s = (f"{self.status.upper():5} {self.trace}  [{prec}]  nmse {e.nmse:.3g} "
              f"(budget {b.nmse:.3g})  max_abs {e.max_abs:.3g} (budget {b.max_abs:.3g})")
         if self.emu is not None:
             s += f"  emu {self.emu.units:.3g} units (budget {self.emu.budget_units:g})"
         if e.nan_count:
             s += f"  NaN {e.nan_count}"
+        if self.reason:
+            s += f"  -- {self.reason}"
         return s
 
     def details(self) -> str:
         """The details block of a failure (budget derivation, worst element, per-head, diagnosis)."""
         e, b = self.errors, self.budget
         lines = [f"  budget: {b.derivation()}"]
+        if self.fallback:
+            lines.append(f"  fallback: {self.fallback}; judged by the {b.model} (no sharp check)")
+        if self.status == "undecided":
+            lines.append(f"  undecided: {self.reason}")
         if self.emu is not None:
             m = self.emu
             lines.append(f"  vs emulation: max_abs {m.max_abs:.3g}, {m.units:.3g} units of "
@@ -513,6 +670,8 @@ class Verdict:
                          f"{w['dim']}: got {w['got']:.6g}, expected {w['expected']:.6g}")
         lines.append("  per-head max_abs: " + " ".join(f"{x:.2g}" for x in e.per_head_max_abs))
         lines.append(f"  NaN in output: {e.nan_count}")
+        if self.status == "undecided":  # nothing to explain: no verdict
+            return "\n".join(lines)
         if self.diagnosis:
             lines.append("  diagnosis (hypotheses that explain the output):")
             lines += [f"    - {x['hypothesis']}: {x['label']} (with it: nmse {x['nmse']:.3g}, max_abs "
@@ -532,30 +691,45 @@ class Verdict:
 
 def verify_case(case: mutations.Case, got, model, precision: str, *, name: str = "",
                 emu=None, emu_unit: float = U32, golden=None, diagnose: bool = True,
-                variant_outputs: dict | None = None, model_fn=None) -> Verdict:
+                variant_outputs: dict | None = None, model_fn=None, model_name: str | None = None,
+                fallback: str | None = None) -> Verdict:
     """Verdict of a kernel output ``got`` [B, n_q, H, Dv] on ``case``, given the honest model's output
     ``model`` for ``precision`` and, under ggml-cpu, the emulation ``emu`` (the same array as model).
-    ``variant_outputs``, ``model_fn``: passed to :func:`jaxkv.diagnose.diagnose`."""
+    ``variant_outputs``, ``model_fn``: passed to :func:`jaxkv.diagnose.diagnose`. ``model_name``
+    overrides the precision's model name (a fallback model), ``fallback`` says why.
+    ``undecided`` (module docstring) when the reference is undefined, or when the output passes but
+    the verdict would pass the all-zero output too."""
     from jaxkv import diagnose as dg
 
     g = golden_output(case) if golden is None else np.asarray(golden, np.float64)
-    model_name = {"ggml-cpu": "ggml-cpu emulation", "f16": "f16 model", "f32": "f32 reference",
-                  "f64": "f64 golden"}[precision]
+    if model_name is None:
+        model_name = {"ggml-cpu": "ggml-cpu emulation", "f16": "f16 model", "f32": "f32 reference",
+                      "f64": "f64 golden"}[precision]
     budget = derive_budget(g, model, model_name)
     e = errors(got, g)
     ok = budget.allows(e)
     ec = emu_check(got, emu, emu_unit) if emu is not None else None
     if ec is not None:
         ok = ok and ec.ok
+    why = None
+    if not np.all(np.isfinite(g)):  # NaN rows that ggml defines (golden_for) are no reason
+        why = reference_undefined(case, g if golden is None else None)
+    if why is not None:
+        return Verdict(name, "undecided", precision, e, budget, ec, reason=why, fallback=fallback)
     if ok:
-        return Verdict(name, "pass", precision, e, budget, ec)
+        if not below_signal(budget, g, emu, emu_unit):
+            gmax = float(np.max(np.abs(g), initial=0.0, where=np.isfinite(g)))
+            why = (f"budget not below the signal: the all-zero output would pass (its nmse 1 vs budget "
+                   f"{budget.nmse:.3g}, its max_abs {gmax:.3g} vs budget {budget.max_abs:.3g})")
+            return Verdict(name, "undecided", precision, e, budget, ec, reason=why, fallback=fallback)
+        return Verdict(name, "pass", precision, e, budget, ec, fallback=fallback)
     diag, loc = (), None
     if diagnose:
         diag = tuple(dg.diagnose(case, got, budget, golden=g, emu=emu, emu_check=ec,
                                        outputs=variant_outputs, model_fn=model_fn))
         if not diag:
             loc = dg.localize(case, got, g)
-    return Verdict(name, "fail", precision, e, budget, ec, diag, loc)
+    return Verdict(name, "fail", precision, e, budget, ec, diag, loc, fallback=fallback)
 
 
 def verify_trace(trace, precision: str = "auto", *, name: str | None = None,
@@ -565,11 +739,18 @@ def verify_trace(trace, precision: str = "auto", *, name: str | None = None,
     prec = resolve_precision(trace, precision)
     case = case_from_trace(trace)
     got = np.asarray(trace.out, np.float64)
-    model = model_output(trace, case, prec)
-    emu = model if prec == "ggml-cpu" else None
+    fallback = model_name = None
+    try:
+        model = model_output(trace, case, prec)
+    except NotImplementedError as e:  # a path the declared model does not cover (ggml_cpu.Unmodelled)
+        model, model_name = fallback_model(trace, case)
+        msg = str(e).strip().splitlines()
+        fallback = f"the {prec} model does not cover this trace ({msg[0] if msg else type(e).__name__})"
+    emu = model if prec == "ggml-cpu" and fallback is None else None
     g = golden_for(trace.op, case, prec)
     v = verify_case(case, got, model, prec, name=name, emu=emu, emu_unit=_acc_unit(trace), golden=g,
-                    diagnose=diagnose, model_fn=dense_model_fn(trace, prec))
+                    diagnose=diagnose, model_fn=dense_model_fn(trace, prec), model_name=model_name,
+                    fallback=fallback)
     if diagnose and v.status == "fail" and emu is not None and not v.emu.ok:
         extra = tuple(_config_findings(trace, case, got, v.budget, v.emu.unit, g))
         if extra:

@@ -406,3 +406,314 @@ def test_parse_names(tmp_path):
     f.write_text("[1]")
     with pytest.raises(ValueError, match="--names"):
         parse_names(str(f))
+
+
+# ----------------------------------------------------------------------------------------------------
+# verdicts that cannot be trusted: undecided (issue 13, "False passes")
+
+
+def test_below_signal_hand_values():
+    g = np.zeros((1, 1, 1, 4))
+    g[..., 0] = 2.0
+    tight = vf.derive_budget(g, g * (1 + 1e-6), "m")
+    assert vf.below_signal(tight, g)
+    loose = vf.derive_budget(g, np.zeros_like(g), "m")  # model as far off as zero: budget nmse 9
+    assert loose.allows(vf.errors(np.zeros_like(g), g)) and not vf.below_signal(loose, g)
+    assert loose.allows(vf.errors(-g, g))  # such a budget passes the wrong sign too
+    # the sharp check can still reject the zero output
+    assert vf.below_signal(loose, g, emu=g, emu_unit=vf.U16)
+    # a zero golden: zero is the right answer, the rule does not apply
+    assert vf.below_signal(loose, np.zeros_like(g))
+
+
+def _tiny_v_trace(out_kind, producer="my-kernel"):
+    """(trace, golden): F32 K/V with |V| ~ 1e-9, which an F16 accumulator flushes to zero."""
+    from jaxkv import trace as tr
+
+    case = vc.random_case(11, n_q=2, H=4, Hkv=2, n_kv=48, mask="causal")
+    f = np.float32
+    q, k, v = case.q.astype(f), case.k.astype(f), (case.v * 1e-9).astype(f)
+    case = mu.Case(op=case.op, q=q.astype(float), k=k.astype(float), v=v.astype(float),
+                   mask=case.mask, scale=case.scale)
+    g = vf.golden_output(case)
+    out = {"golden": g, "zero": np.zeros_like(g), "negated": -g}[out_kind].astype(f)
+    t = tr.Trace(path=None, op="flash_attn_ext", producer=producer, scale=case.scale, max_bias=0.0,
+                 softcap=0.0, n_threads=1, kv_order=None, metadata={}, q=q, out=out, k=k, v=v,
+                 mask=case.mask.astype(f))
+    return t, g
+
+
+@pytest.mark.parametrize("out_kind", ["golden", "zero", "negated"])
+def test_false_pass_a_budget_above_the_signal_is_undecided(out_kind):
+    """Issue 13 (a): an f16 budget can exceed the signal (here the f16 model's F16 accumulator flushes
+    V of 1e-9 to zero, model NMSE 1, budget ~9): the all-zero and the sign-flipped output must never
+    PASS. Under f32 the same trace decides: the right output passes, the others fail."""
+    t, g = _tiny_v_trace(out_kind)
+    v16 = vf.verify_trace(t, "f16", diagnose=False)
+    assert v16.budget.nmse > 1 and v16.status == "undecided", v16.line()
+    assert "budget not below the signal" in v16.reason and v16.line().startswith("UNDECIDED")
+    v32 = vf.verify_trace(t, "f32", diagnose=False)
+    assert v32.status == ("pass" if out_kind == "golden" else "fail"), v32.line()
+
+
+def test_cli_undecided_exits_3_and_fail_wins(tmp_path):
+    from jaxkv import trace as tr
+
+    t, _ = _tiny_v_trace("zero")
+    tr.save(tmp_path / "zero.gguf", t)
+    p = _cli([tmp_path / "zero.gguf"])
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert p.stdout.startswith("UNDECIDED") and "undecided: budget not below the signal" in p.stdout
+    row = json.loads(_cli([tmp_path / "zero.gguf", "--json"]).stdout.splitlines()[0])
+    assert row["status"] == "undecided" and "all-zero output would pass" in row["reason"]
+    from fuzz.verify_cmd import exit_status
+
+    assert exit_status({"pass"}) == 0 and exit_status({"pass", "undecided"}) == 3
+    assert exit_status({"undecided", "fail"}) == 1 and exit_status({"fail", "error", "undecided"}) == 2
+
+
+def test_cli_no_traces_found_exits_2_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no traces here")
+    for d in ("empty", "notes"):
+        p = _cli([tmp_path / d])
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert p.stdout.splitlines() == [f"ERROR {tmp_path / d}: no traces found under {tmp_path / d}"]
+        assert "Traceback" not in p.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.gguf").write_bytes(b"\x00garbage")
+    p = _cli([tmp_path / "bad"])  # only unreadable traces: one ERROR line each, exit 2
+    assert p.returncode == 2 and len(p.stdout.splitlines()) == 1
+    assert p.stdout.startswith(f"ERROR {tmp_path / 'bad' / 'x.gguf'}: ")
+
+
+# NaN semantics: every precision model propagates a NaN input to its rows as ggml does
+
+
+def _nan_inputs(where):
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 2, 4, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 20, 2, 32)).astype(np.float16)
+    v = rng.standard_normal((1, 20, 2, 32)).astype(np.float16)
+    mask = np.zeros((1, 1, 2, 20), np.float32)
+    mask[..., -3:] = -np.inf  # keys 17..19 are read by no row
+    scale = 32 ** -0.5
+    if where == "q":
+        q[0, 1, 2, 5] = np.nan
+    elif where == "live_k":
+        k[0, 3, 1, 0] = np.nan
+    elif where == "dead_k":
+        k[0, 18, 1, 0] = np.nan
+        v[0, 19, 0, 3] = np.inf
+    elif where == "mask":
+        mask[0, 0, 1, 4] = np.nan
+    elif where == "scale_nan":
+        scale = float("nan")
+    elif where == "scale_inf":
+        scale = float("inf")
+    return q, k, v, mask, scale
+
+
+NAN_ROWS = {  # [n_q, H] rows that must be NaN (ggml: a NaN logit enters S and the accumulator)
+    "q": [(1, 2)], "live_k": [(i, h) for i in range(2) for h in (2, 3)], "dead_k": [],
+    "mask": [(1, h) for h in range(4)], "scale_nan": "all", "scale_inf": "all"}
+
+
+@pytest.mark.parametrize("where", list(NAN_ROWS))
+def test_false_pass_b_nan_input_propagates_in_every_model(where):
+    """Issue 13 (b): NaN in q, a live K entry, the mask, or scale NaN/inf: each model gives NaN in exactly
+    the rows ggml's kernel (the bit-faithful emulation) gives NaN, never zero rows; NaN in keys no row
+    reads changes nothing."""
+    from jaxkv import ggml_cpu
+
+    q, k, v, mask, scale = _nan_inputs(where)
+    want = np.zeros((1, 2, 4), bool)
+    if NAN_ROWS[where] == "all":
+        want[:] = True
+    for i, h in NAN_ROWS[where] if NAN_ROWS[where] != "all" else []:
+        want[0, i, h] = True
+    case = mu.Case(op="flash_attn_ext", q=q.astype(float), k=k.astype(float), v=v.astype(float),
+                   mask=mask.astype(float), scale=scale)
+    outs = {
+        "ggml-cpu": ggml_cpu.flash_attn_ext(q, k, v, scale=scale, mask=mask),
+        "attention": jaxkv.attention.attention(q, k, v, scale=scale, mask=mask, precision="f32"),
+        "online": jaxkv.attention.online_attention(q, k, v, scale=scale, mask=mask, precision="f64"),
+        "flash_decode": jaxkv.attention.flash_decode(q, k, v, chunk=7, scale=scale, mask=mask),
+        "f16 model": f16_attention(q, k, v, scale=scale, mask=mask),
+        "golden": vf.golden_output(case),
+    }
+    for name, o in outs.items():
+        o = np.asarray(o, np.float64)
+        rows = np.isnan(o).any(-1)
+        assert np.array_equal(rows, want), (name, rows)
+        assert np.isnan(o[want]).all() and np.isfinite(o[~want]).all(), name
+
+
+def _nan_trace(where, out):
+    from jaxkv import trace as tr
+
+    q, k, v, mask, scale = _nan_inputs(where)
+    return tr.Trace(path=None, op="flash_attn_ext", producer="ggml cpu (n_threads=1)", scale=scale,
+                    max_bias=0.0, softcap=0.0, n_threads=1, kv_order=None, metadata={}, q=q,
+                    out=out, k=k, v=v, mask=mask)
+
+
+def _ggml_live_or_emulated(where):
+    """ggml's output on the NaN inputs: the live library when it loads (checked equal to the emulation's
+    NaN rows; the oracle refuses a non-finite scale), else the bit-faithful emulation."""
+    from jaxkv import ggml_cpu
+    from jaxkv.oracles import ggml as og
+
+    q, k, v, mask, scale = _nan_inputs(where)
+    emu = np.asarray(ggml_cpu.flash_attn_ext(q, k, v, scale=scale, mask=mask))
+    if og.available() and math.isfinite(scale):
+        live = og.flash_attn_ext(q, k, v, scale=scale, mask=mask, nonfinite="allow")
+        assert np.array_equal(np.isnan(live), np.isnan(emu))
+        return np.asarray(live, np.float32)
+    return emu
+
+
+@pytest.mark.parametrize("where", ["q", "live_k", "mask", "scale_nan"])
+def test_false_pass_c_ggml_nan_is_undecided_never_pass_or_fail(where):
+    """Issue 13 (c): where ggml gives NaN, `--precision f16` must not PASS a zero output, and `auto`
+    (ggml-cpu) must not FAIL ggml's own output: the reference is undefined -> undecided, naming the
+    NaN input. A NaN in keys that no row reads keeps the reference defined: ggml's output passes."""
+    ggml_out = _ggml_live_or_emulated(where)
+    zeroed = np.where(np.isnan(ggml_out), np.float32(0), ggml_out)
+    loc = {"q": "q[0, 1, 2, 5] (b, query, head, dim) = nan", "live_k": "k[0, 3, 1, 0]",
+           "mask": "mask[0, 0, 1, 4] (b, head, query, key) = nan", "scale_nan": "scale = nan"}[where]
+    for prec, out in (("auto", ggml_out), ("f16", zeroed), ("f16", ggml_out), ("auto", zeroed)):
+        v = vf.verify_trace(_nan_trace(where, out), prec, diagnose=False)
+        assert v.status == "undecided", (prec, v.line())
+        assert v.reason.startswith("reference undefined: non-finite input") and loc in v.reason
+    t = _nan_trace("dead_k", _ggml_live_or_emulated("dead_k"))
+    assert np.isfinite(np.asarray(t.out)).all()
+    assert vf.verify_trace(t, diagnose=False).status == "pass"
+    assert vf.verify_trace(t, "f16", diagnose=False).status == "pass"
+
+
+def test_undefined_inputs_names_tensor_and_index():
+    case = vc.random_case(3, n_q=2, H=4, Hkv=2, n_kv=10, mask="causal")
+    assert vf.undefined_inputs(case) == ()
+    v = case.v.copy()
+    v[0, 9, 1, 2] = np.nan                      # key 9 is read by query 1 only: live
+    sk = np.zeros(4)
+    sk[3] = np.inf
+    import dataclasses
+
+    c2 = dataclasses.replace(case, v=v, sinks=sk, softcap=float("inf"))
+    got = vf.undefined_inputs(c2)
+    assert got == ("softcap = inf", "v[0, 9, 1, 2] (b, key, kv head, dim) = nan",
+                   "sinks[3] (head) = inf"), got
+
+
+def test_fallback_budget_when_the_model_does_not_cover_the_trace(tmp_path, monkeypatch, capsys):
+    """Issue 13, 'a verdict on every ggml path': ggml's tiled path (n_q >= 64, F16 K/V) raised
+    NotImplementedError and exited 2. Now a model raising ggml_cpu.Unmodelled gives a verdict under the
+    fallback budget, and the line says so; the right output passes (exit 0), a zero output fails."""
+    from fuzz.verify_cmd import main
+    from jaxkv import ggml_cpu
+    from jaxkv import trace as tr
+
+    assert issubclass(ggml_cpu.Unmodelled, NotImplementedError)
+    rng = np.random.default_rng(9)
+    n_q, n_kv = 64, 80
+    q = rng.standard_normal((1, n_q, 2, 32)).astype(np.float32)
+    k = rng.standard_normal((1, n_kv, 1, 32)).astype(np.float16)
+    v = rng.standard_normal((1, n_kv, 1, 32)).astype(np.float16)
+    j, i = np.arange(n_kv)[None, :], np.arange(n_q)[:, None]
+    mask = np.where(j <= n_kv - n_q + i, 0.0, -np.inf).astype(np.float32)[None, None]
+    # ggml's tiled path computes in F32 from F16 K/V: the f32 reference plays the kernel
+    out = np.asarray(jaxkv.attention.attention(q, k, v, scale=32 ** -0.5, mask=mask, precision="f32"))
+    t = tr.Trace(path=None, op="flash_attn_ext", producer="ggml cpu (n_threads=1)", scale=32 ** -0.5,
+                 max_bias=0.0, softcap=0.0, n_threads=1, kv_order=None, metadata={}, q=q, out=out,
+                 k=k, v=v, mask=mask)
+    tr.save(tmp_path / "tiled.gguf", t)
+    tr.save(tmp_path / "zero.gguf", t, out=np.zeros_like(out))
+
+    def unmodelled(*a, **kw):
+        raise ggml_cpu.Unmodelled("n_q=64 >= 64 with f16 K and V takes ggml's tiled path")
+
+    monkeypatch.setattr(ggml_cpu, "flash_attn_ext", unmodelled)
+    assert main([str(tmp_path / "tiled.gguf")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("PASS")
+    assert "[ggml-cpu -> fallback generic model (q as f16, f16 accumulator)]" in line
+    assert main([str(tmp_path / "tiled.gguf"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["fallback"].startswith("the ggml-cpu model does not cover this trace (n_q=64")
+    assert row["model"] == "generic model (q as f16, f16 accumulator)" and "emulation" not in row
+    assert main([str(tmp_path / "zero.gguf")]) == 1
+    assert "fallback:" in capsys.readouterr().out
+
+
+TILED_SHAPES = [(64, 64, True), (128, 200, True), (256, 256, False)]  # n_q, n_kv, causal
+
+
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_live_ggml_tiled_shapes_get_a_verdict(dtype):
+    """Live ggml on shapes of its tiled path (n_q >= 64, F16/F32 K/V): a verdict, never exit 2; the
+    honest output passes (under the tiled model if one exists, else under the fallback budget). ci: the
+    first shape, one seed; HYPOTHESIS_PROFILE=fuzz: every shape, seeds 0-2 (`pytest -s` prints them)."""
+    import os
+
+    from jaxkv import trace as tr
+    from jaxkv.oracles import ggml as og
+
+    if not og.available():
+        pytest.skip("ggml library not loadable")
+    full = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+    H, Hkv, D = 4, 2, 64
+    dt = np.float16 if dtype == "f16" else np.float32
+    for seed in range(3 if full else 1):
+        rng = np.random.default_rng(seed)
+        for n_q, n_kv, causal in TILED_SHAPES if full else TILED_SHAPES[:1]:
+            q = rng.standard_normal((1, n_q, H, D)).astype(np.float32)
+            k = rng.standard_normal((1, n_kv, Hkv, D)).astype(dt)
+            v = rng.standard_normal((1, n_kv, Hkv, D)).astype(dt)
+            j, i = np.arange(n_kv)[None, :], np.arange(n_q)[:, None]
+            m = np.where(j <= n_kv - n_q + i, 0.0, -np.inf) if causal else rng.uniform(-1, 1, (n_q, n_kv))
+            mask = m.astype(np.float16).astype(np.float32)[None, None]
+            fmt = None if dtype == "f16" else "f32"
+            out = og.flash_attn_ext(q, k, v, k_format=fmt, v_format=fmt, scale=D ** -0.5, mask=mask,
+                                    n_threads=2)
+            t = tr.Trace(path=None, op="flash_attn_ext", producer="ggml 0.20.2 CPU avx2", scale=D ** -0.5,
+                         max_bias=0.0, softcap=0.0, n_threads=2, kv_order=None, metadata={}, q=q,
+                         out=np.asarray(out, np.float32), k=k, v=v, mask=mask)
+            verdict = vf.verify_trace(t, diagnose=False)
+            print(dtype, seed, n_q, n_kv, causal, verdict.line())
+            assert verdict.status == "pass", verdict.line()
+
+
+def test_unmodelled_isa_falls_back_instead_of_exit_2():
+    """A trace from a SIMD build the emulation does not model (NEON) is readable: it gets a verdict under
+    the fallback budget, naming the build, not an error."""
+    import dataclasses
+
+    from jaxkv import trace as tr
+
+    t = tr.load(SHARED / "traces" / "ggml" / "fa_f16_sinks.gguf")
+    t = dataclasses.replace(t, metadata=dict(t.metadata, **{"ggml.isa": "neon"}))
+    with pytest.raises(ValueError, match="'neon' is not modelled"):
+        vf.trace_isa(t)
+    v = vf.verify_trace(t, diagnose=False)
+    assert v.status == "pass" and v.emu is None, v.line()
+    assert "'neon' is not modelled" in v.fallback and "fallback generic model (q as f16" in v.line()
+
+
+def test_overflowing_f16_model_budget_is_undecided_not_pass():
+    """The f16 model's F16 accumulator overflows on this trace (|V| ~ 1e4): its budget is infinite, which
+    passed any output before, the all-zero one included. Now undecided under f16; under auto the sharp
+    check still decides (ggml's output passes, zero fails)."""
+    import dataclasses
+
+    from jaxkv import trace as tr
+
+    t = tr.load(REPO / "tests" / "data" / "ggml020_fa_f16v_overflow.gguf")
+    zero = dataclasses.replace(t, out=np.zeros_like(np.asarray(t.out)))
+    for x in (t, zero):
+        v = vf.verify_trace(x, "f16", diagnose=False)
+        assert v.status == "undecided" and math.isinf(v.budget.nmse), v.line()
+    assert vf.verify_trace(t, diagnose=False).status == "pass"
+    assert vf.verify_trace(zero, diagnose=False).status == "fail"

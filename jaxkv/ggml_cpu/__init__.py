@@ -20,8 +20,9 @@ sinks; the ``1/S`` multiply; ALiBi slopes from the C library's ``powf`` (as ggml
 float32 subnormal inputs and outputs kept (converted on the host: XLA on CPU flushes them; under an
 outer ``jax.jit`` they flush); ggml's path selection: the split-KV path (``n_q == 1``, ``B == 1``, K and
 V both F16 or both F32, ``n_kv >= 512``: ``n_threads`` chunks, partials merged in order) and the
-per-row loop otherwise. The tiled path (F16/F32 K and V of one type with ``n_q >= 64``) is not
-modelled: such calls raise NotImplementedError.
+the tiled path (F16/F32 K and V of one type, ``n_q >= 64``, and in ggml < 0.25.3 ``Dv`` a multiple of
+the ISA's F32 lanes: :mod:`.tiled`; ``version`` names the ggml release, whose facts differ) and the
+per-row loop otherwise.
 """
 
 from __future__ import annotations
@@ -36,17 +37,20 @@ import numpy as np
 from jaxkv import formats
 from jaxkv._checks import check_attention_shapes
 from jaxkv.ggml_cpu import kernels as _k
+from jaxkv.ggml_cpu import tiled as _tiled
 from jaxkv.ggml_cpu.dot import ISA_TABLE, get_isa
 from jaxkv.ggml_cpu.kernels import BUILD_CONTRACT, Contract
 from jaxkv.ggml_cpu.fp import F64
 
-__all__ = ["ISAS", "DEFAULT_ISA", "Contract", "BUILD_CONTRACT", "SPLIT_KV_MIN", "TILE_Q", "flash_attn_ext",
-           "soft_max_attn", "mixed_flash_attn", "kv_type", "split_chunks"]
+__all__ = ["ISAS", "DEFAULT_ISA", "DEFAULT_VERSION", "Contract", "BUILD_CONTRACT", "SPLIT_KV_MIN", "TILE_Q",
+           "flash_attn_ext", "soft_max_attn", "mixed_flash_attn", "kv_type", "split_chunks", "path"]
 
 ISAS = tuple(ISA_TABLE)          # ("avx512", "avx2")
 DEFAULT_ISA = "avx512"           # the shared traces' build (ggml-cpu-rounding.md)
 SPLIT_KV_MIN = 512               # ggml_compute_forward_flash_attn_ext_f16: nek1 >= 512
 TILE_Q = 64                      # GGML_FA_TILE_Q
+DEFAULT_VERSION = _tiled.DEFAULT_VERSION  # the ggml release assumed when a caller does not name one
+class Unmodelled(NotImplementedError): """A ggml path this model does not emulate (jaxkv.verify then judges under its fallback budget)."""  # noqa: E701,E302,E305
 
 
 def kv_type(x, name: str) -> str:
@@ -71,6 +75,15 @@ def split_chunks(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, n_thread
     if n_q == 1 and B == 1 and k_type == v_type and k_type in ("f16", "f32") and n_kv >= SPLIT_KV_MIN:
         return int(n_threads)
     return 1
+
+
+def path(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, dv: int, isa=DEFAULT_ISA, version=None) -> str:
+    """Which code path ggml's CPU flash_attn_ext (F32 q) takes: "split-kv", "tiled" or "per-row"."""
+    if n_q == 1 and B == 1 and k_type == v_type and k_type in ("f16", "f32") and n_kv >= SPLIT_KV_MIN:
+        return "split-kv"
+    if _tiled.takes_tiled(n_q, B, k_type, v_type, dv, isa, version):
+        return "tiled"
+    return "per-row"
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,7 +188,7 @@ def _group(q, mask, sinks, slopes, hkv):
 
 
 def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=1,
-                   isa=DEFAULT_ISA, contract=None):
+                   isa=DEFAULT_ISA, contract=None, version=None):
     """ggml's CPU ``ggml_flash_attn_ext`` (F32 q, default precision), emulated bit for bit.
 
     q [B, n_q, H, Dk] float32; k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv]: float32 / float16 arrays or
@@ -184,7 +197,9 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     into that many chunks). ``scale``, ``softcap``, ``max_bias`` are float32 op parameters (concrete
     numbers: ggml's graph constants).
     ``contract``: which ``a*b + c`` the compiler fused (:class:`Contract`); None = the default of the
-    build ``isa`` names (:data:`BUILD_CONTRACT`)."""
+    build ``isa`` names (:data:`BUILD_CONTRACT`). ``version``: the ggml release modelled ("0.20.2";
+    None = :data:`DEFAULT_VERSION`): it decides which calls take the tiled path and that path's
+    details (:data:`jaxkv.ggml_cpu.tiled.TILED_BUILDS`); ``n_threads`` sets its query tiles."""
     ctr = _contract(isa, contract)
     k_type, v_type = kv_type(k, "k"), kv_type(v, "v")
     _check(q, k, v, mask, sinks)
@@ -192,11 +207,10 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
         raise ValueError(f"n_threads: must be >= 1, got {n_threads}")
     B, n_q, H, _ = q.shape
     n_kv, hkv = k.shape[1], k.shape[2]
-    if k_type == v_type and k_type in ("f16", "f32") and n_q >= TILE_Q:
-        raise NotImplementedError(f"n_q={n_q} >= {TILE_Q} with {k_type} K and V takes ggml's tiled "
-                                  "flash-attention path, which this model does not emulate")
     if n_kv == 0:
         return jnp.zeros((B, n_q, H, v.shape[-1]), jnp.float32)
+    if path(n_q, B, k_type, v_type, n_kv, v.shape[-1], isa, version) == "tiled":
+        return _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, int(n_threads), isa, version)
     if k_type not in ("f16", "f32") and q.shape[-1] % 32:
         raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
     nch = split_chunks(n_q, B, k_type, v_type, n_kv, n_threads)
@@ -206,6 +220,24 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
     out = _k.fa_core(qg, _kv_operand(k, k_type), _kv_operand(v, v_type), jnp.asarray(sc, F64),
                      jnp.asarray(cap if cap else 1.0, F64), slg, mg, sg, k_type=k_type, v_type=v_type,
                      isa=get_isa(isa).name, n_chunks=nch, softcap_on=cap != 0.0, contract=ctr)
+    return _out32(out, (B, n_q, H, -1))
+
+
+def _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, n_threads, isa, version):
+    """flash_attn_ext on ggml's tiled path (:mod:`.tiled`), arguments checked by the caller. No
+    ``Contract`` applies there: its only contractible step (sinks) is :data:`.tiled.SINKS_FUSED`."""
+    B, n_q, H, _ = q.shape
+    hkv = k.shape[2]
+    build = _tiled.tiled_build(version)
+    ids, _ = _tiled.query_tiles(B, H, n_q, n_threads, build.q_tile)
+    qg, mg, sg, slg = _group(q, mask, sinks, _slopes(H, max_bias), hkv)
+    cap = float(np.float32(softcap))
+    out = _tiled.tiled_core(qg, _carrier(k), _carrier(v), jnp.asarray(float(np.float32(scale)), F64),
+                            jnp.asarray(cap if cap else 1.0, F64), slg, mg, sg,
+                            jnp.asarray(_tiled.regroup_tiles(ids, hkv)), isa=get_isa(isa).name,
+                            kv_tile=build.kv_tile, softcap_on=cap != 0.0,
+                            softcap_after_pad=build.softcap_after_pad,
+                            sinks_fused=_tiled.SINKS_FUSED[get_isa(isa).name])
     return _out32(out, (B, n_q, H, -1))
 
 
@@ -244,7 +276,8 @@ def _to_f32(x, name):
 
 
 def mixed_flash_attn(q, k_cold, v_cold, k_hot, v_hot, *, kv_order="cold,hot", scale, mask=None,
-                     softcap=0.0, max_bias=0.0, sinks=None, n_threads=1, isa=DEFAULT_ISA, contract=None):
+                     softcap=0.0, max_bias=0.0, sinks=None, n_threads=1, isa=DEFAULT_ISA, contract=None,
+                     version=None):
     """A mixed KV cache through ggml: cold K/V (QuantArray, or float arrays) dequantized to F32, hot
     K/V (float16) converted to F32, concatenated on the KV axis in ``kv_order`` ("cold,hot" or
     "hot,cold"), rounded to F16, then :func:`flash_attn_ext` with F16 K and V.
@@ -263,4 +296,4 @@ def mixed_flash_attn(q, k_cold, v_cold, k_hot, v_hot, *, kv_order="cold,hot", sc
     k16 = jnp.concatenate(parts_k, axis=1).astype(jnp.float16)
     v16 = jnp.concatenate(parts_v, axis=1).astype(jnp.float16)
     return flash_attn_ext(q, k16, v16, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias,
-                          sinks=sinks, n_threads=n_threads, isa=isa, contract=contract)
+                          sinks=sinks, n_threads=n_threads, isa=isa, contract=contract, version=version)
