@@ -83,7 +83,8 @@ def _drive(plan_path: str, out_path: str) -> None:
             log.write(json.dumps({"id": item["id"], "rc": rc, "exc": exc, "stdout": out.getvalue()[-4000:],
                                   "stderr": err.getvalue()[-4000:], "seconds": time.perf_counter() - t0,
                                   "inputs": item.get("inputs", 1), "quiet": item.get("quiet", False),
-                                  "timeout": item.get("timeout", CALL_LIMIT)}) + "\n")
+                                  "timeout": item.get("timeout", CALL_LIMIT),
+                                  "codes": item.get("codes", (0, 1, 2))}) + "\n")
             log.flush()
 
 
@@ -127,7 +128,7 @@ def problems(r: dict) -> list[str]:
     bad = []
     if r["exc"]:
         bad.append(f"exception escaped: {r['exc']}")
-    if r["rc"] not in (0, 1, 2):
+    if r["rc"] not in r.get("codes", (0, 1, 2)):
         bad.append(f"exit status {r['rc']!r}")
     if "Traceback" in r["stderr"] or "Traceback" in r["stdout"]:
         bad.append("a traceback was printed")
@@ -152,10 +153,11 @@ def _plans(c, tmp: pathlib.Path) -> dict:
     """entry-point group -> list of invocations over corpus ``c``."""
     fz = lambda i, argv, **kw: dict(id=i, entry="fuzz", argv=[str(a) for a in argv], **kw)  # noqa: E731
     traces = [str(p) for p in c.traces] + [str(p) for p in c.special]
-    verify = [fz(f"verify {pathlib.Path(t).name[:60]}", ["verify", t]) for t in traces]
+    v3 = (0, 1, 2, 3)  # verify's 3: undecided (jaxkv.verify.EXIT_CODES)
+    verify = [fz(f"verify {pathlib.Path(t).name[:60]}", ["verify", t], codes=v3) for t in traces]
     # --json: verdicts (errors included) are JSON on stdout; nothing (no numpy RuntimeWarning) on stderr
     verify.append(fz("verify --json batch", ["verify", "--json"] + traces, inputs=0, quiet=True,
-                         timeout=300))
+                         timeout=300, codes=v3))
     ggml_replay = [dict(id=f"ggml_replay {pathlib.Path(t).name[:60]}", entry="ggml_replay", argv=[t])
                    for t in traces]
     replay = [fz(f"replay {p.name}", ["replay", p]) for p in c.records]
@@ -195,8 +197,13 @@ def _plans(c, tmp: pathlib.Path) -> dict:
         ["--out", "/dev/null"], ["--out", out / "no" / "such" / "x.gguf"], ["--out", out / ("n" * 300)],
         ["--out", out / "r.gguf", "--n-kv", "1000000000"], ["--out", out / "r.gguf", "--heads", "0"],
         ["--out", out])]
+    capture = [fz(f"capture --model {pathlib.Path(m).name[:40]}", ["capture", "--model", m, "--prompt", "hi",
+                                                                   "--out", out / "cap", "--n-predict", "1"])
+               for m in [str(p) for p in c.special] + [str(p) for p in c.traces[:3]]]
+    capture.append(fz("capture --out /dev/null", ["capture", "--model", c.traces[0], "--prompt", "hi", "--out",
+                                                  "/dev/null"]))
     return dict(verify=verify, ggml_replay=ggml_replay, replay=replay, merge=merge, campaign=campaign,
-                sensitivity=sens, record=record)
+                sensitivity=sens, record=record, capture=capture)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def test_corpus_size(corpus):
 
 
 @pytest.mark.parametrize("entry", ["verify", "ggml_replay", "replay", "merge", "campaign", "sensitivity",
-                                   "record"])
+                                   "record", "capture"])
 def test_entry_point_survives_corpus(results, entry):
     res, _, plans = results
     got = res[entry]
