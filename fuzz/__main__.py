@@ -2,8 +2,8 @@
 
     python -m fuzz [--max-examples N | --time-budget SECONDS] [--seed S] [--properties P1,P2|all]
                    [--target MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed] [--threads N] [--traces DIR]
-                   [--out DIR] [--resume] [--quiet] [--list] [--shard I/N] [--no-shrink]
-    python -m fuzz replay FILE          re-run a saved failure (exit 1: still fails, 0: passes now)
+                   [--out DIR] [--resume | --overwrite] [--quiet] [--list] [--shard I/N] [--no-shrink]
+    python -m fuzz replay FILE [--target SPEC]   re-run a saved failure (exit 1: still fails, 0: passes now)
     python -m fuzz merge DIR...         one summary over several campaigns' results (e.g. shards)
     python -m fuzz verify ...           verify traces (fuzz.verify_cmd)
     python -m fuzz sensitivity ...      (fuzz.sensitivity_cmd, when present)
@@ -17,8 +17,17 @@ The subcommands are the rows of :data:`jaxkv.cli.COMMANDS`, the same as the ``ja
 ``--threads N`` (default 1) through ``fuzz.ggml_targets.make_target``; such a target declares the
 ``ggml-cpu`` precision and is judged against its emulation (jaxkv.ggml_cpu) with jaxkv.verify's budget.
 
-Exit status: 0 no property failed, 1 a property failed, 2 bad arguments or unreadable input, 130
-interrupted (the summary is still written).
+``--out`` (default ``fuzz-out``) never destroys an earlier run: a non-empty directory is refused unless
+``--resume`` (continue that campaign) or ``--overwrite`` (replace its results.jsonl and failures/); the
+refusal says which to add. The default stays one fixed directory (not a fresh one per run) so that
+``--resume``, ``merge`` and the README's commands find it without naming it; running the main command
+twice therefore asks, in one line, whether to resume, overwrite or use another ``--out``.
+
+Files read back (results.jsonl, failure records, traces) are untrusted data: validated against their
+schemas (fuzz.schema, jaxkv.trace), never imported or executed, and escaped (jaxkv.textsafe) when shown.
+
+Exit status: 0 no property failed, 1 a property failed, 2 bad arguments or unreadable input (one line on
+stderr), 130 interrupted (the summary is still written).
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ def _parser():
     p.add_argument("--traces", metavar="DIR", help="verify every trace (*.gguf) under DIR")
     p.add_argument("--out", default="fuzz-out", metavar="DIR", help="results directory (default fuzz-out)")
     p.add_argument("--resume", action="store_true", help="continue the campaign recorded in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results.jsonl and failures/ already in --out (default: refuse a non-empty --out)")
     p.add_argument("--quiet", action="store_true", help="plain progress lines, no progress bar")
     p.add_argument("--list", action="store_true", help="list the properties and exit")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="run shard I of N (disjoint cases)")
@@ -154,8 +165,17 @@ def _campaign(argv) -> int:
     if args.traces:
         import pathlib
 
-        if not pathlib.Path(args.traces).exists():
-            raise ValueError(f"--traces: {args.traces} does not exist")
+        from jaxkv.textsafe import escape
+
+        try:
+            is_dir = pathlib.Path(args.traces).is_dir()
+            exists = is_dir or pathlib.Path(args.traces).exists()
+        except OSError:
+            is_dir = exists = False
+        if not is_dir:
+            raise ValueError(f"--traces: expected a directory of *.gguf traces, found "
+                             f"{'a file' if exists else 'nothing'} at {escape(args.traces)} (one file: "
+                             f"python -m fuzz verify FILE)")
     from fuzz.campaign import Campaign, Options
     from fuzz.properties import cache_pairs
 
@@ -166,10 +186,18 @@ def _campaign(argv) -> int:
         max_ex = DEFAULT_EXAMPLES
     opts = Options(max_examples=max_ex, time_budget=args.time_budget, seed=args.seed, properties=tuple(names),
                    target=args.target, traces=args.traces, out=args.out, resume=args.resume,
+                   overwrite=args.overwrite,
                    quiet=args.quiet, shard=shard, shrink=not args.no_shrink, threads=args.threads)
     ctx = P.Context(seed=args.seed, target=target, target_spec=args.target, traces=args.traces,
                     cache_pairs=cache_pairs(args.seed))
     return Campaign(opts, ctx).run()
+
+
+def _line(e: BaseException) -> str:
+    """An exception as one escaped line."""
+    from jaxkv.cli import one_line
+
+    return one_line(e)
 
 
 def campaign_main(argv) -> int:
@@ -178,10 +206,13 @@ def campaign_main(argv) -> int:
     try:
         return _campaign(list(argv))
     except UsageError as e:
-        print(f"python -m fuzz: error: {e}", file=sys.stderr)
+        print(f"python -m fuzz: error: {_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:
-        print(f"python -m fuzz: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"python -m fuzz: error: {_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:  # the file system or the machine refused: one line, no traceback
+        print(f"python -m fuzz: error: {type(e).__name__}: {_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -4,8 +4,14 @@ Cases. Property ``p`` draws its cases in *chunks* of ``CHUNK`` examples; chunk `
 phase of a hypothesis run of ``p``'s strategy seeded with ``sha256(seed, p, j)`` (no database), whose
 test body only records the examples. Case ``k`` of chunk ``j`` has id ``p/j/k`` and number
 ``j * CHUNK + k``. So the same ``--seed`` gives the same cases in the same order whatever the budget,
-sharding or resumption. ``--shard I/N`` evaluates the cases with ``number % N == I`` (disjoint, no
-coordination); ``--max-examples`` counts the campaign's cases (all shards together).
+sharding or resumption (hypothesis' pool of constants harvested from loaded modules is pinned while
+drawing, `_fixed_constants`: otherwise a module imported by a first failure's diagnosis changed the cases
+drawn after it). ``--shard I/N`` evaluates the cases with ``number % N == I`` (disjoint, no
+coordination); ``--max-examples`` counts the campaign's cases (all shards together). A shard stops a
+failing property after *its own* first failing chunk, which may be later than the campaign's; ``merge``
+(`partition_view`) drops the later chunks' cases and failures, so merged shards give exactly the
+unsharded campaign's case ids, verdicts and failure (with ``--max-examples``; a ``--time-budget`` run
+is cut by time and is not reproducible case for case).
 
 Records. ``OUT/results.jsonl``: one JSON line per event, appended. A case's line is handed to the
 kernel (one ``os.write``, ``O_APPEND``) the moment its verdict is known, so it survives the process
@@ -33,6 +39,7 @@ diagnosis, replay command, ``--target`` and ``--threads``) plus the arrays of th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,7 +52,9 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
 
 from fuzz import properties as P
+from fuzz import schema
 from fuzz.engine import BATCH, COMPILES
+from jaxkv.textsafe import escape
 
 __all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize",
            "format_summary", "save_failure", "shrink"]
@@ -64,6 +73,7 @@ class Options:
     traces: str | None = None
     out: str = "fuzz-out"
     resume: bool = False
+    overwrite: bool = False  # --overwrite: replace the results (and failures/) already in --out
     quiet: bool = False
     shard: tuple = (0, 1)
     shrink: bool = True
@@ -81,8 +91,33 @@ def _settings(n, phases):
                     print_blob=False, verbosity=settings.default.verbosity.quiet)
 
 
+@contextlib.contextmanager
+def _fixed_constants():
+    """Hypothesis also draws from a pool of constants it harvests from the source of every *local* module
+    in ``sys.modules`` (hypothesis.internal.conjecture.providers), so the cases of one (seed, property,
+    chunk) would depend on what the process happened to import before -- e.g. the modules a first
+    failure's diagnosis imports -- and the shards of a campaign (whose first failures come at different
+    points) would draw different cases under the same ids. While a campaign draws, that pool is pinned
+    empty (the global constants stay), so a chunk's cases depend on (seed, property, chunk) only."""
+    try:
+        from hypothesis.internal.conjecture import providers as hp
+
+        orig, empty, cache = hp._get_local_constants, hp.Constants(), hp.CONSTANTS_CACHE
+    except (ImportError, AttributeError):  # a hypothesis without the pool: nothing to pin
+        yield
+        return
+    hp._get_local_constants = lambda: empty
+    cache.cache.clear()
+    try:
+        yield
+    finally:
+        hp._get_local_constants = orig
+        cache.cache.clear()
+
+
 def generate(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHUNK) -> list:
-    """The cases (parameter dicts) of chunk ``chunk`` of ``prop`` for campaign ``seed``."""
+    """The cases (parameter dicts) of chunk ``chunk`` of ``prop`` for campaign ``seed`` (a function of
+    these arguments only: `_fixed_constants`)."""
     if prop.files is not None:
         return prop.files(ctx) if chunk == 0 else []
     got = []
@@ -94,7 +129,8 @@ def generate(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = C
     def collect(c):
         got.append(c)
 
-    collect()
+    with _fixed_constants():
+        collect()
     return got
 
 
@@ -126,7 +162,8 @@ def shrink(prop: P.Property, ctx: P.Context, seed: int, chunk: int, n: int = CHU
             raise AssertionError(o["error"])
 
     try:
-        run()
+        with _fixed_constants():
+            run()
     except AssertionError:
         pass
     except Exception:  # hypothesis Flaky / unsatisfiable: keep the best failure seen
@@ -185,16 +222,40 @@ def _json_default(x):
 
 
 def read_records(path) -> list:
-    """Records of a results.jsonl (a truncated last line, from a kill mid-write, is ignored)."""
+    """Validated records of a results.jsonl (fuzz.schema; a truncated last line, from a kill mid-write,
+    is ignored; a missing file has none). A line of the wrong shape, or a path that is not a regular file,
+    raises ValueError naming the file and line."""
+    try:
+        return schema.read_lines(path)
+    except FileNotFoundError:
+        return []
+
+
+def first_failures(records) -> dict:
+    """property -> the smallest failing case number (chunk, k) among ``records``."""
+    first = {}
+    for r in records:
+        if r.get("type") == "case" and not r["ok"]:
+            n = schema.case_number(r["id"])
+            if r["property"] not in first or n < first[r["property"]]:
+                first[r["property"]] = n
+    return first
+
+
+def partition_view(records) -> list:
+    """The records an unsharded campaign would have written, from the union of its shards' records:
+    a failing property stops after the chunk of its first failing case (the smallest case number over
+    all shards), so case records of later chunks (a shard that saw its own first failure later ran
+    them) are dropped, and of the failure records only the one of that first failing case is kept."""
+    first = first_failures(records)
     out = []
-    p = pathlib.Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
+    for r in records:
+        f = first.get(r.get("property"))
+        if f is not None and r.get("type") == "case" and schema.case_number(r["id"])[0] > f[0]:
             continue
+        if f is not None and r.get("type") == "failure" and schema.case_number(r["id"]) != f:
+            continue
+        out.append(r)
     return out
 
 
@@ -250,7 +311,7 @@ def format_summary(props: dict) -> str:
     tot = dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0)
     for name, s in props.items():
         if s.get("skipped") and not s["cases"]:
-            rows.append((name, "-", "-", "-", "-", f"skipped: {s['skipped']}"))
+            rows.append((name, "-", "-", "-", "-", f"skipped: {escape(s['skipped'], 120)}"))
             continue
         rate = s["checks"] / s["seconds"] if s["seconds"] > 0 else 0.0
         rows.append((name, str(s["cases"]), str(s["failures"]), str(s["checks"]), f"{rate:.0f}",
@@ -371,7 +432,11 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
                target=opts.target, threads=opts.threads, traces=opts.traces, arrays=arrays, arrays_call=call,
                diagnosis=diagnosis)
     path = base.with_suffix(".json")
-    rec["replay"] = f"python -m fuzz replay {path}"
+    import shlex
+
+    kernel = f" --target {shlex.quote(opts.target)}" if opts.target else ""
+    kernel += f" --threads {int(opts.threads)}" if opts.target and opts.threads else ""
+    rec["replay"] = f"python -m fuzz replay {shlex.quote(str(path))}{kernel}"
     path.write_text(json.dumps(rec, indent=1, default=_json_default) + "\n")
     rec["file"] = str(path)
     return rec
@@ -422,19 +487,47 @@ class Campaign:
         self.path = self.out / "results.jsonl"
         self.failed = False
 
-    def run(self) -> int:
+    def prepare_out(self) -> list:
+        """Check and prepare --out; returns the records a --resume continues. An existing --out must be a
+        directory; a non-empty one is refused unless --resume (continue it) or --overwrite (its
+        results.jsonl and failures/ are removed). ValueError with one line otherwise."""
+        import shutil
+
         o = self.opts
-        self.out.mkdir(parents=True, exist_ok=True)
+        where = f"--out {escape(self.out)}"
+        if o.resume and o.overwrite:
+            raise ValueError("--resume and --overwrite: choose one")
+        try:
+            if self.out.exists() and not self.out.is_dir():
+                raise ValueError(f"{where}: expected a directory, found a file or device")
+            self.out.mkdir(parents=True, exist_ok=True)
+            entries = sorted(x.name for x in self.out.iterdir())
+        except OSError as e:
+            raise ValueError(f"{where}: cannot use it as the results directory ({e.strerror or type(e).__name__})"
+                             ) from None
+        if entries and not o.resume and not o.overwrite:
+            raise ValueError(f"{where}: holds an earlier run's files ({', '.join(map(escape, entries[:3]))}"
+                             f"{', ...' if len(entries) > 3 else ''}); add --resume to continue it, --overwrite "
+                             f"to replace its results, or give a new --out DIR")
+        if o.overwrite:
+            if self.path.exists() or self.path.is_symlink():
+                self.path.unlink()
+            if (self.out / "failures").is_dir():
+                shutil.rmtree(self.out / "failures")
         old = []
-        if o.resume:
+        if o.resume and (self.path.exists() or self.path.is_symlink()):
+            schema.regular_file(self.path, "--resume")
             drop_partial_line(self.path)
             old = read_records(self.path)
             seeds = {r.get("seed") for r in old if r.get("type") == "campaign"}
             if seeds and seeds != {o.seed}:
-                raise ValueError(f"--resume: {self.path} holds a campaign with seed {sorted(seeds)[0]}, "
+                raise ValueError(f"--resume: {escape(self.path)} holds a campaign with seed {sorted(seeds)[0]}, "
                                  f"not --seed {o.seed}")
-        elif self.path.exists():
-            self.path.unlink()
+        return old
+
+    def run(self) -> int:
+        o = self.opts
+        old = self.prepare_out()
         self.done = {r["id"] for r in old if r.get("type") == "case"}
         self.prior = self._prior(old)
         self.rec = Records(self.path)
@@ -463,7 +556,8 @@ class Campaign:
             print(self.ctx.target.coverage_table(), flush=True)
         fails = [r for r in read_records(self.path) if r.get("type") == "failure"]
         for f in fails:
-            print(f"FAIL {f['property']}: {f['error']}\n  saved {f['file']}\n  replay: {f['replay']}", flush=True)
+            print(f"FAIL {f['property']}: {escape(f['error'])}\n  saved {escape(f['file'])}\n  replay: "
+                  f"{escape(f['replay'])}", flush=True)
         if interrupted:
             return 130
         return 1 if any(s["failures"] for s in props.values()) else 0
@@ -550,7 +644,11 @@ class Campaign:
                            f"{spent:.1f} s, {COMPILES.count - c0} compiles")
         if first_fail is not None and not saved:
             (chunk, _), cid, params, oc = first_fail
-            self._report_failure(prop, cid, chunk, params, oc)
+            try:
+                self._report_failure(prop, cid, chunk, params, oc)
+            except Exception as e:  # e.g. a resumed record's params this property cannot rebuild
+                self.progress.line(f"{prop.name}: FAIL {cid}: could not shrink and save it: "
+                                   f"{escape(type(e).__name__)}: {escape(str(e), 160)}")
 
     def _report_failure(self, prop, cid, chunk, params, outcome):
         o, ctx = self.opts, self.ctx

@@ -12,6 +12,12 @@ configurations are k-formats x v-formats (a missing side comes from --formats; `
 Writes DIR/results.jsonl (rows appended as each group of configurations finishes; --resume skips the
 configurations already there), DIR/results.csv, DIR/results.json, DIR/channels.json and PNG plots, and
 prints a summary table. Exit status: 0 done; 2 bad arguments (one line on stderr).
+
+Bounds (bad arguments otherwise): --kv-len and --hot-window at most `MAX_LEN`, --head-dim at most
+`MAX_HEAD_DIM`, --samples at most `MAX_SAMPLES`, and samples x kv_len x head_dim of the largest
+configuration at most `MAX_WORK` (4x the default sweep's largest, 64 x 4096 x 128 = 2^25); an empty list
+(``--formats ""``) is an error, not the default. --resume reads DIR/results.jsonl only when it is a regular
+file (a FIFO there is refused, not waited on).
 Library and method: jaxkv.sensitivity; findings: docs/sensitivity.md.
 """
 
@@ -25,7 +31,14 @@ import pathlib
 import sys
 import time
 
-__all__ = ["main"]
+from jaxkv.textsafe import escape
+
+__all__ = ["main", "MAX_LEN", "MAX_HEAD_DIM", "MAX_SAMPLES", "MAX_WORK"]
+
+MAX_LEN = 1 << 17
+MAX_HEAD_DIM = 1024
+MAX_SAMPLES = 1 << 16
+MAX_WORK = 1 << 27
 
 
 class _UsageError(Exception):
@@ -67,11 +80,20 @@ def _ints(text: str, field: str) -> list[int]:
     return out
 
 
-def _names(text: str | None) -> list[str] | None:
+def _names(text: str | None, field: str = "list") -> list[str] | None:
     if text is None:
         return None
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise _UsageError(f"{field}: expected at least one name, got {text!r}")
     return names
+
+
+def _bounded(vals: list[int], field: str, hi: int) -> list[int]:
+    for v in vals:
+        if v > hi:
+            raise _UsageError(f"{field}: expected values <= {hi}, got {v}")
+    return vals
 
 
 def _set_devices(n: int) -> None:
@@ -132,16 +154,45 @@ def _write_tables(out_dir: pathlib.Path, rows: list[dict], channels: list[dict],
     (out_dir / "channels.json").write_text(json.dumps(dict(meta, channels=channels), indent=1))
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
+_ID_FIELDS = ("k_format", "v_format", "hot_window", "kv_len", "head_dim", "dist", "samples", "seed")
+
+
+def _read_jsonl(path: pathlib.Path, configs: dict | None = None) -> list[dict]:
+    """Rows of a --resume file (untrusted). A row of a configuration of this sweep (``configs``: key ->
+    Config) is kept only when it is an object whose identifying fields are that configuration's and whose
+    other fields are numbers (or null); any other row of the wrong shape is an error naming file:line.
+    Lines that are not JSON (a cut write) are recomputed."""
     out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:  # a line cut by an interrupted run: recomputed
-                    pass
+    if not path.exists():
+        return out
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            r = json.loads(line)
+        except (ValueError, RecursionError):  # a line cut by an interrupted run: recomputed
+            continue
+        where = f"{escape(path)}:{i}"
+        if not isinstance(r, dict) or not all(isinstance(r.get(f), (str, int)) and not isinstance(r.get(f), bool)
+                                              for f in _ID_FIELDS):
+            raise _UsageError(f"{where}: expected a result row with {', '.join(_ID_FIELDS)}, found "
+                              f"{escape(line, 80)}")
+        if configs is not None:
+            if not isinstance(r.get("key"), str):
+                raise _UsageError(f"{where}: key: expected a string, found {escape(repr(r.get('key')), 80)}")
+            cfg = configs.get(r["key"])
+            if cfg is None:
+                continue
+            for f in _ID_FIELDS:
+                if r[f] != getattr(cfg, f):
+                    raise _UsageError(f"{where}: {f}: expected {getattr(cfg, f)!r} for key {escape(r['key'])}, "
+                                      f"found {escape(repr(r[f]), 40)}")
+            for k, v in r.items():
+                if k not in _ID_FIELDS and k != "key" and v is not None and (
+                        isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise _UsageError(f"{where}: {escape(k, 40)}: expected a number, found {escape(repr(v), 40)}")
+        out.append(r)
     return out
 
 
@@ -165,23 +216,36 @@ def main(argv: list[str]) -> int:
             _set_devices(devices)
         from jaxkv import sensitivity as sens
 
-        pairs = sens.pairs_from(_names(args.formats), _names(args.k_format), _names(args.v_format))
-        sweep = sens.Sweep(format_pairs=pairs, hot_windows=_ints(args.hot_window, "--hot-window"),
-                           kv_lens=_ints(args.kv_len, "--kv-len"),
-                           head_dims=_ints(args.head_dim, "--head-dim"),
-                           dists=_names(args.dist) or [], samples=samples[0], seed=seed[0])
+        if samples[0] > MAX_SAMPLES:
+            raise _UsageError(f"--samples: expected at most {MAX_SAMPLES}, got {samples[0]}")
+        kv_lens = _bounded(_ints(args.kv_len, "--kv-len"), "--kv-len", MAX_LEN)
+        head_dims = _bounded(_ints(args.head_dim, "--head-dim"), "--head-dim", MAX_HEAD_DIM)
+        hot = _bounded(_ints(args.hot_window, "--hot-window"), "--hot-window", MAX_LEN)
+        work = samples[0] * max(kv_lens) * max(head_dims)
+        if work > MAX_WORK:
+            raise _UsageError(f"--samples x --kv-len x --head-dim: the largest configuration is {work} elements, "
+                              f"expected at most {MAX_WORK}")
+        pairs = sens.pairs_from(_names(args.formats, "--formats"), _names(args.k_format, "--k-format"),
+                                _names(args.v_format, "--v-format"))
+        sweep = sens.Sweep(format_pairs=pairs, hot_windows=hot, kv_lens=kv_lens, head_dims=head_dims,
+                           dists=_names(args.dist, "--dist"), samples=samples[0], seed=seed[0])
         mesh = sens.make_mesh(devices)
         out_dir = pathlib.Path(args.out)
         try:
+            if out_dir.exists() and not out_dir.is_dir():
+                raise _UsageError(f"--out: expected a directory, found a file or device at {escape(out_dir)}")
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _UsageError(f"--out: cannot create {out_dir}: {e.strerror}") from None
-    except (_UsageError, ValueError) as e:
+            raise _UsageError(f"--out: cannot create {escape(out_dir)}: {e.strerror or type(e).__name__}") from None
+        for name in ("results.jsonl", "channels.jsonl"):
+            q = out_dir / name
+            if (q.exists() or q.is_symlink()) and not q.is_file():
+                raise _UsageError(f"--out: {escape(q)} is not a regular file (a FIFO or device): remove it")
+        return _run(sens, sweep, mesh, out_dir, args, argv)
+    except (_UsageError, ValueError, OSError, MemoryError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"sensitivity: error: {msg}", file=sys.stderr)
+        print(f"sensitivity: error: {escape(msg)}", file=sys.stderr)
         return 2
-
-    return _run(sens, sweep, mesh, out_dir, args, argv)
 
 
 def _run(sens, sweep, mesh, out_dir: pathlib.Path, args, argv) -> int:
@@ -190,7 +254,7 @@ def _run(sens, sweep, mesh, out_dir: pathlib.Path, args, argv) -> int:
         for p in (res_path, ch_path):
             if p.exists():
                 p.unlink()
-    done = {r["key"]: r for r in _read_jsonl(res_path)}
+    done = {r["key"]: r for r in _read_jsonl(res_path, {c.key: c for c in sweep.configs()})}
     ch_done = _read_jsonl(ch_path)
     groups = sweep.groups()
     todo = [g for g in groups if not all(c.key in done for c in g.configs())]

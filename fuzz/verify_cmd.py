@@ -17,6 +17,8 @@ import json
 import pathlib
 import sys
 
+from jaxkv.textsafe import escape
+
 __all__ = ["main", "parse_names", "expand_paths", "exit_status"]
 
 
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tensor-name map for trace.load: a JSON file or role=name,role=name")
     p.add_argument("--timings", action="store_true",
                    help="print the time spent loading, compiling and computing")
+    p.add_argument("--max-elements", type=int, default=None, metavar="N",
+                   help="largest attention call accepted: elements of each operand and of the logits "
+                        "B*H*n_q*n_kv (default jaxkv.trace.MAX_ELEMENTS = 2^25)")
     return p
 
 
@@ -70,13 +75,20 @@ def parse_names(spec: str | None) -> dict | None:
     return out
 
 
+def _is_dir(p) -> bool:
+    try:
+        return pathlib.Path(p).is_dir()
+    except OSError:  # a name too long for the file system: reported by the loader as unreadable
+        return False
+
+
 def expand_paths(paths) -> list[pathlib.Path]:
     """Files as given; directories -> their ``*.gguf`` files (recursive, sorted). A missing path is
     kept (it is reported as unreadable)."""
     out = []
     for s in paths:
         p = pathlib.Path(s)
-        if p.is_dir():
+        if _is_dir(p):
             out.extend(sorted(x for x in p.rglob("*.gguf") if x.is_file()))
         else:
             out.append(p)
@@ -88,11 +100,11 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
-def _load(path: pathlib.Path, names) -> list[tuple[str, object]]:
+def _load(path: pathlib.Path, names, max_elements=None) -> list[tuple[str, object]]:
     """(name, Trace) per call in the file: one for trace v1, one per step for a foreign dump."""
     from jaxkv import trace as tr
 
-    steps = tr.load_steps(path, names=names)
+    steps = tr.load_steps(path, names=names, max_elements=max_elements or tr.MAX_ELEMENTS)
     foreign = any(any(str(k).startswith("kqv_trace.") for k in (t.metadata or {})) for t in steps)
     if foreign or len(steps) > 1:
         return [(f"{path}[step {i + 1}]", t) for i, t in enumerate(steps)]
@@ -106,18 +118,24 @@ def main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
         names = parse_names(args.names)
+        if args.max_elements is not None and args.max_elements < 1:
+            raise ValueError(f"--max-elements: expected >= 1, got {args.max_elements}")
     except (_UsageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {escape(str(e))}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    if args.json:  # numpy's RuntimeWarnings (overflow in a forged trace) must not garble --json's stderr
+        import warnings
+
+        warnings.simplefilter("ignore", RuntimeWarning)
     timings = vf.Timings()
     seen = set()
     done = []  # (name, trace or None, verdict): the whole-run table of captured runs (jaxkv.report)
     paths = []
     for s in args.paths:
         found = expand_paths([s])
-        if pathlib.Path(s).is_dir() and not found:
+        if _is_dir(s) and not found:
             found = [(s, _NoTraces(f"no traces found under {s}"))]
         paths.extend(found)
     for path in paths:
@@ -126,7 +144,7 @@ def main(argv: list[str]) -> int:
         else:
             try:
                 with timings.loading():
-                    items = _load(path, names)
+                    items = _load(path, names, args.max_elements)
             except Exception as e:  # unreadable: one line, go on
                 items = [(str(path), e)]
         for name, t in items:
@@ -145,9 +163,9 @@ def main(argv: list[str]) -> int:
             if args.json:
                 print(json.dumps(verdict.to_json()), flush=True)
             else:
-                print(verdict.line(), flush=True)
+                print(escape(verdict.line(), 2000), flush=True)
                 if verdict.status in ("fail", "undecided"):
-                    print(verdict.details(), flush=True)
+                    print("\n".join(escape(x, 2000) for x in verdict.details().splitlines()), flush=True)
     from jaxkv import report
     rows = [r for r in (report.row(n, t, v) for n, t, v in done) if r.layer is not None]
     if rows:

@@ -53,9 +53,10 @@ COMMANDS: dict[str, Command] = {
 
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message, control characters escaped (safe for a terminal)."""
+    from jaxkv.textsafe import escape
+
     lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return escape(lines[0] if lines else type(e).__name__)
 
 
 def _help(prog: str) -> str:
@@ -102,6 +103,9 @@ def run(argv: list[str], *, prog: str = "jaxkv", default: str | None = None) -> 
         return int(fn(rest) or 0)
     except ValueError as e:  # a subcommand's bad argument or unreadable input: one line, exit 2
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:  # the file system or the machine refused: one line, exit 2
+        print(f"{prog}: error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

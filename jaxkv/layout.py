@@ -404,15 +404,22 @@ def resolve_raw(buffer, view: View, name: str = "view") -> np.ndarray:
     return u.reshape(view.shape[:3] + (nblk * bb,))
 
 
-def resolve(buffer, view: View, name: str = "view") -> np.ndarray:
+def resolve(buffer, view: View, name: str = "view", max_elements: int | None = None) -> np.ndarray:
     """Bytes + view -> numpy float array of shape ``ne[::-1]`` (ggml order reversed).
 
     f32 -> float32, f16 -> float16 (exact), block formats and bf16 -> float32 dequantized row by row
     through `jaxkv.formats.dequantize`. Raises ValueError (naming ``name``) if the view leaves the buffer.
+    f32/f16 results are views of the buffer (no allocation); a dequantized result is allocated, so its
+    elements are bounded: at most ``max_elements``, by default 2 per buffer byte (a block format packs at
+    most 32 elements in 18 bytes), which only a view repeating bytes (a stride of 0) can exceed.
     """
     r = resolve_raw(buffer, view, name)
     if view.type in _FLOAT_DTYPES:
         return r
+    limit = 2 * _as_u8(buffer).size if max_elements is None else int(max_elements)
+    if view.nelements > limit:
+        raise ValueError(f"{name}: view (ne={list(view.ne)}, nb={list(view.nb)}) has {view.nelements} elements, "
+                         f"more than the bound {limit} (2 per buffer byte, or max_elements)")
     from jaxkv import formats
     if r.size == 0:
         return np.zeros(view.shape, np.float32)

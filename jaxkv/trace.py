@@ -16,6 +16,12 @@ Every problem with a file -- truncation, corruption, a missing tensor, inconsist
 metadata type or value -- raises `TraceError` (a ValueError) naming the file, the tensor or key, what
 was expected and what was found. The GGUF structure is checked with bounded reads before the ``gguf``
 package parses it, so no corrupted count or length can make the reader loop or allocate without bound.
+
+Resource bounds (docs/trace-format.md, Errors and bounds): only regular files are opened (a FIFO or a
+device is refused before any read); every stored tensor lies inside the file; a view has no more elements
+than the stored tensor it reads (no zero counts, so a broadcast through ``nb = 0`` cannot multiply the
+file's content); and the attention call -- the operands and the logits ``B*H*n_q*n_kv`` -- has at most
+``max_elements`` elements (default `MAX_ELEMENTS`). Text taken from a file is escaped in messages.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import numpy as np
 
 from jaxkv import formats as F
 from jaxkv import layout as L
+from jaxkv.textsafe import escape
 
-__all__ = ["TraceError", "Trace", "OPS", "load", "load_steps", "save", "ALIASES"]
+__all__ = ["TraceError", "Trace", "OPS", "load", "load_steps", "save", "ALIASES", "MAX_ELEMENTS", "check_file"]
 
 OPS = ("flash_attn_ext", "soft_max_attn", "mixed_flash_attn")
 KV_ORDERS = ("cold,hot", "hot,cold")
@@ -167,6 +174,9 @@ _MAX_STR = 1 << 16          # key names, tensor names, string values
 _MAX_ARRAY = 1 << 16        # metadata array elements (traces hold ne/nb arrays of 4)
 _MAX_DIMS = 4               # GGML_MAX_DIMS
 _MAX_ELEMS = 1 << 40
+#: default bound on the attention call a trace describes: elements of each operand and of the logits
+#: B*H*n_q*n_kv (4x the largest shared/ggml trace; 2^25 float64 logits are 256 MiB)
+MAX_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -301,12 +311,37 @@ def _scan(buf: np.ndarray, path: str) -> tuple[list[_TensorInfo], int]:
     return out, data_start
 
 
+def _regular(p: str) -> None:
+    """Raise TraceError unless ``p`` is a regular file (no FIFO, device, directory; never opened here)."""
+    import errno
+    import stat
+
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        why = {errno.ENOENT: "none", errno.ELOOP: "a symbolic link loop", errno.ENAMETOOLONG: "a name too long "
+               "for the file system", errno.EACCES: "no permission", errno.ENOTDIR: "a path through a non-directory"
+               }.get(e.errno, e.strerror or type(e).__name__)
+        raise TraceError(f"{escape(p)}: file: expected an existing trace file, found {why}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a special file")
+        raise TraceError(f"{escape(p)}: file: expected a regular trace file, found {kind}")
+
+
+def check_file(path) -> None:
+    """Check ``path``'s GGUF structure with bounded reads (regular file, magic, version, counts, lengths,
+    types, alignment, tensors inside the file) without interpreting it as a trace; raises TraceError.
+    Readers that parse GGUF themselves (jaxkv.oracles.ggml_replay) call this first."""
+    _open(path)
+
+
 def _open(path) -> tuple[str, np.ndarray, list[_TensorInfo], dict]:
     """Memory-map, scan and parse the metadata through gguf.GGUFReader; returns (path, bytes, infos,
     fields) where fields maps key -> (value, [GGUFValueType names])."""
     p = str(path)
-    if not os.path.isfile(p):
-        raise TraceError(f"{p}: file: expected an existing trace file, found none")
+    _regular(p)
     if os.path.getsize(p) == 0:
         raise TraceError(f"{p}: file: expected a GGUF file, found an empty file")
     try:
@@ -445,13 +480,19 @@ def _views_from_meta(path, fields, infos_by_role: dict[str, _TensorInfo]) -> dic
         for k, arr in ((keys["ne"], ne), (keys["nb"], nb)):
             if not isinstance(arr, list) or len(arr) != 4 or not all(isinstance(a, int) for a in arr):
                 raise TraceError(f"{path}: key {k!r}: expected 4 int64, found {arr!r}")
+        if any(a < 1 for a in ne):
+            raise TraceError(f"{path}: key {keys['ne']!r}: expected positive counts (an operand has no empty "
+                             f"axis), found {ne}")
+        stored = math.prod(info.ne)
+        if math.prod(ne) > stored:  # a view cannot hold more elements than the bytes it reads (broadcasts)
+            raise TraceError(f"{path}: key {keys['ne']!r}: expected at most the {stored} elements of the stored "
+                             f"tensor {info.name!r} (a view never repeats stored bytes), found {ne} = "
+                             f"{math.prod(ne)} elements")
         try:
             v = L.View(info.type, tuple(ne), tuple(nb), int(off))
             L.validate(v, info.nbytes, f"trace.view.{role}")
         except ValueError as e:
             raise TraceError(f"{path}: view of tensor {info.name!r}: {e}") from None
-        if math.prod(v.ne) > _MAX_ELEMS:
-            raise TraceError(f"{path}: key 'trace.view.{role}.ne': expected at most 2^40 elements, found {ne}")
         views[role] = v
     return views
 
@@ -479,7 +520,7 @@ def _canon(role: str, arr, type_: str, n: int):
 def _build(path: str, mm, infos: dict[str, _TensorInfo], views: dict[str, L.View], *, op: str,
            producer: str, scale: float | None, max_bias: float, softcap: float, n_threads: int,
            kv_order: str | None, v_transposed: bool, metadata: dict, out_view: L.View | None = None,
-           file_tensors: Sequence[str] = ()) -> Trace:
+           file_tensors: Sequence[str] = (), max_elements: int = MAX_ELEMENTS) -> Trace:
     """Validate the operand shapes (ggml ne of each view) and build the canonical Trace."""
     def fail(what, expected, found):
         raise TraceError(f"{path}: {what}: expected {expected}, found {found}")
@@ -544,6 +585,13 @@ def _build(path: str, mm, infos: dict[str, _TensorInfo], views: dict[str, L.View
             fail(f"tensor {infos['mask'].name!r} ne[2]", f"1 or n_head = {H}", str(m[2]))
         if m[3] not in (1, B):
             fail(f"tensor {infos['mask'].name!r} ne[3]", f"1 or B = {B}", str(m[3]))
+    for r in infos:
+        if math.prod(ne[r]) > max_elements:
+            fail(f"tensor {infos[r].name!r} ne", f"at most max_elements = {max_elements} elements",
+                 f"{list(ne[r])} = {math.prod(ne[r])}")
+    if B * H * n_q * n_kv > max_elements:
+        fail(f"tensor {infos['q'].name!r} ne (the call)", f"logits B*H*n_q*n_kv of at most max_elements = "
+             f"{max_elements}", f"{B}*{H}*{n_q}*{n_kv} = {B * H * n_q * n_kv}")
     if scale is None:  # ggml kernels hard-code 1.0f/sqrtf(Dk): float32 arithmetic
         scale = float(np.float32(1.0) / np.sqrt(np.float32(Dk)))
 
@@ -570,17 +618,18 @@ def _build(path: str, mm, infos: dict[str, _TensorInfo], views: dict[str, L.View
 
 
 def load(path, names: Mapping[str, str] | None = None, *, step: int | None = None,
-         layout: str = "names") -> Trace:
+         layout: str = "names", max_elements: int = MAX_ELEMENTS) -> Trace:
     """Read a trace file -> `Trace` (canonical operands, memory-mapped).
 
     Reads trace v1 (docs/trace-format.md, views included), "KQV trace monitor" dumps (``step`` picks
     one step of a multi-step file; see `load_steps`, which also explains ``layout``) and other dumps
     whose tensor names are common aliases (`ALIASES`) or mapped by ``names`` ({file name: role} or
-    {role: file name}). Anything invalid raises `TraceError`.
+    {role: file name}). Anything invalid raises `TraceError`, as does a call of more than
+    ``max_elements`` elements (module docstring).
     """
     p, mm, infos, fields = _open(path)
     if any(k.startswith("kqv_trace.") for k in fields):
-        steps = _monitor_steps(p, mm, infos, fields, names, layout)
+        steps = _monitor_steps(p, mm, infos, fields, names, layout, max_elements)
         if step is None:
             if len(steps) != 1:
                 raise TraceError(f"{p}: step: expected step=N (1..{len(steps)}) for a multi-step monitor dump "
@@ -594,10 +643,10 @@ def load(path, names: Mapping[str, str] | None = None, *, step: int | None = Non
     if layout != "names":
         raise TraceError(f"{p}: layout: expected 'names' for a trace v1 file (it states its layout), "
                          f"found {layout!r}")
-    return _load_v1(p, mm, infos, fields, names)
+    return _load_v1(p, mm, infos, fields, names, max_elements)
 
 
-def _load_v1(p, mm, infos, fields, names) -> Trace:
+def _load_v1(p, mm, infos, fields, names, max_elements=MAX_ELEMENTS) -> Trace:
     roles = _assign(p, [i.name for i in infos], names)
     by_name = {i.name: i for i in infos}
     by_role = {r: by_name[t] for r, t in roles.items()}
@@ -637,7 +686,7 @@ def _load_v1(p, mm, infos, fields, names) -> Trace:
         metadata["jaxkv.names"] = {r: t for r, t in roles.items() if r != t}
     return _build(p, mm, by_role, views, op=op, producer=producer, scale=scale, max_bias=max_bias,
                   softcap=softcap, n_threads=int(n_threads), kv_order=kv_order, v_transposed=bool(v_t),
-                  metadata=metadata, file_tensors=[i.name for i in infos])
+                  metadata=metadata, file_tensors=[i.name for i in infos], max_elements=max_elements)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -664,7 +713,8 @@ def _name_order(name: str) -> str:
     return "ne"
 
 
-def load_steps(path, names: Mapping[str, str] | None = None, *, layout: str = "names") -> list[Trace]:
+def load_steps(path, names: Mapping[str, str] | None = None, *, layout: str = "names",
+               max_elements: int = MAX_ELEMENTS) -> list[Trace]:
     """Read a "KQV trace monitor" dump (docs/trace-format.md, Foreign dumps) -> one `Trace` per step.
 
     ``layout="names"`` derives each input's memory order from its ggml name ('(permuted)' without
@@ -680,11 +730,11 @@ def load_steps(path, names: Mapping[str, str] | None = None, *, layout: str = "n
     if not any(k.startswith("kqv_trace.") for k in fields):
         if layout != "names":
             raise TraceError(f"{p}: layout: expected 'names' for a trace v1 file, found {layout!r}")
-        return [_load_v1(p, mm, infos, fields, names)]
-    return _monitor_steps(p, mm, infos, fields, names, layout)
+        return [_load_v1(p, mm, infos, fields, names, max_elements)]
+    return _monitor_steps(p, mm, infos, fields, names, layout, max_elements)
 
 
-def _monitor_steps(p, mm, infos, fields, names, layout) -> list[Trace]:
+def _monitor_steps(p, mm, infos, fields, names, layout, max_elements=MAX_ELEMENTS) -> list[Trace]:
     if layout not in ("names", "infer"):
         raise TraceError(f"{p}: layout: expected 'names' or 'infer', found {layout!r}")
     steps: dict[int, list[_TensorInfo]] = {}
@@ -715,13 +765,13 @@ def _monitor_steps(p, mm, infos, fields, names, layout) -> list[Trace]:
             raise TraceError(f"{p}: step {n}: expected tensors for {sorted(pos)}, found roles {sorted(roles)}")
         by_name = {t.name: t for t in tensors}
         by_role = {r: by_name[t] for r, t in roles.items()}
-        out.append(_monitor_step(p, mm, by_role, n, layout, dict(metadata, **{"jaxkv.step": n})))
+        out.append(_monitor_step(p, mm, by_role, n, layout, dict(metadata, **{"jaxkv.step": n}), max_elements))
     if total is not None and total != len(out):
         raise TraceError(f"{p}: key 'kqv_trace.total_steps': expected {len(out)} (steps found), found {total}")
     return out
 
 
-def _monitor_step(p, mm, by_role, n, layout, metadata) -> Trace:
+def _monitor_step(p, mm, by_role, n, layout, metadata, max_elements=MAX_ELEMENTS) -> Trace:
     mixed = "k_cold" in by_role
     q = by_role["q"]
     Dk, n_q, H = q.ne[0], q.ne[1], q.ne[2]
@@ -733,7 +783,7 @@ def _monitor_step(p, mm, by_role, n, layout, metadata) -> Trace:
     inputs = [r for r in by_role if r not in ("out", "mask")]
     base = dict(op="mixed_flash_attn" if mixed else "flash_attn_ext", producer=str(metadata.get(
         "kqv_trace.description", "KQV trace monitor")), scale=None, max_bias=0.0, softcap=0.0, n_threads=1,
-        kv_order="hot,cold" if mixed else None, v_transposed=False, out_view=out_view)
+        kv_order="hot,cold" if mixed else None, v_transposed=False, out_view=out_view, max_elements=max_elements)
 
     def build(orders, meta):
         views = {r: _mem_view(by_role[r], by_role[r].ne, orders[r]) for r in inputs}
