@@ -8,7 +8,8 @@ bound"). The bound is computed inside the property's program, in float64, from t
 
 for any kernel that computes the logits with float32 dot products (any order, FMA or not), one
 ``exp`` per key, at most ``exps`` exp factors (rescalings) multiplying one key's weight, and sums of at
-most ``depth`` float32 roundings per term (:class:`Schedule`). With u = 2^-24 and, per query row,
+most ``depth`` float32 roundings per term (:class:`Schedule`: ``TWO_PASS`` for attention(f32),
+``STREAMING`` for jaxkv's online / split-K / merged kernels, ``GENERIC`` for any other merge order). With u = 2^-24 and, per query row,
 golden logits s_t (keys t, plus the sink with value row 0), golden max m, probabilities p_t and
 output g:
 
@@ -38,10 +39,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+from jax import lax
 
 from jaxkv import attention as _att
 
-__all__ = ["U", "C_EXP", "C_TANH", "Schedule", "TWO_PASS", "STREAMING", "Terms", "terms", "bound",
+__all__ = ["U", "C_EXP", "C_TANH", "Schedule", "TWO_PASS", "STREAMING", "GENERIC", "Terms", "terms", "bound",
            "bound_stats", "verdict", "STATS"]
 
 U = 2.0 ** -24
@@ -55,21 +57,28 @@ _GOLDEN = 1.0 + 2.0 ** -20
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """How a kernel's rounding steps grow with the live keys n of a row: ``exps = e0 + e1 * n`` exp
-    factors multiply one key's weight (its own exp plus rescalings), ``depth = d0 + d1 * n`` roundings
-    in the sum of one term (products, additions, rescaling multiplies)."""
+    factors multiply one key's weight (its own exp plus rescalings), or ``e0 + R`` when ``records``
+    (R: keys that can raise the running maximum in key order, :func:`terms`); ``depth = d0 + d1 * n``
+    roundings in the sum of one term (products, additions, rescaling multiplies)."""
 
     name: str
     e0: int
     e1: int
     d0: int
     d1: int
+    records: bool = False
 
 
 #: attention(precision="f32"): max first, one exp per key, one sum (n terms, then + sink), one division
 TWO_PASS = Schedule("two-pass", 1, 0, 1, 1)
-#: online (one key at a time: <= one rescale per key), split-K chunks merged by log-sum-exp in any
-#: grouping, finalize's sink merge: <= n + 4 exp factors, <= 2 roundings per step
-STREAMING = Schedule("streaming", 4, 1, 6, 2)
+#: jaxkv's online_attention (key order: its own exp, one rescale per later running-max record, the
+#: sink merge), flash_decode (own exp, its chunk's merge factor, sequential merges only at records, sink
+#: merge) and finalize(merge of 3 partial states) (own exp, 2 merges, sink merge): <= R + 4 exp factors;
+#: <= 2 roundings per step (rescale multiply, add)
+STREAMING = Schedule("streaming", 4, 0, 6, 2, records=True)
+#: any kernel merging partial softmax states in any order or tree (a --target, the mixed cache's
+#: cold/hot regions): <= n + 4 exp factors
+GENERIC = Schedule("generic", 4, 1, 6, 2)
 
 
 def _gamma(n):
@@ -80,8 +89,9 @@ def _gamma(n):
 class Terms:
     """Per-case float64 quantities the bound needs (module docstring): ``lp`` log p_t, ``E`` logit
     error, ``gap`` m - s_t, all [PB, H, PNQ, T] (T = n_kv keys + the sink, -inf / 0 where dead),
-    ``vabs`` |v_t| and ``vdev`` |v_t - g| as [PB, PNQ, H, T, PD] inputs, ``n`` live terms per row
-    [PB, H, PNQ], ``live_row`` (some key or the sink is live)."""
+    ``vabs`` |v_t| and ``vdev`` |v_t - g| as [PB, PNQ, H, T, PD] inputs, ``n`` live terms and
+    ``records`` (keys j with s_j + E_j >= max_{i<j} (s_i - E_i): the only ones that can raise a float32
+    running maximum in key order) per row [PB, H, PNQ], ``live_row`` (some key or the sink is live)."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -122,10 +132,15 @@ def terms(a, g) -> Terms:
     z = jnp.sum(jnp.where(live, jnp.exp(s - m_safe), 0.0), -1, keepdims=True)
     lp = jnp.where(live, s - m_safe - jnp.log(jnp.where(live_row, z, 1.0)), -jnp.inf)
     gap = jnp.where(live, m_safe - s, 0.0)
+    # keys that can be a running-maximum record in float32, in key order: s_j + E_j >= max_{i<j} s_i - E_i
+    lo = jnp.where(live, s - E, -jnp.inf)[..., :-1]
+    first = jnp.full(lo.shape[:-1] + (1,), -jnp.inf)
+    prev = jnp.concatenate([first, lax.cummax(lo, axis=lo.ndim - 1)[..., :-1]], -1)
+    records = jnp.sum(live[..., :-1] & (s[..., :-1] + E[..., :-1] >= prev), -1)
     vh = jnp.transpose(v, (0, 2, 1, 3))  # [PB, H, NK, PD]
     vt = jnp.concatenate([vh, jnp.zeros_like(vh[:, :, :1])], 2)[:, :, None]  # [PB, H, 1, T, PD]: sink row 0
     gt = jnp.transpose(g.astype(f64), (0, 2, 1, 3))[:, :, :, None]  # [PB, H, PNQ, 1, PD]
-    return Terms(lp=lp, E=E, gap=gap, live=live, live_row=live_row[..., 0], n=jnp.sum(live, -1),
+    return Terms(lp=lp, E=E, gap=gap, live=live, live_row=live_row[..., 0], n=jnp.sum(live, -1), records=records,
                  vabs=jnp.abs(vt), vdev=jnp.abs(vt - gt), gabs=jnp.abs(gt[..., 0, :]),
                  vmax=jnp.max(jnp.abs(vt), axis=(-2, -1)))
 
@@ -134,7 +149,7 @@ def bound(t: Terms, sched: Schedule):
     """Elementwise bound [PB, PNQ, H, PD] (float64) on |out - g| of a kernel with schedule ``sched``
     (module docstring); 0 on rows with no live key and no sink (their output must be exactly 0)."""
     n = t.n.astype(jnp.float64)  # [PB, H, PNQ]
-    exps = sched.e0 + sched.e1 * n
+    exps = sched.e0 + (t.records.astype(jnp.float64) if sched.records else sched.e1 * n)
     depth = sched.d0 + sched.d1 * n
     emax = jnp.max(t.E, -1, keepdims=True)
     Ht = t.E + (1 + 2 * U) * U * (t.gap + 2 * emax) + 1.01 * exps[..., None] * C_EXP * U
