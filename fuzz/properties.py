@@ -627,7 +627,7 @@ class _TargetRunner:
     bucket; a target that does not trace (numpy code) is called once per case on the padded arrays, its
     verdicts streamed case by case. A ``ggml-cpu`` target (:func:`declares_ggml_cpu`) is judged per case
     against its own emulation and the golden over its stored operands (fuzz.ggml_campaign.judge:
-    jaxkv.verify's budget and sharp emulation check) instead of the f32 budget."""
+    jaxkv.verify's budget and sharp emulation check) instead of the f32 error bound."""
 
     def __init__(self):
         self.fn = None
@@ -796,7 +796,7 @@ _register(Property(
     _s(S.values_case(formats=("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"))),
     _quant_eval, requires=("gguf",)))
 _register(_attention_property(
-    "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 budget",
+    "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 error bound",
     ("flash_decode",), _s(S.attention_case()), kernel=_flash_kernel))
 _register(_attention_property(
     "online", "online_attention (ggml's one-key-at-a-time softmax, f32) vs the f64 reference",
@@ -817,7 +817,7 @@ _register(_attention_property(
     _s(S.attention_case(masks=("full_rows", "padded", "random", "causal"), nan_unused=True))))
 _register(_attention_property(
     "large_logits", "huge logits (values ~1e4, outlier channels, scale up to 4): flash_decode and "
-    "online_attention stay finite and within budget", ("flash_decode", "online_attention"),
+    "online_attention stay finite and within the f32 error bound", ("flash_decode", "online_attention"),
     _s(S.attention_case(dists=("big", "outlier"))), kernel=_flash_kernel))
 _register(Property(
     "mixed_cache", "jaxkv.cache.attend over a mixed cache (cold formats K/V independent, hot F16 "
@@ -829,7 +829,7 @@ _register(Property(
     "traces", "every trace in --traces DIR verified against the reference (jaxkv.verify)",
     None, _traces_eval, enabled=_need_traces, files=_trace_files, batch=1))
 _register(Property(
-    "target", "the --target kernel vs the f64 reference within the f32 budget (a target declaring the "
+    "target", "the --target kernel vs the f64 reference within the f32 error bound (a target declaring the "
     "ggml-cpu precision: vs its emulation with jaxkv.verify's ggml-cpu budget)",
     _target_strategy, _target_eval, call=_target_call, enabled=_need_target, stream=_target_stream))
 
