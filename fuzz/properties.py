@@ -7,7 +7,8 @@ is the number of independent assertions made on the case, ``error`` a one-line m
 ``batch`` / ``stream`` say when verdicts become known (per vmapped batch, per case, or streamed):
 :func:`outcomes` yields them so, and the campaign records each as it comes.
 
-Tolerances: kernel vs float64 golden with the budget of :mod:`fuzz.engine` (jaxkv.verify's method);
+Tolerances: a float32 kernel vs the float64 golden within the a-priori elementwise forward-error bound
+of :mod:`fuzz.bounds` (derived from the case's own inputs, docs/tolerance.md "Fuzz budgets");
 a ``--target`` declaring the ``ggml-cpu`` precision (fuzz.ggml_targets) vs its emulation and the golden
 over its stored operands with jaxkv.verify's ggml-cpu budget and sharp check (fuzz.ggml_campaign.judge);
 algebraic laws that hold exactly in IEEE arithmetic (identity, commutativity of ``merge``, byte equality
@@ -28,7 +29,8 @@ from hypothesis import strategies as st
 
 from fuzz import cases as C
 from fuzz import strategies as S
-from fuzz.engine import Batched, stats, verdict
+from fuzz import bounds as Bd
+from fuzz.engine import Batched
 
 __all__ = ["Property", "Context", "PROPERTIES", "get", "available", "outcomes", "each_case",
            "declares_ggml_cpu", "target_operands", "ggml_cpu_reference"]
@@ -96,17 +98,17 @@ def _outcome(ok, checks, error=None, **metrics):
 
 
 def _fmt_metrics(m):
-    return (f"nmse {m['nmse']:.3g} (budget {m['budget_nmse']:.3g}), max_abs {m['max_abs']:.3g} "
-            f"(budget {m['budget_max_abs']:.3g}), NaN {m['nan_count']}")
+    return (f"{m['outside']} element(s) outside the error bound (worst {m['usage']:.3g}x its bound), "
+            f"nmse {m['nmse']:.3g} (bound {m['budget_nmse']:.3g}), max_abs {m['max_abs']:.3g}, "
+            f"NaN {m['nan_count']}")
 
 
 def _judge(res: dict) -> dict:
-    """Outcome from a program result: every key but 'model' holding 5 stats is a kernel judged against
-    the golden with the model's budget; keys starting with 'exact_' are violation counts (must be 0)."""
+    """Outcome from a program result: every key holds a kernel's :func:`fuzz.bounds.bound_stats`
+    (judged by :func:`fuzz.bounds.verdict`), except keys starting with 'exact_': violation counts
+    (must be 0)."""
     errs, checks, metrics = [], 0, {}
     for name, val in res.items():
-        if name == "model":
-            continue
         checks += 1
         if name.startswith("exact_"):
             n = int(np.asarray(val).sum())
@@ -114,7 +116,7 @@ def _judge(res: dict) -> dict:
             if n:
                 errs.append(f"{name[6:]}: {n} violation(s)")
             continue
-        ok, m = verdict(val, res["model"])
+        ok, m = Bd.verdict(val)
         metrics[name] = m
         if not ok:
             errs.append(f"{name}: {_fmt_metrics(m)}")
@@ -155,7 +157,7 @@ def _dead_rows(a, got):
     return jnp.sum(dead & row_valid & nonzero)
 
 
-def _merge_laws(a, cuts, g):
+def _merge_laws(a, cuts, g, bs):
     """Partial states of the keys [0, a), [a, b), [b, n) (cut by masking) and the laws of merge."""
     q, k, v, mask = a["q"], a["k"], a["v"], a["mask"]
     j = jnp.arange(k.shape[1])
@@ -174,14 +176,16 @@ def _merge_laws(a, cuts, g):
     return dict(exact_identity=sd(m(s0, e), s0) + sd(m(e, s1), s1),
                 exact_commutative=sd(m(s0, s1), m(s1, s0)) + sd(m(s1, s2), m(s2, s1)),
                 exact_empty=sd(ee, e) + jnp.sum(jnp.isnan(ee.acc)),
-                merged_left=stats(left, g, a["valid"]), merged_right=stats(right, g, a["valid"]))
+                merged_left=Bd.bound_stats(left, g, bs, a["valid"]),
+                merged_right=Bd.bound_stats(right, g, bs, a["valid"]))
 
 
 def _kernels_make(key):
-    """The program of a bucket (heads, KV bucket, results needed): golden (f64), honest model (f32) and
-    the kernels under test on one padded case. One program serves every attention property of a
-    campaign (``needs`` is the union of what they judge, see :func:`set_active`); each property judges
-    the results it names."""
+    """The program of a bucket (heads, KV bucket, results needed): golden (f64), the elementwise error
+    bounds of :mod:`fuzz.bounds` (``TWO_PASS`` for ``attention``, ``STREAMING`` for jaxkv's split-K,
+    online and merged kernels) and the kernels under test on one padded case, each as ``bound_stats``. One
+    program serves every attention property of a campaign (``needs`` is the union of what they judge,
+    see :func:`set_active`); each property judges the results it names."""
     (H, Hkv), bucket, needs = key
     G = H // Hkv
     chunk = S.KV_BUCKETS[bucket]
@@ -191,17 +195,19 @@ def _kernels_make(key):
         q, k, v, val = a["q"], a["k"], a["v"], a["valid"]
         g = _ref(a, "f64")
         at = _ref(a, "f32")
-        r = dict(model=stats(at, g, val))
+        t = Bd.terms(a, g)
+        b2, bs = Bd.bound(t, Bd.TWO_PASS), Bd.bound(t, Bd.STREAMING)
+        r = {}
         if needs & {"attention", "exact_dead_rows_zero"}:
-            r["attention"] = stats(at, g, val)
+            r["attention"] = Bd.bound_stats(at, g, b2, val)
         dead = []
         if needs & {"flash_decode", "exact_dead_rows_zero"}:
             fl = _att.flash_decode(q, k, v, chunk=chunk, precision="f32", **_kw(a))
-            r["flash_decode"] = stats(fl, g, val)
+            r["flash_decode"] = Bd.bound_stats(fl, g, bs, val)
             dead.append(fl)
         if needs & {"online_attention", "exact_dead_rows_zero"}:
             on = _att.online_attention(q, k, v, precision="f32", **_kw(a))
-            r["online_attention"] = stats(on, g, val)
+            r["online_attention"] = Bd.bound_stats(on, g, bs, val)
             dead.append(on)
         if "exact_dead_rows_zero" in needs:
             r["exact_dead_rows_zero"] = sum(_dead_rows(a, x) for x in [at] + dead)
@@ -209,10 +215,10 @@ def _kernels_make(key):
             kr, vr = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
             gr = _ref(a, "f64", kr, vr)
             fl = _att.flash_decode(q, k, v, chunk=chunk, precision="f32", **_kw(a))
-            r.update(gqa_model=stats(_ref(a, "f32", kr, vr), gr, val), attention_gqa=stats(at, gr, val),
-                     flash_decode_gqa=stats(fl, gr, val))
+            r.update(attention_gqa=Bd.bound_stats(at, gr, b2, val),
+                     flash_decode_gqa=Bd.bound_stats(fl, gr, bs, val))
         if needs & {"exact_identity", "merged_left"}:
-            r.update(_merge_laws(a, cuts, g))
+            r.update(_merge_laws(a, cuts, g, bs))
         return r
     return fn
 
@@ -233,7 +239,7 @@ def _needs() -> tuple:
     return tuple(sorted({x for n in names for x in _JUDGED[n]}))
 
 
-def _attention_property(name, doc, judged, strategy, model="model", kernel=None):
+def _attention_property(name, doc, judged, strategy, kernel=None):
     """A property over the shared kernels program: ``judged`` names the results it checks; ``kernel``
     (canonical signature) recomputes the first judged output for a failure's trace file."""
     _JUDGED[name] = tuple(judged)
@@ -251,7 +257,7 @@ def _attention_property(name, doc, judged, strategy, model="model", kernel=None)
                 cuts = c.get("cuts", [0, c["n_kv"]])
                 args.append((C.pad_attention(c), np.asarray(cuts, np.int32)))
             for i, r in zip(idx, _KERNELS.run(key, args)):
-                out[i] = _judge(dict({n: r[n] for n in judged}, model=r[model]))
+                out[i] = _judge({n: r[n] for n in judged})
         return out
 
     return Property(name, doc, strategy, evaluate, call=lambda c, ctx: C.pad_attention(c), kernel=kernel)
@@ -465,9 +471,9 @@ def _cache_make(key):
         kc = jnp.concatenate([c.k_cold.dequantize(), c.k_hot.astype(jnp.float32)], axis=1)
         vc = jnp.concatenate([c.v_cold.dequantize(), c.v_hot.astype(jnp.float32)], axis=1)
         g = _att.attention(a["q"], kc, vc, precision="f64", **kw)
-        mo = _att.attention(a["q"], kc, vc, precision="f32", **kw)
+        b = Bd.bound(Bd.terms(dict(kw, q=a["q"], k=kc, v=vc, max_bias=jnp.float32(0)), g), Bd.GENERIC)
         valid = jnp.ones((1, 1, 1, 1), jnp.float32)
-        return dict(model=stats(mo, g, valid), attend=stats(got, g, valid)), dict(
+        return dict(attend=Bd.bound_stats(got, g, b, valid)), dict(
             k_raw=c.k_cold.raw, v_raw=c.v_cold.raw, k_hot=c.k_hot, v_hot=c.v_hot, n_cold=c.n_cold,
             n_hot=c.n_hot)
     return fn
@@ -624,7 +630,7 @@ class _TargetRunner:
     bucket; a target that does not trace (numpy code) is called once per case on the padded arrays, its
     verdicts streamed case by case. A ``ggml-cpu`` target (:func:`declares_ggml_cpu`) is judged per case
     against its own emulation and the golden over its stored operands (fuzz.ggml_campaign.judge:
-    jaxkv.verify's budget and sharp emulation check) instead of the f32 budget."""
+    jaxkv.verify's budget and sharp emulation check) instead of the f32 error bound."""
 
     def __init__(self):
         self.fn = None
@@ -635,7 +641,7 @@ class _TargetRunner:
     def _make_ref(self, key):
         def f(a):
             g = _ref(a, "f64")
-            return g, _ref(a, "f32")
+            return g, Bd.bound(Bd.terms(a, g), Bd.GENERIC)
         return f
 
     def _make_full(self, key):
@@ -644,7 +650,8 @@ class _TargetRunner:
         def f(a):
             g = _ref(a, "f64")
             got = self.fn(a["q"], a["k"], a["v"], **_target_call_kw(a, has_sinks))
-            return dict(model=stats(_ref(a, "f32"), g, a["valid"]), target=stats(jnp.asarray(got), g, a["valid"]))
+            b = Bd.bound(Bd.terms(a, g), Bd.GENERIC)
+            return dict(target=Bd.bound_stats(jnp.asarray(got), g, b, a["valid"]))
         return f
 
     def set(self, fn):
@@ -675,8 +682,8 @@ class _TargetRunner:
                     yield i, _judge(r)
                 continue
             refs = self.ref.run(key, args)
-            for i, (g, mo), (a,) in zip(idx, refs, args):
-                yield i, self._numpy(key, a, g, mo)
+            for i, (g, b), (a,) in zip(idx, refs, args):
+                yield i, self._numpy(key, a, g, b)
 
     def _call(self, a, k, v, kw):
         try:
@@ -684,13 +691,13 @@ class _TargetRunner:
         except Exception as e:
             return None, _outcome(False, 1, f"target raised {type(e).__name__}: {str(e)[:200]}")
 
-    def _numpy(self, key, a, g, mo):
+    def _numpy(self, key, a, g, b):
         got, bad = self._call(a, a["k"], a["v"], _target_call_kw(a, key[2]))
         if bad:
             return bad
         if got.shape != g.shape:
             return _outcome(False, 1, f"target output shape {list(got.shape)} != {list(g.shape)}")
-        ok, m = verdict(_np_stats(got, g, a["valid"]), _np_stats(mo, g, a["valid"]))
+        ok, m = Bd.verdict(_np_stats(got, g, b, a["valid"]))
         return _outcome(ok, 1, None if ok else f"target: {_fmt_metrics(m)}", target=m)
 
     def _ggml_cpu(self, c, a):
@@ -719,11 +726,11 @@ def _stack1(args):
     return tuple(jax.tree_util.tree_map(lambda x: np.asarray(x)[None], a) for a in args)
 
 
-def _np_stats(got, ref, valid):
-    return np.asarray(jax.device_get(_np_stats_jit(got, ref, valid)))
+def _np_stats(got, ref, b, valid):
+    return np.asarray(jax.device_get(_np_stats_jit(got, ref, b, valid)))
 
 
-_np_stats_jit = jax.jit(stats)
+_np_stats_jit = jax.jit(Bd.bound_stats)
 _TARGET = _TargetRunner()
 
 
@@ -796,7 +803,7 @@ _register(Property(
     _s(S.values_case(formats=("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"))),
     _quant_eval, requires=("gguf",)))
 _register(_attention_property(
-    "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 budget",
+    "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 error bound",
     ("flash_decode",), _s(S.attention_case()), kernel=_flash_kernel))
 _register(_attention_property(
     "online", "online_attention (ggml's one-key-at-a-time softmax, f32) vs the f64 reference",
@@ -808,7 +815,7 @@ _register(_attention_property(
     _s(S.merge_case())))
 _register(_attention_property(
     "gqa", "GQA/MQA attention and flash_decode vs MHA over K/V repeated per query head",
-    ("attention_gqa", "flash_decode_gqa"), _s(S.attention_case(heads=((4, 1), (6, 2)))), model="gqa_model",
+    ("attention_gqa", "flash_decode_gqa"), _s(S.attention_case(heads=((4, 1), (6, 2)))),
     kernel=_flash_kernel))
 _register(_attention_property(
     "masked_rows", "fully masked rows give exact zeros, NaN in keys masked everywhere never leaks "
@@ -817,7 +824,7 @@ _register(_attention_property(
     _s(S.attention_case(masks=("full_rows", "padded", "random", "causal"), nan_unused=True))))
 _register(_attention_property(
     "large_logits", "huge logits (values ~1e4, outlier channels, scale up to 4): flash_decode and "
-    "online_attention stay finite and within budget", ("flash_decode", "online_attention"),
+    "online_attention stay finite and within the f32 error bound", ("flash_decode", "online_attention"),
     _s(S.attention_case(dists=("big", "outlier"))), kernel=_flash_kernel))
 _register(Property(
     "mixed_cache", "jaxkv.cache.attend over a mixed cache (cold formats K/V independent, hot F16 "
@@ -829,7 +836,7 @@ _register(Property(
     "traces", "every trace in --traces DIR verified against the reference (jaxkv.verify)",
     None, _traces_eval, enabled=_need_traces, files=_trace_files, batch=1))
 _register(Property(
-    "target", "the --target kernel vs the f64 reference within the f32 budget (a target declaring the "
+    "target", "the --target kernel vs the f64 reference within the f32 error bound (a target declaring the "
     "ggml-cpu precision: vs its emulation with jaxkv.verify's ggml-cpu budget)",
     _target_strategy, _target_eval, call=_target_call, enabled=_need_target, stream=_target_stream))
 
