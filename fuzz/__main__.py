@@ -80,6 +80,9 @@ def _parser():
     p.add_argument("--list", action="store_true", help="list the properties and exit")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="run shard I of N (disjoint cases)")
     p.add_argument("--no-shrink", action="store_true", help="save failures without shrinking them")
+    p.add_argument("--no-ggml", action="store_true",
+                   help="the default campaign without live ggml (by default, when the ggml extra loads, its "
+                        "target property fuzzes live ggml's flash_attn_ext against the ggml-cpu model)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX persistent compilation cache (default $JAXKV_FUZZ_CACHE or "
                         "~/.cache/jaxkv/fuzz-xla; 'off' disables)")
@@ -131,6 +134,15 @@ def default_traces() -> str | None:
     return None
 
 
+def default_ggml_target():
+    """(spec, target) of the live-ggml target the default campaign fuzzes when the ggml extra
+    (libggml-python, or a build named by ``JAXKV_GGML_LIB_DIR``) loads; (None, None) when it does not."""
+    try:
+        return "ggml", load_target("ggml", None)
+    except ValueError:
+        return None, None
+
+
 def _campaign(argv) -> int:
     args = _parser().parse_args(argv)
     from fuzz import properties as P
@@ -162,6 +174,9 @@ def _campaign(argv) -> int:
     if args.threads is not None and not args.target:
         raise UsageError("--threads: only with --target ggml|ggml-unfused|ggml-mixed")
     target = load_target(args.target, args.threads) if args.target else None
+    if target is None and "target" in names and not args.no_ggml:
+        # the default campaign fuzzes live ggml too when the ggml extra is installed
+        args.target, target = default_ggml_target()
     if args.traces:
         import pathlib
 
