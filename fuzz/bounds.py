@@ -41,6 +41,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
+from fuzz.engine import differences
 from jaxkv import attention as _att
 
 __all__ = ["U", "C_EXP", "C_TANH", "Schedule", "TWO_PASS", "STREAMING", "GENERIC", "Terms", "terms", "bound",
@@ -181,16 +182,8 @@ def bound_stats(got, ref, b, valid):
     max_abs, nan_count (NaN in got only), gmax = max|ref|, b2 = sum b^2, outside = elements with
     d > b, usage = max d / b (inf where d > 0 = b), vacuous = 1 when sum b^2 >= power > 0 or b is
     not finite (the bound cannot separate a correct output from a wrong one)."""
-    got = got.astype(jnp.float64)
-    ref = ref.astype(jnp.float64)
-    valid = jnp.broadcast_to(valid, got.shape) > 0
-    both = jnp.isnan(got) & jnp.isnan(ref)
-    d = jnp.where(both, 0.0, jnp.abs(got - ref))
-    d = jnp.where(jnp.isnan(d), jnp.inf, d)
-    d = jnp.where(valid, d, 0.0)
+    d, rf, nan, valid = differences(got, ref, valid)
     b = jnp.where(valid, b, 0.0)
-    rf = jnp.where(valid & jnp.isfinite(ref), ref, 0.0)
-    nan = jnp.sum(valid & jnp.isnan(got) & ~jnp.isnan(ref)).astype(jnp.float64)
     usage = jnp.where(d == 0, 0.0, d / jnp.where(b > 0, b, 0.0))
     power, b2 = jnp.sum(rf * rf), jnp.sum(b * b)
     vac = (~jnp.isfinite(b2) | ((b2 >= power) & (power > 0))).astype(jnp.float64)

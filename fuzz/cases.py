@@ -23,7 +23,7 @@ import numpy as np
 
 from fuzz.strategies import PAD_B, PAD_D, PAD_NQ
 
-__all__ = ["DISTRIBUTIONS", "draw_values", "store", "masked_keys", "make_mask", "attention_arrays",
+__all__ = ["menu_values", "menu_mask", "DISTRIBUTIONS", "draw_values", "store", "masked_keys", "make_mask", "attention_arrays",
            "pad_attention", "scale_of"]
 
 
@@ -184,3 +184,29 @@ def pad_attention(c, a=None) -> dict:
     valid[:B, :n_q, :, :Dv] = 1.0
     return dict(q=q, k=k, v=v, mask=mask, sinks=sinks, scale=np.float32(a["scale"]),
                 softcap=np.float32(a["softcap"]), max_bias=np.float32(a["max_bias"]), valid=valid)
+
+
+def menu_values(rng, shape, dist):
+    """float32 [shape] for the live-ggml case menus (normal; outlier: 1/16 of the channels x30; uniform;
+    big: x40)."""
+    x = rng.standard_normal(shape)
+    if dist == "outlier":
+        ch = rng.choice(shape[-1], size=max(1, shape[-1] // 16), replace=False)
+        x[..., ch] *= 30.0
+    elif dist == "uniform":
+        x = rng.uniform(-1, 1, shape)
+    elif dist == "big":
+        x = x * 40.0
+    return x.astype(np.float32)
+
+
+def menu_mask(rng, kind, param, B, Hm, n_q, n_kv):
+    """Additive mask [B, Hm, n_q, n_kv]: a finite bias in [-2, 0) (ALiBi multiplies it), -inf on the
+    keys fuzz.cases.masked_keys hides ('fullrow': its 'full_rows'), rounded to F16; None for 'none'."""
+    if kind == "none":
+        return None
+    shape = (B, Hm, n_q, n_kv)
+    m = rng.uniform(-2, 0, shape).astype(np.float32)
+    dead = masked_keys(rng, "full_rows" if kind == "fullrow" else kind, param, shape, key_rate=param / 64.0,
+                       row_rate=0.3)
+    return np.where(dead, -np.inf, m).astype(np.float16).astype(np.float32)

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.verify import FACTOR, FLOOR_UNITS, U32
+from jaxkv.budget import FACTOR, FLOOR_UNITS, U32
 
-__all__ = ["BATCH", "CompileCounter", "COMPILES", "stats", "verdict", "Batched", "tree_stack"]
+__all__ = ["BATCH", "CompileCounter", "COMPILES", "differences", "stats", "verdict", "Batched", "tree_stack"]
 
 BATCH = 32
 _TINY = 2.0 ** -126
@@ -54,10 +54,11 @@ class CompileCounter:
 COMPILES = CompileCounter()
 
 
-def stats(got, ref, valid):
-    """In-program error statistics over the real region (``valid`` 1.0, broadcastable):
-    [e2 = sum d^2, power = sum ref^2, max_abs, nan_count, max|ref|] (float64), where d = |got - ref|
-    with NaN in both counting 0 and a NaN in one side only counting inf."""
+def differences(got, ref, valid):
+    """In-program elementwise differences over the real region (``valid`` 1.0, broadcastable), float64:
+    ``(d, rf, nan_count, valid)`` with d = |got - ref| (NaN in both: 0; NaN in one side only: inf; 0
+    outside the region), rf = ref where finite and valid (else 0), nan_count = NaN in got only, and
+    ``valid`` as a boolean of got's shape."""
     got = got.astype(jnp.float64)
     ref = ref.astype(jnp.float64)
     valid = jnp.broadcast_to(valid, got.shape) > 0
@@ -67,6 +68,14 @@ def stats(got, ref, valid):
     d = jnp.where(valid, d, 0.0)
     rf = jnp.where(valid & jnp.isfinite(ref), ref, 0.0)
     nan = jnp.sum(valid & jnp.isnan(got) & ~jnp.isnan(ref)).astype(jnp.float64)
+    return d, rf, nan, valid
+
+
+def stats(got, ref, valid):
+    """In-program error statistics over the real region (``valid`` 1.0, broadcastable):
+    [e2 = sum d^2, power = sum ref^2, max_abs, nan_count, max|ref|] (float64), where d = |got - ref|
+    with NaN in both counting 0 and a NaN in one side only counting inf."""
+    d, rf, nan, _ = differences(got, ref, valid)
     return jnp.stack([jnp.sum(d * d), jnp.sum(rf * rf), jnp.max(d), nan, jnp.max(jnp.abs(rf))])
 
 

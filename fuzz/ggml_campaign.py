@@ -34,6 +34,9 @@ import sys
 
 import numpy as np
 
+from fuzz import cases as C
+from fuzz import strategies as S
+
 __all__ = ["BUCKETS", "FORMATS", "MENUS", "draw_case", "case_strategy", "arrays", "dense_operands", "golden",
            "check", "judge", "Result", "main"]
 
@@ -144,18 +147,7 @@ def draw_case(draw, menu="ci") -> dict:
 
 def case_strategy(menu="ci"):
     """A hypothesis strategy of cases (:func:`draw_case`)."""
-    from hypothesis import strategies as st
-
-    @st.composite
-    def case(d):
-        def draw(spec):
-            if isinstance(spec, tuple) and spec and spec[0] == "int":
-                return d(st.integers(spec[1], spec[2]))
-            if isinstance(spec, tuple) and spec and spec[0] == "float":
-                return d(st.floats(spec[1], spec[2]))
-            return d(st.sampled_from(spec))
-        return draw_case(draw, menu)
-    return case()
+    return S.menu_strategy(lambda draw: draw_case(draw, menu))
 
 
 def rng_drawer(rng):
@@ -169,42 +161,16 @@ def rng_drawer(rng):
     return draw
 
 
-def _values(rng, shape, dist):
-    x = rng.standard_normal(shape)
-    if dist == "outlier":
-        ch = rng.choice(shape[-1], size=max(1, shape[-1] // 16), replace=False)
-        x[..., ch] *= 30.0
-    elif dist == "uniform":
-        x = rng.uniform(-1, 1, shape)
-    elif dist == "big":
-        x = x * 40.0
-    return x.astype(np.float32)
-
-
-def _mask(rng, kind, param, B, Hm, n_q, n_kv):
-    """Additive mask [B, Hm, n_q, n_kv]: a finite bias in [-2, 0) (ALiBi multiplies it), -inf on the
-    keys fuzz.cases.masked_keys hides ('fullrow': its 'full_rows'), rounded to F16; None for 'none'."""
-    if kind == "none":
-        return None
-    from fuzz.cases import masked_keys
-
-    shape = (B, Hm, n_q, n_kv)
-    m = rng.uniform(-2, 0, shape).astype(np.float32)
-    dead = masked_keys(rng, "full_rows" if kind == "fullrow" else kind, param, shape, key_rate=param / 64.0,
-                       row_rate=0.3)
-    return np.where(dead, -np.inf, m).astype(np.float16).astype(np.float32)
-
-
 def arrays(c) -> dict:
     """Case -> dict(q, k, v (float32; stored by the target in k_fmt/v_fmt), mask, sinks, scale, softcap,
     max_bias) for the canonical target signature."""
     B, n_q, H, Hkv, Dk, Dv, n = BUCKETS[c["bucket"]]
     rng = np.random.default_rng(int(c["seed"]))
     has_mask, per_head, _, _, sinks = FLAGSETS[c["flags"]]
-    q = _values(rng, (B, n_q, H, Dk), c["dist"])
-    k = _values(rng, (B, n, Hkv, Dk), c["dist"])
-    v = _values(rng, (B, n, Hkv, Dv), "normal")
-    mask = _mask(rng, c["mask"], int(c["mask_param"]), B if per_head else 1, H if per_head else 1, n_q, n)
+    q = C.menu_values(rng, (B, n_q, H, Dk), c["dist"])
+    k = C.menu_values(rng, (B, n, Hkv, Dk), c["dist"])
+    v = C.menu_values(rng, (B, n, Hkv, Dv), "normal")
+    mask = C.menu_mask(rng, c["mask"], int(c["mask_param"]), B if per_head else 1, H if per_head else 1, n_q, n)
     s = (rng.standard_normal(H) * 2).astype(np.float32) if sinks and c["op"] != "ggml-unfused" else None
     return dict(q=q, k=k, v=v, mask=mask, sinks=s, scale=c["scale"], softcap=c["softcap"],
                 max_bias=c["max_bias"])

@@ -52,6 +52,9 @@ import functools
 
 import numpy as np
 
+from fuzz import cases as C
+from fuzz import strategies as S
+
 __all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "UNSUPPORTED", "SHAPES", "isa", "make_target", "make_model",
            "prepare", "draw_case", "case_strategy", "case_arrays", "coverage_key", "coverage_table", "ggml",
            "ggml_unfused", "ggml_mixed", "buggy_q_f16"]
@@ -320,36 +323,21 @@ def draw_case(name, draw, *, unsupported=(), threads=None) -> dict:
 
 def case_strategy(name, *, unsupported=(), threads=None):
     """A hypothesis strategy of :func:`draw_case` cases (``threads`` None: drawn in 1..4)."""
-    from hypothesis import strategies as st
-
-    @st.composite
-    def case(d):
-        def draw(spec):
-            if isinstance(spec, tuple) and spec and spec[0] == "int":
-                return d(st.integers(spec[1], spec[2]))
-            if isinstance(spec, tuple) and spec and spec[0] == "float":
-                return d(st.floats(spec[1], spec[2]))
-            if isinstance(spec, tuple) and spec and spec[0] == "p":
-                return d(st.floats(0.0, 1.0)) < spec[1]
-            return d(st.sampled_from(spec))
-        return draw_case(name, draw, unsupported=unsupported, threads=threads)
-    return case()
+    return S.menu_strategy(lambda draw: draw_case(name, draw, unsupported=unsupported, threads=threads))
 
 
 def case_arrays(name, c) -> dict:
     """The call of case ``c`` (no padding): dict(q float32 [B, n_q, H, Dk], k / v in their storage
     (float16 for f16, float32 for f32, QuantArray for a block type, stored by ggml's quantize_chunk),
     mask [1|B, 1|H, n_q, n_kv] or None, sinks [H] or None, scale, softcap, max_bias, n_threads)."""
-    from fuzz import ggml_campaign as GC
-
     H, Hkv = c["heads"]
     B, n_q, Dk, Dv, n = c["B"], c["n_q"], c["Dk"], c["Dv"], c["n_kv"]
     rng = np.random.default_rng(int(c["seed"]))
-    q = GC._values(rng, (B, n_q, H, Dk), c["dist"])
-    k = GC._values(rng, (B, n, Hkv, Dk), c["dist"])
-    v = GC._values(rng, (B, n, Hkv, Dv), "normal")
+    q = C.menu_values(rng, (B, n_q, H, Dk), c["dist"])
+    k = C.menu_values(rng, (B, n, Hkv, Dk), c["dist"])
+    v = C.menu_values(rng, (B, n, Hkv, Dv), "normal")
     hm = c.get("mask_heads", False)
-    mask = GC._mask(rng, c["mask"], int(c["mask_param"]), B if hm else 1, H if hm else 1, n_q, n)
+    mask = C.menu_mask(rng, c["mask"], int(c["mask_param"]), B if hm else 1, H if hm else 1, n_q, n)
     sinks = (rng.standard_normal(H) * 2).astype(np.float32) if c["sinks"] else None
     return dict(q=q, k=_store(k, c["k_fmt"].upper(), "k"), v=_store(v, c["v_fmt"].upper(), "v"), mask=mask,
                 sinks=sinks, scale=np.float32(c["scale"]), softcap=np.float32(c["softcap"]),

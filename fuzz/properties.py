@@ -17,10 +17,8 @@ of quantizers with the ``gguf`` package, cache bookkeeping) are checked exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,70 +29,13 @@ from fuzz import cases as C
 from fuzz import strategies as S
 from fuzz import bounds as Bd
 from fuzz.engine import Batched
+from fuzz.registry import PROPERTIES, Context, Property, each_case, outcomes  # noqa: F401
+from fuzz.registry import fixed as _s
+from fuzz.registry import outcome as _outcome
+from fuzz.registry import register as _register
 
 __all__ = ["Property", "Context", "PROPERTIES", "get", "available", "outcomes", "each_case",
            "declares_ggml_cpu", "target_operands", "ggml_cpu_reference"]
-
-
-@dataclasses.dataclass
-class Context:
-    """Campaign-wide inputs of the properties: ``seed``, the ``--target`` callable and its spec,
-    the ``--traces`` directory, and the (K, V) cold-format pairs the cache properties draw from."""
-
-    seed: int = 0
-    target: Callable | None = None
-    target_spec: str | None = None
-    traces: str | None = None
-    cache_pairs: tuple = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Property:
-    name: str
-    doc: str
-    strategy: Callable[[Context], Any] | None
-    evaluate: Callable[[list, Context], list]
-    call: Callable[[dict, Context], dict] | None = None
-    requires: tuple = ()
-    enabled: Callable[[Context], str | None] = lambda ctx: None  # reason it cannot run, or None
-    files: Callable[[Context], list] | None = None  # explicit case list instead of a strategy
-    kernel: Callable | None = None  # fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) of a failure's trace
-    #: cases evaluated together (their verdicts become known together): None, a whole batch (one vmapped
-    #: program call); 1, case by case (host-side checks: nothing to batch)
-    batch: int | None = None
-    #: stream(cases, ctx) yielding (index, outcome) as each verdict is known (instead of ``batch``)
-    stream: Callable[[list, Context], Any] | None = None
-
-
-def outcomes(prop: Property, cases: list, ctx: Context):
-    """Yield (index, outcome) for ``cases`` as soon as each verdict is known: ``prop.stream`` when it
-    has one, else ``prop.evaluate`` over groups of ``prop.batch`` cases (all of them when None)."""
-    if prop.stream is not None:
-        yield from prop.stream(cases, ctx)
-        return
-    step = prop.batch or max(len(cases), 1)
-    for s in range(0, len(cases), step):
-        for i, o in enumerate(prop.evaluate(cases[s:s + step], ctx)):
-            yield s + i, o
-
-
-def each_case(check: Callable[[dict], dict]) -> Callable[[list, Context], list]:
-    """``evaluate`` of a host-side property from its per-case ``check(c) -> outcome``; an exception is a
-    failed case (its one-line message), not a crash. Register such properties with ``batch=1``."""
-    def evaluate(cases, ctx):
-        out = []
-        for c in cases:
-            try:
-                out.append(check(c))
-            except Exception as e:
-                msg = str(e).splitlines()[0][:200] if str(e) else ""
-                out.append(_outcome(False, 1, f"{type(e).__name__}: {msg}"))
-        return out
-    return evaluate
-
-
-def _outcome(ok, checks, error=None, **metrics):
-    return dict(ok=bool(ok), checks=int(checks), error=error, metrics=metrics)
 
 
 def _fmt_metrics(m):
@@ -271,10 +212,6 @@ def _flash_kernel(q, k, v, **kw):
 def _online_kernel(q, k, v, **kw):
     """jaxkv.attention.online_attention (f32)"""
     return _att.online_attention(q, k, v, precision="f32", **kw)
-
-
-def _s(strategy):
-    return lambda ctx: strategy
 
 
 
@@ -786,14 +723,6 @@ def _target_call(c, ctx):
 
 _ALL_B = tuple(S.KV_BUCKETS)
 
-PROPERTIES: dict[str, Property] = {}
-
-
-def _register(p: Property):
-    PROPERTIES[p.name] = p
-    return p
-
-
 _register(Property(
     "dequantize", "jaxkv.formats.dequantize == gguf.quants.dequantize on random blocks (every format "
     "gguf implements; NaN == NaN)", _s(S.raw_blocks_case(formats=tuple(f for f in S.ALL_FORMATS if f != "q8_1"))),
@@ -841,17 +770,10 @@ _register(Property(
     _target_strategy, _target_eval, call=_target_call, enabled=_need_target, stream=_target_stream))
 
 
-def _late_properties():
-    """Properties over modules other helpers ship (registered only when importable)."""
-    try:
-        from fuzz import properties_io  # noqa: F401  (layout and trace properties)
-    except ImportError:
-        return
-    for name in ("traces", "target"):  # keep the input-driven properties last
-        PROPERTIES[name] = PROPERTIES.pop(name)
+from fuzz import properties_io  # noqa: E402,F401  (layout and trace properties, registered after these)
 
-
-_late_properties()
+for _name in ("traces", "target"):  # keep the input-driven properties last
+    PROPERTIES[_name] = PROPERTIES.pop(_name)
 
 
 def get(name: str) -> Property:

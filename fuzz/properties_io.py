@@ -23,7 +23,10 @@ from hypothesis import strategies as st
 
 from fuzz import cases as C
 from fuzz import strategies as S
-from fuzz.properties import Property, _outcome, _register, _s, each_case
+from fuzz.registry import Property, each_case
+from fuzz.registry import fixed as _s
+from fuzz.registry import outcome as _outcome
+from fuzz.registry import register as _register
 
 from jaxkv import layout as L
 from jaxkv import trace as T

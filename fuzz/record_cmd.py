@@ -123,7 +123,7 @@ def producer(info: dict, n_threads: int) -> str:
 def record(a) -> dict:
     """Run the call described by parsed, validated args ``a`` through live ggml; returns the keyword
     fields of jaxkv.trace.save."""
-    from fuzz import ggml_campaign as GC
+    from fuzz import cases as C
     from fuzz import ggml_targets as T
     from jaxkv.oracles import ggml as G
 
@@ -132,7 +132,7 @@ def record(a) -> dict:
     q = rng.standard_normal((a.batch, a.n_q, a.heads, a.head_dim)).astype(np.float32)
     k = rng.standard_normal((a.batch, a.n_kv, a.kv_heads, a.head_dim)).astype(np.float32)
     v = (rng.standard_normal((a.batch, a.n_kv, a.kv_heads, a.dv)) * a.v_scale).astype(np.float32)
-    mask = GC._mask(rng, a.mask, a.mask_param, 1, 1, a.n_q, a.n_kv)
+    mask = C.menu_mask(rng, a.mask, a.mask_param, 1, 1, a.n_q, a.n_kv)
     sinks = (rng.standard_normal(a.heads) * 2).astype(np.float32) if a.sinks else None
     name = _TARGET[a.op]
     hot = a.n_kv - a.n_cold if a.op == "mixed_flash_attn" else 0

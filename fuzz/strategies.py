@@ -17,6 +17,7 @@ import functools
 from hypothesis import strategies as st
 
 __all__ = [
+    "menu_strategy",
     "HEADS", "KV_BUCKETS", "DISTS", "MASKS", "FLOAT_FORMATS", "QUANT_FORMATS", "ALL_FORMATS",
     "attention_case", "dist", "format_name", "raw_blocks_case", "values_case", "cache_case",
     "view_case", "merge_case",
@@ -132,3 +133,23 @@ def view_case(draw):
     return dict(ne=ne, perm=draw(st.permutations(range(4))), pad=[draw(st.integers(0, 3)) for _ in range(4)],
                 offset=draw(st.integers(0, 40)), dtype=draw(st.sampled_from(("f32", "f16"))),
                 seed=draw(_SEED))
+
+
+def menu_strategy(draw_case):
+    """A hypothesis strategy of the cases ``draw_case(draw)`` builds from a case menu, where
+    ``draw(spec)`` picks: ``('int', lo, hi)`` an int in [lo, hi], ``('float', lo, hi)`` a float,
+    ``('p', x)`` True with probability x, any other sequence one of its elements (the menu code is
+    shared with numpy-driven campaigns, which pass their own ``draw``)."""
+    @st.composite
+    def case(d):
+        def draw(spec):
+            if isinstance(spec, tuple) and spec and spec[0] == "int":
+                return d(st.integers(spec[1], spec[2]))
+            if isinstance(spec, tuple) and spec and spec[0] == "float":
+                return d(st.floats(spec[1], spec[2]))
+            if isinstance(spec, tuple) and spec and spec[0] == "p":
+                return d(st.floats(0.0, 1.0)) < spec[1]
+            return d(st.sampled_from(spec))
+        return draw_case(draw)
+    return case()
+

@@ -39,6 +39,7 @@ import math
 import numpy as np
 
 from jaxkv import chunk_search, mutations
+from jaxkv.budget import EMU_UNITS, derive_budget, errors
 
 __all__ = ["RESIDUAL", "RECHECK", "diagnose", "localize"]
 
@@ -115,7 +116,6 @@ def diagnose(case: mutations.Case, got, budget, *, golden, emu=None, emu_check=N
             cache[key] = v.output(c, golden_of(note, c))
         return cache[key]
 
-    from jaxkv.verify import errors
 
     gross = not budget.allows(errors(got, golden))
     if gross or emu is None:
@@ -127,7 +127,6 @@ def diagnose(case: mutations.Case, got, budget, *, golden, emu=None, emu_check=N
 
 def _gross(case, got, budget, golden, variants, reads, out_of, golden_of, names, model_fn):
     """Golden level: the buggy float64 reference is within the budget of the kernel."""
-    from jaxkv.verify import derive_budget, errors
 
     found = []
     with np.errstate(all="ignore"):
@@ -171,7 +170,6 @@ def _gross(case, got, budget, golden, variants, reads, out_of, golden_of, names,
 
 def _sharp(case, got, golden, emu, emu_check, variants, reads, out_of, golden_of, names):
     """Emulation level, first order: the bug's effect on the golden accounts for ``got - emu``."""
-    from jaxkv.verify import EMU_UNITS, errors
 
     found = []
     with np.errstate(all="ignore"):
