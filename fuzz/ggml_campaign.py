@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -35,6 +34,7 @@ import sys
 import numpy as np
 
 from fuzz import cases as C
+from jaxkv import alibi
 from fuzz import strategies as S
 
 __all__ = ["BUCKETS", "FORMATS", "MENUS", "draw_case", "case_strategy", "arrays", "dense_operands", "golden",
@@ -181,13 +181,7 @@ def arrays(c) -> dict:
 
 
 def _slopes(H, max_bias):
-    if not max_bias > 0:
-        return np.ones(H)
-    n_log2 = 2 ** int(math.floor(math.log2(H)))
-    m0 = 2.0 ** (-max_bias / n_log2)
-    m1 = 2.0 ** (-(max_bias / 2.0) / n_log2)
-    h = np.arange(H)
-    return np.where(h < n_log2, m0 ** (h + 1), m1 ** (2 * (h - n_log2) + 1))
+    return alibi.slopes(H, max_bias, "exact")
 
 
 def _dense(x):
@@ -242,30 +236,10 @@ def golden(a, st) -> np.ndarray:
 # ALiBi slopes as ggml computes them (libm powf)
 
 
-@functools.lru_cache(maxsize=1)
-def _powf():
-    import ctypes
-    import ctypes.util
-
-    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    f = libm.powf
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
-    return f
-
-
 def libm_slopes(n_head: int, max_bias: float) -> np.ndarray:
-    """ggml's ALiBi slopes [H] float64 (float32 values), computed exactly as ggml-cpu does: the C
-    library's ``powf`` (``m0 = powf(2, -max_bias/n_log2)``, ``slope = powf(m0, h + 1)`` ...). numpy's
-    float32 ``power`` is not libm's powf: they differ by an ulp for some bases (docs/ggml-findings.md)."""
-    mb = np.float32(max_bias)
-    if not mb > 0:
-        return np.ones(n_head, np.float64)
-    powf = _powf()
-    n_log2 = 1 << int(math.floor(math.log2(n_head)))
-    m0 = powf(2.0, float(-mb / np.float32(n_log2)))
-    m1 = powf(2.0, float(-(mb / np.float32(2.0)) / np.float32(n_log2)))
-    return np.array([powf(m0, h + 1) if h < n_log2 else powf(m1, 2 * (h - n_log2) + 1)
-                     for h in range(n_head)], np.float64)
+    """ggml's ALiBi slopes [H] float64 (float32 values), computed exactly as ggml-cpu does, with the C
+    library's ``powf`` (:func:`jaxkv.alibi.slopes`, ``pow="libm"``)."""
+    return alibi.slopes(n_head, max_bias, "libm")
 
 
 def model_slopes_agree(n_head: int, max_bias: float) -> bool:

@@ -52,7 +52,6 @@ so gradients of outputs are exact, and no NaN arises from ``-inf`` masks (double
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 from typing import Any
 
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxkv import alibi
 from jaxkv._checks import check_attention_shapes
 
 __all__ = [
@@ -149,33 +149,12 @@ def finalize(state: State, sinks=None):
 
 
 def alibi_slopes(n_head: int, max_bias) -> jax.Array:
-    """ALiBi slopes [H] float32, ggml's formula computed in float32 like ggml (``powf``).
-
-    ``n_head_log2 = 2^floor(log2(H))``, ``m0 = 2^(-max_bias/n_head_log2)``,
-    ``m1 = 2^(-max_bias/2/n_head_log2)``; head ``h`` gets ``m0^(h+1)`` for ``h < n_head_log2`` else
-    ``m1^(2(h-n_head_log2)+1)``. All ones when ``max_bias <= 0``. A concrete ``max_bias`` is evaluated
-    with numpy float32 ``power`` (C ``powf``); a traced one with XLA float32 ops."""
-    n_head = int(n_head)
-    if n_head < 1:
-        raise ValueError(f"n_head: must be >= 1, got {n_head}")
-    n_log2 = 1 << int(math.floor(math.log2(n_head)))
-    h = np.arange(n_head)
-    base_sel = h < n_log2
-    expo = np.where(base_sel, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
+    """ALiBi slopes [H] float32, ggml's formula (:mod:`jaxkv.alibi`) in float32: a concrete ``max_bias``
+    with numpy's float32 ``power``, a traced one with XLA float32 ops (:func:`jaxkv.alibi.traced_slopes`).
+    All ones when ``max_bias <= 0``."""
     if isinstance(max_bias, jax.core.Tracer):
-        mb = jnp.asarray(max_bias, jnp.float32)
-        m0 = jnp.power(jnp.float32(2.0), -mb / jnp.float32(n_log2))
-        m1 = jnp.power(jnp.float32(2.0), -(mb / jnp.float32(2.0)) / jnp.float32(n_log2))
-        s = jnp.power(jnp.where(base_sel, m0, m1), expo)
-        return jnp.where(mb > 0, s, jnp.ones_like(s)).astype(jnp.float32)
-    mb = np.float32(max_bias)
-    if not mb > 0:
-        return jnp.ones((n_head,), jnp.float32)
-    with np.errstate(all="ignore"):
-        m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
-        m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
-        s = np.power(np.where(base_sel, m0, m1).astype(np.float32), expo, dtype=np.float32)
-    return jnp.asarray(s, jnp.float32)
+        return alibi.traced_slopes(n_head, max_bias)
+    return jnp.asarray(alibi.slopes(n_head, max_bias, "numpy"), jnp.float32)
 
 
 def effective_bias(mask, slopes):

@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 
+from jaxkv import alibi
+
 __all__ = ["Case", "Variant", "HYPOTHESES", "golden", "logits", "weighted_values", "hypotheses",
            "kv_chunks", "f16_bits_as_f32", "alibi_slopes_np", "readings", "EXACT_READING"]
 
@@ -90,16 +92,7 @@ class Variant:
 
 def alibi_slopes_np(n_head: int, max_bias: float) -> np.ndarray:
     """ggml's ALiBi slopes [H] (float32 arithmetic like ggml's powf), as float64; ones if max_bias <= 0."""
-    if not max_bias > 0:
-        return np.ones(n_head)
-    n_log2 = 1 << int(math.floor(math.log2(n_head)))
-    h = np.arange(n_head)
-    mb = np.float32(max_bias)
-    m0 = np.power(np.float32(2.0), -mb / np.float32(n_log2), dtype=np.float32)
-    m1 = np.power(np.float32(2.0), -(mb / np.float32(2.0)) / np.float32(n_log2), dtype=np.float32)
-    base = np.where(h < n_log2, m0, m1).astype(np.float32)
-    expo = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1).astype(np.float32)
-    return np.power(base, expo, dtype=np.float32).astype(np.float64)
+    return alibi.slopes(n_head, max_bias, "numpy")
 
 
 def logits(case: Case, softcap_twice: bool = False) -> np.ndarray:

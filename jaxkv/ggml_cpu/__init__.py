@@ -30,14 +30,12 @@ per-row loop otherwise; for the unfused op, the mul_mat paths of a build with ll
 
 from __future__ import annotations
 
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv import formats
+from jaxkv import alibi, formats
 from jaxkv._checks import check_attention_shapes
 from jaxkv.ggml_cpu import kernels as _k
 from jaxkv.ggml_cpu import sgemm as _sgemm
@@ -91,21 +89,6 @@ def path(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, dv: int, isa=DEF
     return "per-row"
 
 
-@functools.lru_cache(maxsize=1)
-def _libm_powf():
-    """The C library's ``powf`` (ctypes), or None where no C math library can be loaded."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        f = lib.powf
-    except (OSError, AttributeError):
-        return None
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
-    return f
-
-
 def _concrete(x, name: str) -> float:
     try:
         return float(x)
@@ -122,20 +105,7 @@ def _slopes(n_head: int, max_bias: float) -> np.ndarray:
     ``max_bias`` must be concrete (it is a float32 op parameter of ggml's graph). numpy's float32
     ``power`` is *not* libm's powf (one ulp apart for some bases, docs/ggml-findings.md); it is used only
     where no C math library loads (then slopes may be an ulp off ggml's)."""
-    mb = np.float32(_concrete(max_bias, "max_bias"))
-    if not mb > 0:
-        return np.ones(n_head, np.float64)
-    n_log2 = np.float32(1 << int(math.floor(math.log2(n_head))))
-    powf = _libm_powf()
-    if powf is None:  # fallback: numpy's float32 power (not bit-exact with every libm)
-        def powf(x, y):
-            return float(np.power(np.float32(x), np.float32(y), dtype=np.float32))
-    m0 = powf(2.0, float(-mb / n_log2))
-    m1 = powf(2.0, float(-(mb / np.float32(2.0)) / n_log2))
-    h = np.arange(n_head)
-    base = np.where(h < n_log2, m0, m1)
-    ex = np.where(h < n_log2, h + 1, 2 * (h - n_log2) + 1)
-    return np.array([powf(float(b), float(e)) for b, e in zip(base, ex)], np.float64)
+    return alibi.slopes(n_head, _concrete(max_bias, "max_bias"), "libm")
 
 
 def _contract(isa, contract) -> Contract:
