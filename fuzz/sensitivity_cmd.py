@@ -10,7 +10,7 @@ the rest in a ggml block format), and which channels hurt.
 Formats: with neither --k-format nor --v-format, K and V both use each of --formats; otherwise the
 configurations are k-formats x v-formats (a missing side comes from --formats; ``f16`` = unquantized).
 Writes DIR/results.jsonl (rows appended as each group of configurations finishes; --resume skips the
-configurations already there), DIR/results.csv, DIR/results.json, DIR/channels.json and PNG plots, and
+configurations already there; an --out holding results is refused without --resume or --overwrite), DIR/results.csv, DIR/results.json, DIR/channels.json and PNG plots, and
 prints a summary table. Exit status: 0 done; 2 bad arguments (one line on stderr).
 
 Bounds (bad arguments otherwise): --kv-len and --hot-window at most `MAX_LEN`, --head-dim at most
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     p.add_argument("--devices", default=None, help="JAX devices to shard samples over (default: all)")
     p.add_argument("--resume", action="store_true", help="skip configurations already in results.jsonl")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier sweep in --out (without it, or --resume, an --out "
+                        "holding results is refused)")
     return p
 
 
@@ -241,6 +244,11 @@ def main(argv: list[str]) -> int:
             q = out_dir / name
             if (q.exists() or q.is_symlink()) and not q.is_file():
                 raise _UsageError(f"--out: {escape(q)} is not a regular file (a FIFO or device): remove it")
+            if not (args.resume or args.overwrite) and q.is_file() and q.stat().st_size > 0:
+                raise _UsageError(f"--out {escape(out_dir)}: holds an earlier sweep's results ({name}); add "
+                                  f"--resume to continue it, --overwrite to replace it, or give a new --out DIR")
+        if args.resume and args.overwrite:
+            raise _UsageError("--resume and --overwrite: choose one")
         return _run(sens, sweep, mesh, out_dir, args, argv)
     except (_UsageError, ValueError, OSError, MemoryError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

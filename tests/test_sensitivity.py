@@ -333,3 +333,11 @@ def test_cli_writes_tables_plots_and_resumes(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [r["key"] for r in again] == [r["key"] for r in rows]
     assert [r["nmse_mean"] for r in again] == [r["nmse_mean"] for r in rows]
+
+    # the same --out without --resume or --overwrite is refused (earlier results are never deleted)
+    before = (out / "results.jsonl").read_bytes()
+    assert sensitivity_cmd.main(_SMALL + ["--out", str(out), "--k-format", "q4_0", "--v-format", "q8_0,f16",
+                                          "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "results.jsonl").read_bytes() == before
