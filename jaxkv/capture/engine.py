@@ -68,11 +68,31 @@ class Engine:
                 out[f] = bool(fn())
         return out
 
+    def f16_arith(self) -> str:
+        """'f16' when this libggml computes F16 vectors in native FP16 (an ``__AVX512FP16__`` build), 'f32'
+        otherwise, or 'unknown': measured by :func:`jaxkv.oracles.ggml.f16_vector_arith` on these very
+        libraries (ggml reports no such feature; a native build has it exactly when the CPU does)."""
+        from jaxkv.oracles import ggml as og
+
+        old = os.environ.get("JAXKV_GGML_LIB_DIR")
+        os.environ["JAXKV_GGML_LIB_DIR"] = str(self.lib_dir)
+        try:
+            return og.f16_vector_arith()
+        except Exception:  # noqa: BLE001 - a probe that cannot run leaves the ISA as reported
+            return "unknown"
+        finally:
+            if old is None:
+                os.environ.pop("JAXKV_GGML_LIB_DIR", None)
+            else:
+                os.environ["JAXKV_GGML_LIB_DIR"] = old
+
     def build_facts(self) -> dict:
         """Structured metadata of the engine: ``llama_cpp.*`` and ``ggml.*`` keys (see module doc)."""
         L = self.llama
         feats = self.cpu_features()
         isa = next((n for n in ("avx512", "avx2", "avx") if feats.get(n)), "scalar")
+        if isa == "avx512" and self.f16_arith() == "f16":
+            isa = "avx512fp16"  # native FP16 V arithmetic (__AVX512FP16__ builds): docs/ggml-findings.md 12
         info = (L.llama_print_system_info() or b"").decode(errors="replace").strip()
         ver = getattr(L, "__version__", "unknown")
         facts = {
@@ -84,6 +104,7 @@ class Engine:
             "ggml.isa": isa,
             "ggml.features": [f for f, on in feats.items() if on] or ["none"],
             "ggml.llamafile": bool(feats.get("llamafile", False)),
+            "ggml.f16_arith": self.f16_arith(),
             "ggml.openmp": bool(re.search(r"OPENMP\s*=\s*1", info)),
             "ggml.source": f"libggml bundled with llama-cpp-python {ver} ({self.lib_dir})",
         }
