@@ -56,7 +56,7 @@ from fuzz import schema
 from fuzz.engine import BATCH, COMPILES
 from jaxkv.textsafe import escape
 
-__all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize",
+__all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize", "undecided",
            "format_summary", "save_failure", "shrink"]
 
 CHUNK = 64
@@ -263,6 +263,14 @@ def _slot(props, name):
     return props.setdefault(name, dict(cases=0, failures=0, checks=0, seconds=0.0, compiles=0, skipped=None))
 
 
+def undecided(outcome: dict) -> bool:
+    """A passing case none of whose judged outputs could have failed: a kernel's bound reached the
+    signal (``fuzz.bounds``: ``vacuous``, the bound would pass an all-zero output). Counted apart, never
+    as evidence (docs/tolerance.md)."""
+    m = outcome.get("metrics") or {}
+    return bool(outcome.get("ok")) and any(isinstance(v, dict) and v.get("vacuous") for v in m.values())
+
+
 def summarize(records) -> dict:
     """property -> dict(cases, failures, checks, seconds, compiles, skipped) from records (case ids
     deduplicated: the last record of an id wins). Time and compiles come from the ``property`` records;
@@ -302,6 +310,7 @@ def summarize(records) -> dict:
         s["cases"] += 1
         s["checks"] += r.get("checks", 0)
         s["failures"] += 0 if r.get("ok") else 1
+        s["undecided"] = s.get("undecided", 0) + (1 if r.get("ok") and r.get("undecided") else 0)
         s["skipped"] = None
     return props
 
@@ -329,6 +338,10 @@ def format_summary(props: dict) -> str:
                                for i, x in enumerate(r)).rstrip())
         if j == 0 or j == len(rows) - 2:
             lines.append("-" * (sum(w) + 10))
+    und = {name: s.get("undecided", 0) for name, s in props.items() if s.get("undecided")}
+    if und:
+        lines.append(f"undecided (passed, but the error bound reached the signal, so nothing was decided): "
+                     f"{sum(und.values())} cases (" + ", ".join(f"{k} {v}" for k, v in und.items()) + ")")
     return "\n".join(lines)
 
 
@@ -619,10 +632,12 @@ class Campaign:
                     part = todo[s:s + BATCH]
                     for i, oc in P.outcomes(prop, [c for _, c in part], ctx):
                         cid, c = part[i]
-                        self.rec.write([dict(type="case", id=cid, property=prop.name, ok=oc["ok"],
-                                             checks=oc["checks"], error=oc["error"], params=c,
-                                             elapsed=round(time.perf_counter() - t0, 4),
-                                             compiled=COMPILES.count - c0)])
+                        line = dict(type="case", id=cid, property=prop.name, ok=oc["ok"],
+                                    checks=oc["checks"], error=oc["error"], params=c,
+                                    elapsed=round(time.perf_counter() - t0, 4), compiled=COMPILES.count - c0)
+                        if undecided(oc):
+                            line["undecided"] = True
+                        self.rec.write([line])
                         n_cases += 1
                         n_checks += oc["checks"]
                         if not oc["ok"]:

@@ -130,6 +130,8 @@ class CaseLine:
     checks: int
     error: str | None = None
     params: Any = None
+    #: passed, but its bound reached the signal (fuzz.bounds: vacuous): the case decided nothing
+    undecided: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def parse_line(obj, where: str):
             w.fail("params", "a JSON object", params)
         w.num(obj, "elapsed")
         w.int_(obj, "compiled", lo=0, required=False)
-        return CaseLine(cid, prop, ok, checks, err, params)
+        return CaseLine(cid, prop, ok, checks, err, params, w.bool_(obj, "undecided", required=False))
     if t == "property":
         prop = _prop(w, obj)
         return PropertyLine(prop, w.num(obj, "seconds", default=0.0), w.int_(obj, "compiles", lo=0, required=False)

@@ -201,3 +201,21 @@ def test_library_exp_and_tanh_errors_within_the_assumed():
     assert _max_rel(np.exp, np.exp, xe) <= Bd.C_EXP / 2
     assert _max_rel(jax.jit(jnp.tanh), np.tanh, xt) <= Bd.C_TANH / 2
     assert _max_rel(np.tanh, np.tanh, xt) <= Bd.C_TANH / 2
+
+
+def test_a_vacuous_bound_is_counted_undecided_not_as_evidence():
+    """A passing case whose bound reached the signal (it would pass an all-zero output) is recorded and
+    summarised as undecided (issue 13: a budget that would pass a zero output is not a verdict)."""
+    from fuzz import campaign as CP
+    from fuzz import schema
+
+    vac = dict(ok=True, checks=1, error=None, metrics=dict(flash_decode=dict(vacuous=True, usage=0.1)))
+    tight = dict(ok=True, checks=1, error=None, metrics=dict(flash_decode=dict(vacuous=False, usage=0.1)))
+    failed = dict(ok=False, checks=1, error="x", metrics=dict(flash_decode=dict(vacuous=True)))
+    assert CP.undecided(vac) and not CP.undecided(tight) and not CP.undecided(failed)
+    lines = [dict(type="case", id=f"split_k/0/{i}", property="split_k", ok=True, checks=1, error=None,
+                  params={}, elapsed=0.0, **({"undecided": True} if i < 2 else {})) for i in range(5)]
+    assert [schema.parse_line(x, "results.jsonl:1").undecided for x in lines] == [True, True, False, False, False]
+    props = CP.summarize(lines)
+    assert props["split_k"]["cases"] == 5 and props["split_k"]["undecided"] == 2
+    assert "undecided" in CP.format_summary(props) and "2 cases (split_k 2)" in CP.format_summary(props)
