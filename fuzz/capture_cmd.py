@@ -19,8 +19,9 @@ arguments, the extra missing, or a model / context the engine refuses (one line 
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from jaxkv.cli import Parser, UsageError
 
 __all__ = ["main", "parse_list"]
 
@@ -28,13 +29,7 @@ _PROG = "python -m fuzz capture"
 _CACHE = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise _UsageError(message)
+_UsageError, _Parser = UsageError, Parser  # one line, exit 2, no usage dump
 
 
 def _parser():

@@ -21,11 +21,12 @@ Exit status: 0 written; 2 bad arguments, ggml unavailable or an input ggml refus
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
 import numpy as np
+
+from jaxkv.cli import Parser, UsageError
 
 __all__ = ["main", "record", "producer"]
 
@@ -36,13 +37,7 @@ MASKS = ("none", "causal", "window", "random", "fullrow")
 _TARGET = {"flash_attn_ext": "ggml", "soft_max_attn": "ggml-unfused", "mixed_flash_attn": "ggml-mixed"}
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise _UsageError(message)
+_UsageError, _Parser = UsageError, Parser  # one line, exit 2, no usage dump
 
 
 def _parser():

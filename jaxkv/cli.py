@@ -21,12 +21,25 @@ for an unknown subcommand or one whose module is not installed; 130 on Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import os
 import sys
 
-__all__ = ["Command", "COMMANDS", "one_line", "run", "main"]
+__all__ = ["Command", "COMMANDS", "UsageError", "Parser", "one_line", "run", "main"]
+
+
+class UsageError(Exception):
+    """A subcommand's bad arguments: reported as one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors raise :class:`UsageError` (one line, no usage dump) instead of
+    exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 @dataclasses.dataclass(frozen=True)
