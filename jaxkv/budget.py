@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-__all__ = ["FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32", "Errors", "errors", "Budget",
+__all__ = ["nmse", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32", "Errors", "errors", "Budget",
            "derive_budget", "EmuCheck", "emu_check"]
 
 #: C: the kernel may be this many times less accurate than the honest model (RMS and max-abs);
@@ -48,6 +48,13 @@ class Errors:
     worst: dict
     per_head_max_abs: tuple
     nan_count: int
+
+
+def nmse(got, ref) -> float:
+    """The one NMSE: ``sum (got - ref)^2 / sum ref^2`` over the elements (float64); 0 when they are
+    equal, inf when they differ and ``ref`` is all zero. Elements NaN in both count as equal, a NaN in
+    one only makes it inf (the ``nmse`` of :func:`errors`)."""
+    return errors(np.reshape(got, (1, 1, 1, -1)), np.reshape(ref, (1, 1, 1, -1))).nmse
 
 
 def errors(got, ref) -> Errors:

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
+    "KV_TYPES", "BLOCK_KV_TYPES", "QUANT_TYPES", "ggml_name",
     "Field", "Format", "FORMATS", "KVALUES_IQ4NL", "get_format", "row_bytes", "dequantize",
     "quantize", "quantize_iq4_nl", "Blocks", "decode_blocks", "QuantArray",
 ]
@@ -117,6 +118,21 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
 ]}
 
 _BY_ID: dict[int, Format] = {f.type_id: f for f in FORMATS.values()}
+
+#: the types ggml-cpu's attention reads a K/V cache in (its ``flash_attn_ext`` and the ``mul_mat`` of
+#: the unfused path): F32, F16 and the block types with a CPU ``vec_dot`` against Q8_0/Q8_1. BF16 and
+#: Q8_1 are formats here but not modelled as K/V by ``jaxkv.ggml_cpu``. Every other list of type names
+#: is derived from this table (lower case at the API; ``ggml_name`` converts at the edges).
+KV_TYPES: tuple[str, ...] = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
+#: the block-quantized K/V types (the cold region of a mixed cache)
+BLOCK_KV_TYPES: tuple[str, ...] = tuple(n for n in KV_TYPES if FORMATS[n].quantized)
+#: every block-quantized format
+QUANT_TYPES: tuple[str, ...] = tuple(n for n, f in FORMATS.items() if f.quantized)
+
+
+def ggml_name(fmt: Any) -> str:
+    """ggml's spelling of a type (``GGML_TYPE_<NAME>`` without the prefix): ``"q8_0"`` -> ``"Q8_0"``."""
+    return get_format(fmt).name.upper()
 
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c
 
