@@ -17,29 +17,22 @@ parameter (``pow``):
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import math
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxkv import libm
 
 __all__ = ["POWS", "libm_powf", "slopes", "traced_slopes"]
 
 POWS = ("libm", "numpy", "exact")
 
 
-@functools.lru_cache(maxsize=1)
 def libm_powf():
-    """The C library's ``float powf(float, float)`` (ctypes), or None where no C math library loads."""
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        f = lib.powf
-    except (OSError, AttributeError):
-        return None
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
-    return f
+    """The C library's ``float powf(float, float)`` (ctypes, loaded once: :func:`jaxkv.libm.powf`), or None
+    where no C math library loads."""
+    return libm.powf()
 
 
 def _numpy_powf(x, y) -> float:

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxkv import alibi
+
 __all__ = ["DOT_TYPES", "round_to_dot_type", "f16_attention"]
 
 DOT_TYPES = ("f16", "q8_0", "q8_1", "f32")
@@ -122,8 +124,6 @@ def f16_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks
     accumulator, ``"f16"`` (the model) or ``"f32"``."""
     if acc not in ("f16", "f32"):
         raise ValueError(f"acc: expected 'f16' or 'f32', got {acc!r}")
-    from jaxkv.attention import alibi_slopes
-
     q = jnp.asarray(q, jnp.float32)
     k = jnp.asarray(np.asarray(k, np.float32))
     v = jnp.asarray(np.asarray(v, np.float32))
@@ -133,6 +133,6 @@ def f16_attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks
         raise ValueError(f"k: n_head_kv={k.shape[2]} must divide n_head={q.shape[2]}")
     m = None if mask is None else jnp.asarray(mask, jnp.float32)
     sk = None if sinks is None else jnp.asarray(sinks, jnp.float32)
-    slopes = alibi_slopes(q.shape[2], float(max_bias))
+    slopes = jnp.asarray(alibi.slopes(q.shape[2], float(max_bias), "numpy"), jnp.float32)
     return _f16_core(q, k, v, float(scale), m, float(softcap), slopes, sk, dot_type=dot_type,
                      kv_f16=bool(kv_f16), acc_f16=acc == "f16")

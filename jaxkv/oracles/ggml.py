@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxkv import layout
+from jaxkv import layout, libm
 from jaxkv.oracles import ggml_lib as _gl
 from jaxkv.oracles.ggml_lib import OracleUnavailable
 
@@ -150,14 +150,8 @@ def f16_vector_arith() -> str:
 
 def _libm_expf(x: float) -> np.float32:
     """The C library's ``expf`` (the one ggml calls), or numpy's float32 exp where none loads."""
-    import ctypes.util
-
-    try:
-        f = C.CDLL(ctypes.util.find_library("m") or "libm.so.6").expf
-    except (OSError, AttributeError):
-        return np.exp(np.float32(x))
-    f.restype, f.argtypes = C.c_float, [C.c_float]
-    return np.float32(f(x))
+    f = libm.expf()
+    return np.exp(np.float32(x)) if f is None else np.float32(f(x))
 
 
 # --- layout ---------------------------------------------------------------------------------------------
