@@ -23,6 +23,7 @@ dequantizes repeatedly, which isolates the dequantizer's own cost.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import time
@@ -38,13 +39,12 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxkv import formats as F  # noqa: E402
 
-ORDER = ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "iq4_nl"]
+ORDER = list(F.FORMATS)  # every format of the type table, in its order
 
 
 def _gguf_version():
     try:
-        from importlib.metadata import version
-        return version("gguf")
+        return importlib.metadata.version("gguf")
     except Exception:  # noqa: BLE001
         return "?"
 

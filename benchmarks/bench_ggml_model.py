@@ -4,7 +4,7 @@
 
 Part 1 (always): the live oracle against the shared ggml traces (written by ggml 0.21, AVX-512): NMSE and the
 fraction of bitwise-equal outputs, per trace.
-Part 2 (when ``jaxkv.ggml_cpu`` is importable): generated cases per K/V format and code path, the model run
+Part 2 (unless ``--traces-only``): generated cases per K/V format and code path, the model run
 with ``isa`` = the loaded library's ISA (``library_info()['isa']``), against live ggml on the same inputs:
 NMSE and fraction of bitwise-equal outputs (a bit-faithful model gives 0 and 1.0).
 
@@ -16,6 +16,7 @@ Paths: ``fused-decode`` (per-row loop, n_q = 1), ``fused-prefill`` (per-row loop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -27,16 +28,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import jaxkv  # noqa: E402,F401  (x64)
+from jaxkv import budget, formats, ggml_cpu  # noqa: E402
 from jaxkv.oracles import ggml as og  # noqa: E402
 from jaxkv.oracles.ggml_replay import read_trace, replay  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
-
-
-def nmse(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(((x - ref) ** 2).sum() / max((ref**2).sum(), 1e-300))
+FORMATS = tuple(formats.ggml_name(n) for n in formats.KV_TYPES)  # ggml spelling: the oracle's
 
 
 def bitwise(x, ref) -> float:
@@ -54,7 +51,7 @@ def part_traces():
         ref = ts["out"][1]
         kt = ts.get("k", ts.get("k_cold"))[0]
         vt = ts.get("v", ts.get("v_cold"))[0]
-        rows.append(dict(trace=path.stem, op=md["trace.op"], k=kt, v=vt, nmse=nmse(out, ref),
+        rows.append(dict(trace=path.stem, op=md["trace.op"], k=kt, v=vt, nmse=budget.nmse(out, ref),
                          bitwise=bitwise(out, ref)))
     return rows
 
@@ -79,8 +76,6 @@ def causal(n_q, n_kv):
 
 def model_kv(x, fmt):
     """Model-side operand: float16 for F16, float32 for F32, formats.QuantArray of ggml's own bytes otherwise."""
-    from jaxkv import formats
-
     if fmt == "F16":
         return x.astype(np.float16)
     if fmt == "F32":
@@ -89,18 +84,16 @@ def model_kv(x, fmt):
 
 
 def part_model(seeds: int, isa: str, contract):
-    from jaxkv import ggml_cpu
-
     rows = []
 
     def record(fmt, path, live, model, t0):
-        rows.append(dict(format=fmt, path=path, seed=seed, nmse=nmse(model, live), bitwise=bitwise(model, live),
+        rows.append(dict(format=fmt, path=path, seed=seed, nmse=budget.nmse(model, live), bitwise=bitwise(model, live),
                          seconds=round(time.time() - t0, 2)))
 
-    for fmt in FORMATS + ("F32",):
+    for fmt in FORMATS:
         for seed in range(seeds):
             specs = [("fused-decode", 1, 300, 2, None), ("fused-prefill", 4, 96, 2, "causal")]
-            if fmt in ("F16", "F32"):
+            if not formats.get_format(fmt).quantized:
                 specs.append(("split-kv", 1, 1024, 4, None))
             for path, n_q, n_kv, nt, mk in specs:
                 q, k, v = gen(seed, 1, n_q, 8, 2, n_kv, 64)
@@ -129,7 +122,7 @@ def part_model(seeds: int, isa: str, contract):
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(format=fmt, path="unfused", seed=seed, error=f"{type(e).__name__}: {e}"[:200]))
             # mixed: cold fmt + hot F16, through F32 -> F16
-            if fmt not in ("F16", "F32"):
+            if formats.get_format(fmt).quantized:
                 q, k, v = gen(seed, 1, 1, 8, 2, 320, 64)
                 kc, vc = og.quantize_chunk(k[:, :256], fmt), og.quantize_chunk(v[:, :256], fmt)
                 kh, vh = k[:, 256:].astype(np.float16), v[:, 256:].astype(np.float16)
@@ -149,10 +142,6 @@ def part_model(seeds: int, isa: str, contract):
 def _contract(isa: str, overrides):
     """The model's compiler-contraction flags for ``isa``'s build (ggml_cpu.BUILD_CONTRACT), with FLAG=0|1
     overrides applied."""
-    import dataclasses
-
-    from jaxkv import ggml_cpu
-
     base = ggml_cpu.BUILD_CONTRACT[isa]
     vals = {}
     for o in overrides:
@@ -190,20 +179,11 @@ def main(argv=None) -> int:
     print("\n## live ggml vs shared traces (ggml 0.21, AVX-512)\n")
     print(table(result["traces"], ["trace", "op", "k", "v", "nmse", "bitwise"]))
     if not a.traces_only:
-        try:
-            from jaxkv import ggml_cpu
-        except ImportError as e:
-            ggml_cpu, why = None, f"not importable ({e})"
-        if ggml_cpu is not None and not hasattr(ggml_cpu, "flash_attn_ext"):
-            ggml_cpu, why = None, "has no flash_attn_ext yet"
-        if ggml_cpu is None:
-            print(f"\njaxkv.ggml_cpu {why}: model comparison skipped")
-        else:
-            contract = _contract(info["isa"], a.contract)
-            result["model"] = part_model(a.seeds, info["isa"], contract)
-            result["contract"] = repr(contract)
-            print(f"\n## jaxkv.ggml_cpu (isa={info['isa']}, {contract}) vs live ggml, {a.seeds} seeds per cell\n")
-            print(table(result["model"], ["format", "path", "seed", "nmse", "bitwise", "seconds", "error"]))
+        contract = _contract(info["isa"], a.contract)
+        result["model"] = part_model(a.seeds, info["isa"], contract)
+        result["contract"] = repr(contract)
+        print(f"\n## jaxkv.ggml_cpu (isa={info['isa']}, {contract}) vs live ggml, {a.seeds} seeds per cell\n")
+        print(table(result["model"], ["format", "path", "seed", "nmse", "bitwise", "seconds", "error"]))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return 0

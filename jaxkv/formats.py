@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "KV_TYPES", "BLOCK_KV_TYPES", "QUANT_TYPES", "ggml_name",
+    "KV_TYPES", "BLOCK_KV_TYPES", "FLOAT_KV_TYPES", "QUANT_TYPES", "ggml_name",
     "Field", "Format", "FORMATS", "KVALUES_IQ4NL", "get_format", "row_bytes", "dequantize",
     "quantize", "quantize_iq4_nl", "Blocks", "decode_blocks", "QuantArray",
 ]
@@ -126,6 +126,8 @@ _BY_ID: dict[int, Format] = {f.type_id: f for f in FORMATS.values()}
 KV_TYPES: tuple[str, ...] = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
 #: the block-quantized K/V types (the cold region of a mixed cache)
 BLOCK_KV_TYPES: tuple[str, ...] = tuple(n for n in KV_TYPES if FORMATS[n].quantized)
+#: the float K/V types (one element per block: F32, F16)
+FLOAT_KV_TYPES: tuple[str, ...] = tuple(n for n in KV_TYPES if not FORMATS[n].quantized)
 #: every block-quantized format
 QUANT_TYPES: tuple[str, ...] = tuple(n for n, f in FORMATS.items() if f.quantized)
 

@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxkv import alibi
+from jaxkv import alibi, formats
 
 __all__ = ["DOT_TYPES", "round_to_dot_type", "f16_attention"]
 
-DOT_TYPES = ("f16", "q8_0", "q8_1", "f32")
+#: the ``vec_dot_type`` of every K/V type (``jaxkv.formats``): f32, f16, q8_0, q8_1
+DOT_TYPES = tuple(dict.fromkeys(formats.FORMATS[n].dot_type for n in formats.KV_TYPES))
 _HI = lax.Precision.HIGHEST
 
 

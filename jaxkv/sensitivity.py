@@ -54,6 +54,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkv import attention as _att
 from jaxkv import formats
+from jaxkv import outliers as _outliers
+from jaxkv.outliers import Outliers
 
 __all__ = [
     "Dist", "DISTRIBUTIONS", "Config", "Group", "Sweep", "METRICS", "DEFAULT_FORMATS",
@@ -62,7 +64,9 @@ __all__ = [
     "paired_diff_ci", "make_mesh",
 ]
 
-DEFAULT_FORMATS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+#: the block K/V types, most bits per element first (q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl)
+DEFAULT_FORMATS = tuple(sorted(formats.BLOCK_KV_TYPES,
+                               key=lambda n: -formats.FORMATS[n].block_bytes / formats.FORMATS[n].block_size))
 
 #: per-sample metrics, arrays [S, n_L, n_W] in :func:`run_group`'s result
 METRICS = ("nmse", "max_abs", "cos", "pred_nmse", "lin_resid", "k_qerr", "v_qerr")
@@ -78,20 +82,19 @@ _BATCH_PER_DEVICE = 8  # at most this many samples per device and call
 
 @dataclasses.dataclass(frozen=True)
 class Dist:
-    """A sample distribution: q, k, v iid N(0, 1) per element, except that ``outliers_per_64`` of every
-    64 head-dim channels of **k** (at least one when > 0) are scaled by ``outlier_scale``. The outlier
-    channels are fixed per (seed, D) (:func:`outlier_channels`), like the few large channels that real
-    K caches show; V has none."""
+    """A sample distribution: q, k, v iid N(0, 1) per element, except that the head-dim channels of
+    **k** that ``outliers`` (a :class:`jaxkv.outliers.Outliers` profile, or None) picks are scaled by its
+    factor. The outlier channels are fixed per (seed, D) (:func:`outlier_channels`), like the few large
+    channels that real K caches show; V has none."""
 
     name: str
-    outliers_per_64: int = 0
-    outlier_scale: float = 1.0
+    outliers: Outliers | None = None
     description: str = ""
 
 
 DISTRIBUTIONS: dict[str, Dist] = {d.name: d for d in (
-    Dist("normal", 0, 1.0, "q, k, v iid N(0,1)"),
-    Dist("outliers", 2, 10.0, "as normal, but 2 of every 64 K channels have scale 10"),
+    Dist("normal", None, "q, k, v iid N(0,1)"),
+    Dist("outliers", _outliers.SENSITIVITY, "as normal, but 2 of every 64 K channels have scale 10"),
 )}
 
 
@@ -103,17 +106,18 @@ def outlier_channels(seed: int, head_dim: int, dist: str) -> np.ndarray:
     """Sorted int array of the K channels that ``dist`` scales up (empty for ``normal``); a function of
     (seed, head_dim, dist) only."""
     d = _get_dist(dist)
-    if d.outliers_per_64 <= 0:
+    if d.outliers is None or d.outliers.count(head_dim) == 0:
         return np.zeros((0,), np.int64)
-    n = max(1, (d.outliers_per_64 * head_dim) // 64)
     rng = np.random.default_rng(_stable_int("outliers", seed, head_dim, d.name))
-    return np.sort(rng.choice(head_dim, size=n, replace=False)).astype(np.int64)
+    return np.sort(d.outliers.channels(rng, head_dim)).astype(np.int64)
 
 
 def channel_scales(seed: int, head_dim: int, dist: str) -> np.ndarray:
     """float32 [D]: the per-channel scale of K under ``dist`` (1 except at :func:`outlier_channels`)."""
     s = np.ones((head_dim,), np.float32)
-    s[outlier_channels(seed, head_dim, dist)] = _get_dist(dist).outlier_scale
+    d = _get_dist(dist)
+    if d.outliers is not None:
+        s[outlier_channels(seed, head_dim, dist)] = d.outliers.scale
     return s
 
 

@@ -61,7 +61,7 @@ def kv_type(x, name: str) -> str:
     QuantArray's format."""
     if hasattr(x, "raw") and hasattr(x, "fmt"):
         f = formats.get_format(x.fmt)
-        if f.name not in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"):
+        if f.name not in formats.BLOCK_KV_TYPES:
             raise ValueError(f"{name}: unsupported block type {f.name!r}")
         return f.name
     dt = getattr(x, "dtype", None)
@@ -75,14 +75,14 @@ def kv_type(x, name: str) -> str:
 
 def split_chunks(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, n_threads: int) -> int:
     """Number of KV chunks ggml's CPU flash_attn_ext uses: n_threads on the split-KV path, else 1."""
-    if n_q == 1 and B == 1 and k_type == v_type and k_type in ("f16", "f32") and n_kv >= SPLIT_KV_MIN:
+    if n_q == 1 and B == 1 and k_type == v_type and k_type in formats.FLOAT_KV_TYPES and n_kv >= SPLIT_KV_MIN:
         return int(n_threads)
     return 1
 
 
 def path(n_q: int, B: int, k_type: str, v_type: str, n_kv: int, dv: int, isa=DEFAULT_ISA, version=None) -> str:
     """Which code path ggml's CPU flash_attn_ext (F32 q) takes: "split-kv", "tiled" or "per-row"."""
-    if n_q == 1 and B == 1 and k_type == v_type and k_type in ("f16", "f32") and n_kv >= SPLIT_KV_MIN:
+    if n_q == 1 and B == 1 and k_type == v_type and k_type in formats.FLOAT_KV_TYPES and n_kv >= SPLIT_KV_MIN:
         return "split-kv"
     if _tiled.takes_tiled(n_q, B, k_type, v_type, dv, isa, version):
         return "tiled"
@@ -186,7 +186,7 @@ def flash_attn_ext(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sink
         return jnp.zeros((B, n_q, H, v.shape[-1]), jnp.float32)
     if path(n_q, B, k_type, v_type, n_kv, v.shape[-1], isa, version) == "tiled":
         return _flash_tiled(q, k, v, scale, mask, softcap, max_bias, sinks, int(n_threads), isa, version)
-    if k_type not in ("f16", "f32") and q.shape[-1] % 32:
+    if k_type not in formats.FLOAT_KV_TYPES and q.shape[-1] % 32:
         raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
     nch = split_chunks(n_q, B, k_type, v_type, n_kv, n_threads)
     qg, mg, sg, slg = _group(q, mask, sinks, _slopes(H, max_bias), hkv)
@@ -242,14 +242,14 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
     on llamafile's tinyBLAS (float, or ``tinyBLAS_Q0_AVX`` for block K) is emulated by :mod:`.sgemm`."""
     ctr = _contract(isa, contract)
     k_type, v_type = kv_type(k, "k"), kv_type(v, "v")
-    if v_type not in ("f16", "f32"):
+    if v_type not in formats.FLOAT_KV_TYPES:
         raise ValueError(f"v: soft_max_attn needs F16 or F32 V (ggml transposes it), got {v_type}")
     _check(q, k, v, mask, None)
     if int(n_threads) < 1:
         raise ValueError(f"n_threads: must be >= 1, got {n_threads}")
     B, n_q, H, _ = q.shape
     hkv = k.shape[2]
-    if k_type not in ("f16", "f32") and q.shape[-1] % 32:
+    if k_type not in formats.FLOAT_KV_TYPES and q.shape[-1] % 32:
         raise ValueError(f"q: Dk={q.shape[-1]} must be a multiple of 32 for block-quantized K")
     kq_path, kqv_path = soft_max_attn_paths(q.shape, k_type, v_type, k.shape[1], v.shape[-1], isa=isa,
                                             llamafile=bool(llamafile), q_contiguous=bool(q_contiguous))
@@ -263,7 +263,7 @@ def soft_max_attn(q, k, v, *, scale, mask=None, max_bias=0.0, n_threads=1, isa=D
 
 def _to_f32(x, name):
     t = kv_type(x, name)
-    if t in ("f16", "f32"):
+    if t in formats.FLOAT_KV_TYPES:
         return jnp.asarray(x).astype(jnp.float32)
     return formats.dequantize(x.raw, x.fmt)
 

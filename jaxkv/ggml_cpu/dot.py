@@ -165,7 +165,8 @@ def convert_q(x, dot_type: str):
         return r16(x)
     if dot_type == "f32":
         return jnp.asarray(x, F64)
-    if dot_type in ("q8_0", "q8_1"):
+    f = formats.FORMATS.get(dot_type)
+    if f is not None and f.quantized and f.dot_type == f.name:  # a block type that is a dot type: q8_0, q8_1
         return quantize_q8_x86(x, dot_type == "q8_1")
     raise ValueError(f"dot_type: unsupported vec_dot_type {dot_type!r}")
 
@@ -257,19 +258,6 @@ def dot_blocks(kb: formats.Blocks, k_fmt: str, qb: formats.Blocks):
     nb = lanes.shape[-2]
     d = mul32(dk, dq)  # [..., nb] exact (F16 x F16)
     lead = lanes.shape[:-2]
-    if k_fmt in ("q4_0", "q5_0", "q8_0", "q4_1", "q5_1"):
-        acc = jnp.zeros(lead + (8,), F64)
-        for b in range(nb):
-            acc = fma32(d[..., b, None], lanes[..., b, :], acc)
-        s = hsum_float_8(acc)
-        if k_fmt in ("q4_1", "q5_1"):
-            summs = jnp.zeros(lead, F64)
-            mk = jnp.asarray(kb.m, F64)
-            sq = jnp.asarray(qb.s, F64)
-            for b in range(nb):
-                summs = add32(summs, mul32(mk[..., b], sq[..., b]))
-            s = add32(s, summs)
-        return s
     if k_fmt == "iq4_nl":
         acc1 = jnp.zeros(lead + (8,), F64)
         acc2 = jnp.zeros(lead + (8,), F64)
@@ -281,5 +269,18 @@ def dot_blocks(kb: formats.Blocks, k_fmt: str, qb: formats.Blocks):
         s = hsum_float_8(add32(acc1, acc2))
         if b < nb:
             s = fma32(d[..., b], jnp.sum(lanes[..., b, :], axis=-1), s)
+        return s
+    if k_fmt in formats.BLOCK_KV_TYPES:  # one accumulator; formats with a min add sum(m * s)
+        acc = jnp.zeros(lead + (8,), F64)
+        for b in range(nb):
+            acc = fma32(d[..., b, None], lanes[..., b, :], acc)
+        s = hsum_float_8(acc)
+        if formats.FORMATS[k_fmt].field("m") is not None:
+            summs = jnp.zeros(lead, F64)
+            mk = jnp.asarray(kb.m, F64)
+            sq = jnp.asarray(qb.s, F64)
+            for b in range(nb):
+                summs = add32(summs, mul32(mk[..., b], sq[..., b]))
+            s = add32(s, summs)
         return s
     raise ValueError(f"k: unsupported block type {k_fmt!r}")

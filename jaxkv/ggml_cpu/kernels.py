@@ -112,7 +112,7 @@ def _mad(a, b, c, fused: bool):
 
 def _k_operand(k, k_type: str):
     """K as an f32-carrier array [B, n_kv, Hkv, Dk] (float types) or formats.Blocks (block types)."""
-    if k_type in ("f16", "f32"):
+    if k_type in formats.FLOAT_KV_TYPES:
         return jnp.asarray(k).astype(F64)
     return formats.decode_blocks(k.raw, k.fmt)
 
@@ -125,7 +125,7 @@ def scores(qg, k, k_type: str, isa, q0_sgemm: bool = False):
     dot_type = formats.get_format(k_type).dot_type
     qc = _dot.convert_q(qg, dot_type)
     kop = _k_operand(k, k_type)
-    if k_type in ("f16", "f32"):
+    if k_type in formats.FLOAT_KV_TYPES:
         kk = jnp.transpose(kop, (0, 2, 1, 3))[:, None, :, None]  # [B, 1, Hkv, 1, n_kv, Dk]
         x = qc[:, :, :, :, None, :]
         return _dot.dot_f16(x, kk, isa) if k_type == "f16" else _dot.dot_f32(x, kk, isa)
@@ -142,7 +142,7 @@ def scores(qg, k, k_type: str, isa, q0_sgemm: bool = False):
 def _v_rows(v, v_type: str):
     """V rows as f32 carriers [B, n_kv, Hkv, Dv] (what ggml accumulates: F16 values, or F32 values /
     ``dequantize_row_*`` output)."""
-    if v_type in ("f16", "f32"):
+    if v_type in formats.FLOAT_KV_TYPES:
         return jnp.asarray(v).astype(F64)
     return formats.dequantize(v.raw, v.fmt).astype(F64)
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxkv import formats
 from jaxkv.ggml_cpu import kernels as _k
 from jaxkv.ggml_cpu.dot import get_isa
 from jaxkv.ggml_cpu.fp import F64, add32, div32, expf, fma32, mul32, r32, sub32, tanhf
@@ -121,7 +122,7 @@ def takes_tiled(n_q: int, B: int, k_type: str, v_type: str, dv: int, isa, versio
     K and V both F16 or both F32, n_q >= q_tile, and (where the build has the rule) Dv a multiple of the
     ISA's F32 lanes."""
     b = tiled_build(version)
-    if b is None or k_type != v_type or k_type not in ("f16", "f32") or n_q < b.q_tile:
+    if b is None or k_type != v_type or k_type not in formats.FLOAT_KV_TYPES or n_q < b.q_tile:
         return False
     return not (b.dv_lanes_x86 and dv % get_isa(isa).f32_epr)
 

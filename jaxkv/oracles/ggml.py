@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxkv import layout, libm
+from jaxkv import formats, layout, libm
+from jaxkv.ggml_cpu import BUILD_CONTRACT
 from jaxkv.oracles import ggml_lib as _gl
 from jaxkv.oracles.ggml_lib import OracleUnavailable
 
@@ -64,10 +65,11 @@ class OracleInputError(ValueError):
 
 #: storage types the attention ops accept for K/V (Q8_1 is a dot-product type only: no vec_dot, no to_float)
 SUPPORTED_FORMATS = tuple(_gl.TYPES)
-_FLOAT_FORMATS = ("F32", "F16", "BF16")
+_FLOAT_FORMATS = tuple(formats.ggml_name(n) for n, f in formats.FORMATS.items() if not f.quantized)
 F16_MAX = 65504.0
-#: byte offsets of the F16 scale fields (d, m) in one block (ggml-common.h block structs)
-_SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,)}
+#: byte offsets of the F16 scale fields (d, m) in one block (the block structs of ``jaxkv.formats``)
+_SCALE_FIELDS = {formats.ggml_name(n): tuple(fl.offset for fl in formats.FORMATS[n].fields if fl.kind == "f16")
+                 for n in formats.BLOCK_KV_TYPES}
 _N_OBJECTS = 64  # ggml objects (tensors, views, the graph) one call creates, an upper bound
 _SLACK = 1 << 16
 
@@ -104,8 +106,6 @@ def library_info() -> dict:
 
 
 def _contract_facts(isa: str) -> dict:
-    from jaxkv.ggml_cpu import BUILD_CONTRACT
-
     return BUILD_CONTRACT[isa].to_metadata() if isa in BUILD_CONTRACT else {}
 
 

@@ -26,6 +26,8 @@ import threading
 
 import numpy as np
 
+from jaxkv import formats
+
 
 class OracleUnavailable(RuntimeError):
     """The ggml libraries cannot be used here (wheel absent, library missing, ABI mismatch)."""
@@ -48,20 +50,13 @@ class GgmlType:
         return (n // self.block_size) * self.type_size
 
 
-# enum ggml_type values from the wheel's ggml.h; block/type sizes are checked against the loaded library.
+#: the oracle's storage types: the K/V types (``jaxkv.formats.KV_TYPES``) and BF16, named in ggml's spelling;
+#: enum values and block sizes from the one type table (``jaxkv.formats``: ggml.h / ggml-common.h facts),
+#: checked against the loaded library (``_check_abi``).
 TYPES: dict[str, GgmlType] = {
     t.name: t
-    for t in (
-        GgmlType("F32", 0, 1, 4),
-        GgmlType("F16", 1, 1, 2),
-        GgmlType("Q4_0", 2, 32, 18),
-        GgmlType("Q4_1", 3, 32, 20),
-        GgmlType("Q5_0", 6, 32, 22),
-        GgmlType("Q5_1", 7, 32, 24),
-        GgmlType("Q8_0", 8, 32, 34),
-        GgmlType("IQ4_NL", 20, 32, 18),
-        GgmlType("BF16", 30, 1, 2),
-    )
+    for t in (GgmlType(formats.ggml_name(f), f.type_id, f.block_size, f.block_bytes)
+              for f in (formats.FORMATS[n] for n in formats.KV_TYPES + ("bf16",)))
 }
 
 # enum ggml_prec
