@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -45,8 +46,6 @@ G = H // HKV
 
 def interleaved(fns: dict, args: dict, repeat: int) -> dict:
     """Best time of each jitted fn(*args[name]) with calls interleaved; also returns the outputs."""
-    import time
-
     outs = {k: np.asarray(jax.block_until_ready(f(*args[k]))) for k, f in fns.items()}
     ts = {k: [] for k in fns}
     for _ in range(repeat):

@@ -16,6 +16,7 @@ imports, JAX compilation and the ggml-cpu emulation of every call) with its exit
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -58,8 +59,6 @@ def main(argv=None):
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--keep", default=None, metavar="DIR", help="keep the captured runs under DIR")
     a = p.parse_args(argv)
-    import importlib.util
-
     if importlib.util.find_spec("llama_cpp") is None:
         print("skipped: llama-cpp-python is not installed (pip install '.[capture]')")
         return 0

@@ -26,6 +26,8 @@ import queue
 import sys
 import time
 
+from fuzz.__main__ import main as fuzz_main
+
 __all__ = ["parse_seeds", "run_seed", "main"]
 
 
@@ -74,8 +76,6 @@ def _summary(out: pathlib.Path) -> tuple[int, int, str | None]:
 
 def run_seed(seed: int, args) -> dict:
     """One default campaign (in this process) -> dict(seed, rc, cases, failures, seconds, error)."""
-    from fuzz.__main__ import main as fuzz_main
-
     out = pathlib.Path(args.out) / f"seed-{seed}"
     argv = ["--max-examples", str(args.max_examples), "--seed", str(seed), "--out", str(out), "--quiet"]
     if args.properties:

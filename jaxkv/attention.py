@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxkv import alibi
+from jaxkv import alibi, formats
 from jaxkv._checks import check_attention_shapes
 
 __all__ = [
@@ -503,8 +503,6 @@ def _grouped_state(st: State, n_q: int, g: int) -> State:
 def _slice_kv(x, start, size, dtype):
     """Rows [start, start+size) of the KV axis (axis 1) of a float array or QuantArray, as dtype."""
     if _is_quant(x):
-        from jaxkv import formats
-
         raw = lax.dynamic_slice_in_dim(x.raw, start, size, axis=1)
         return formats.dequantize(raw, x.fmt).astype(dtype)
     return lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(dtype)

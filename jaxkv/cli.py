@@ -27,6 +27,8 @@ import importlib
 import os
 import sys
 
+from jaxkv.textsafe import escape
+
 __all__ = ["Command", "COMMANDS", "UsageError", "Parser", "one_line", "run", "main"]
 
 
@@ -66,8 +68,6 @@ COMMANDS: dict[str, Command] = {
 
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message, control characters escaped (safe for a terminal)."""
-    from jaxkv.textsafe import escape
-
     lines = str(e).strip().splitlines()
     return escape(lines[0] if lines else type(e).__name__)
 

@@ -26,7 +26,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from jaxkv import formats
 
 __all__ = [
     "ROLES", "canonical_to_ggml", "ggml_to_canonical",
@@ -77,7 +80,6 @@ def _xp(x):
     """numpy for numpy arrays, jax.numpy for jax arrays."""
     if isinstance(x, np.ndarray) or np.isscalar(x):
         return np
-    import jax.numpy as jnp
     return jnp
 
 
@@ -146,7 +148,6 @@ def ggml_to_canonical(role: str, x, n_q: int | None = None):
 
 def _type_facts(type_: Any) -> tuple[str, int, int]:
     """(name, block_size, block_bytes) of a ggml type (name, id, GGMLQuantizationType or Format)."""
-    from jaxkv import formats
     f = formats.get_format(type_)
     return f.name, f.block_size, f.block_bytes
 
@@ -420,7 +421,6 @@ def resolve(buffer, view: View, name: str = "view", max_elements: int | None = N
     if view.nelements > limit:
         raise ValueError(f"{name}: view (ne={list(view.ne)}, nb={list(view.nb)}) has {view.nelements} elements, "
                          f"more than the bound {limit} (2 per buffer byte, or max_elements)")
-    from jaxkv import formats
     if r.size == 0:
         return np.zeros(view.shape, np.float32)
     return np.asarray(formats.dequantize(np.ascontiguousarray(r), view.type), dtype=np.float32)
@@ -487,7 +487,6 @@ def store(array, type_: Any, ne: Sequence[int] | None = None, nb: Sequence[int] 
     else:
         if a.shape != view.shape:
             raise ValueError(f"array: expected shape {view.shape} (ne reversed), got {a.shape}")
-        from jaxkv import formats
         raw = np.asarray(formats.quantize(a.astype(np.float32), tname), dtype=np.uint8)
     src = raw.reshape(view.shape[:3] + (nblk, bb))
     tgt = np.lib.stride_tricks.as_strided(dst[view.offset:], shape=view.shape[:3] + (nblk, bb),
