@@ -39,8 +39,9 @@ A key that is masked for every query row and head of a batch row is skipped like
 values are never read (they may be NaN/inf, e.g. unused cache slots).
 
 Precision policies: ``"f64"`` casts every input to float64 (the golden reference); ``"f32"`` computes
-in float32 (matmuls at HIGHEST precision); ``"ggml-cpu"`` (``attention`` only) dispatches to
-``jaxkv.ggml_cpu.flash_attn_ext``, the bit-faithful model of ggml's CPU kernel.
+in float32 (matmuls at HIGHEST precision). Other precision models are their own functions, called
+directly (``jaxkv.ggml_cpu.flash_attn_ext``: ggml's CPU kernel bit for bit; ``jaxkv.precision``: the
+generic F16 model); the op registry ``jaxkv.ops`` looks them up by precision name.
 
 Split-K: the KV axis is cut into chunks; each chunk yields a partial :class:`State` ``(m, l, acc)``
 (running max, sum of ``exp(s - m)``, unnormalised ``sum exp(s - m) v``) and states are merged by
@@ -77,7 +78,7 @@ __all__ = [
     "finalize",
 ]
 
-PRECISIONS = ("f64", "f32", "ggml-cpu")
+PRECISIONS = ("f64", "f32")
 _COMPUTE = {"f64": jnp.float64, "f32": jnp.float32}
 _HI = lax.Precision.HIGHEST
 
@@ -179,9 +180,10 @@ def _shape(x) -> tuple:
     return tuple(x.shape)
 
 
-def _check(q, k, v, mask, sinks, precision, allowed=("f64", "f32")):
+def _check(q, k, v, mask, sinks, precision, allowed=PRECISIONS):
     if precision not in allowed:
-        raise ValueError(f"precision: expected one of {allowed}, got {precision!r}")
+        raise ValueError(f"precision: expected one of {allowed}, got {precision!r} (other precision models are "
+                         "functions of their own: jaxkv.ggml_cpu.flash_attn_ext, jaxkv.precision.f16_attention)")
     check_attention_shapes(q, k, v, mask, sinks)
 
 
@@ -319,21 +321,13 @@ def _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, *, precision):
     return _undefined_params(out.reshape(B, n_q, hkv * g, out.shape[-1]), scale, softcap)
 
 
-def attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, precision="f32",
-              **model_kwargs):
+def attention(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, precision="f32"):
     """Reference attention. q [B, n_q, H, Dk]; k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv] (float, or
     formats.QuantArray, dequantized first); mask [B|1, H|1, n_q, n_kv]; sinks [H] -> out
     [B, n_q, H, Dv] (float64 for "f64", float32 otherwise). Semantics in the module docstring.
 
-    precision: "f64", "f32" or "ggml-cpu" (dispatched with ``**model_kwargs`` to
-    ``jaxkv.ggml_cpu.flash_attn_ext``). ``model_kwargs`` are rejected for the other policies."""
-    if precision == "ggml-cpu":
-        from jaxkv import ggml_cpu
-
-        return ggml_cpu.flash_attn_ext(q, k, v, scale=scale, mask=mask, softcap=softcap,
-                                       max_bias=max_bias, sinks=sinks, **model_kwargs)
-    if model_kwargs:
-        raise ValueError(f"model_kwargs: {sorted(model_kwargs)} only apply to precision='ggml-cpu'")
+    precision: "f64" or "f32" (:data:`PRECISIONS`). ggml's CPU kernel is not a policy of this function:
+    call ``jaxkv.ggml_cpu.flash_attn_ext`` (same layout) for it."""
     q, k, v, mask, sinks, slopes = _operands(q, k, v, mask, sinks, max_bias, precision)
     return _attention_core(q, k, v, scale, mask, softcap, slopes, sinks, precision=precision)
 

@@ -22,7 +22,7 @@ def _load(name):
 
 
 #: modules already clean of type-name lists and non-optional function-level imports
-CLEAN = ("jaxkv/ggml_cpu/", "jaxkv/precision.py", "jaxkv/cache.py", "jaxkv/layout.py",
+CLEAN = ("jaxkv/ggml_cpu/", "jaxkv/attention.py", "jaxkv/precision.py", "jaxkv/cache.py", "jaxkv/layout.py",
          "jaxkv/formats.py", "jaxkv/alibi.py", "jaxkv/libm.py", "jaxkv/outliers.py", "jaxkv/sensitivity.py",
          "jaxkv/oracles/ggml.py", "jaxkv/oracles/ggml_lib.py", "jaxkv/oracles/__init__.py", "jaxkv/cli.py",
          "jaxkv/__init__.py", "jaxkv/_checks.py", "jaxkv/textsafe.py", "benchmarks/")

@@ -325,15 +325,15 @@ def test_quantized_kv_equals_dequantized():
     assert _err(A.flash_decode(q, kq, vq, chunk=7, **kw), ref, vd) <= F64_TOL
 
 
-def test_ggml_cpu_precision_dispatches():
-    from jaxkv import ggml_cpu
-
+def test_ggml_cpu_is_a_model_of_its_own_not_an_attention_policy():
+    """attention() keeps to its f64/f32 policies (#15: one precision dispatcher, the ops registry): the
+    ggml-cpu model is jaxkv.ggml_cpu.flash_attn_ext, which the error names."""
     rng = np.random.default_rng(13)
     q = rng.standard_normal((1, 1, 2, 32)).astype(np.float32)
     k, v = (rng.standard_normal((1, 9, 1, 32)).astype(np.float16) for _ in range(2))
     kw = dict(scale=0.2, softcap=0.0, max_bias=0.0, mask=None, sinks=None)
-    out = A.attention(q, k, v, precision="ggml-cpu", **kw)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(ggml_cpu.flash_attn_ext(q, k, v, **kw)))
+    with pytest.raises(ValueError, match="precision.*jaxkv.ggml_cpu.flash_attn_ext"):
+        A.attention(q, k, v, precision="ggml-cpu", **kw)
 
 
 def test_empty_kv_axis_gives_zeros():
@@ -411,7 +411,7 @@ def test_bad_inputs_raise_value_error():
         A.flash_decode(q, k, k, scale=1.0, chunk=0)
     with pytest.raises(ValueError, match="precision"):
         A.flash_decode(q, k, k, scale=1.0, chunk=2, precision="ggml-cpu")
-    with pytest.raises(ValueError, match="model_kwargs"):
+    with pytest.raises(TypeError, match="isa"):  # a ggml_cpu.flash_attn_ext argument, not attention's
         A.attention(q, k, k, scale=1.0, isa="avx2")
 
 
