@@ -25,7 +25,7 @@ from jaxkv.ggml_cpu import fp
 # ----------------------------------------------------------------------------------------------------
 # a small private trace loader (tensors in ggml ne order -> canonical layout)
 
-_QTYPES = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"}
+_QTYPES = {formats.ggml_name(n) for n in formats.BLOCK_KV_TYPES}  # ggml spelling (trace tensor types)
 
 
 def _field(r, key, default=None):

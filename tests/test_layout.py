@@ -96,8 +96,8 @@ def test_role_dropped_trailing_dims_and_quant():
 # ----------------------------------------------------------------------------------------------------
 # views
 
-FLOAT_TYPES = ["f32", "f16"]
-QUANT_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"]
+FLOAT_TYPES = list(formats.FLOAT_KV_TYPES)  # f32, f16
+QUANT_TYPES = list(formats.BLOCK_KV_TYPES)  # q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl
 
 
 @st.composite
