@@ -25,7 +25,7 @@ def test_profiles_reproduce_the_fuzzers_draws(shape):
     fuzz.cases can switch to them without changing a case."""
     for seed in range(4):
         r = np.random.default_rng(seed)
-        np.testing.assert_array_equal(cases._outlier(np.random.default_rng(seed), shape),
+        np.testing.assert_array_equal(cases.DISTRIBUTIONS["outlier"](np.random.default_rng(seed), shape),
                                       outliers.FUZZ.apply(r, r.standard_normal(shape)))
         r = np.random.default_rng(seed)
         np.testing.assert_array_equal(cases.menu_values(np.random.default_rng(seed), shape, "outlier"),
