@@ -11,9 +11,9 @@ Adding an op: build an :class:`Op` and :func:`register` it (a test file can do s
 
 from __future__ import annotations
 
-from jaxkv.ops.op import OPS, PRECISIONS, Op, Precision, by_target, get, precision, register
+from jaxkv.ops.op import OPS, PRECISIONS, Op, Precision, by_target, get, infer, precision, register, unregister
 
-__all__ = ["Op", "Precision", "OPS", "PRECISIONS", "register", "get", "by_target", "precision"]
+__all__ = ["Op", "Precision", "OPS", "PRECISIONS", "register", "unregister", "get", "by_target", "infer", "precision"]
 
 # the built-in ops register themselves on import
 from jaxkv.ops import flash_attn_ext as _fa  # noqa: E402,F401
