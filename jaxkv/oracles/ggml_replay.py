@@ -20,10 +20,15 @@ mask [B|1, H|1, n_q(+padding), n_kv], sinks [H], out [B, n_q, H, Dv].
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
+import gguf
 import numpy as np
 
+from jaxkv import layout, ops
+from jaxkv import trace as _structure
 from jaxkv.textsafe import escape
 
 __all__ = ["read_trace", "replay", "main"]
@@ -46,13 +51,6 @@ def read_trace(path, max_elements: int = MAX_ELEMENTS):
     """(metadata, tensors) of a trace v1 file: metadata = the ``trace.*`` keys; tensors = {name: (ggml
     type name, canonical array or raw blocks)} (``v`` is un-transposed when ``trace.v_transposed``).
     ValueError (one line, naming the key or tensor) for a file that is not such a trace."""
-    import math
-
-    import gguf
-
-    from jaxkv import layout
-    from jaxkv import trace as _structure
-
     _structure.check_file(path)
     r = gguf.GGUFReader(path)
     md = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("trace.")}
@@ -103,38 +101,19 @@ def read_trace(path, max_elements: int = MAX_ELEMENTS):
 
 def replay(md, ts, n_threads=None) -> np.ndarray:
     """Live ggml's float32 output [B, n_q, H, Dv] for a trace read by :func:`read_trace` (the trace's
-    ``n_threads`` unless given; mask padding rows dropped)."""
-    from jaxkv.oracles import ggml as og
-
+    ``n_threads`` unless given; mask padding rows dropped): the trace's op's ``live`` (:mod:`jaxkv.ops`)."""
+    op = ops.get(md["trace.op"], "trace.op")
+    if op.live is None:
+        raise ValueError(f"trace.op: op {op.name!r} has no live ggml implementation")
     q = ts["q"][1]
     mask = ts["mask"][1][:, :, : q.shape[1], :].astype(np.float32) if "mask" in ts else None
-    kw = dict(scale=md["trace.scale"], n_threads=int(n_threads or md["trace.n_threads"]), mask=mask,
-              max_bias=md["trace.max_bias"])
-
-    def kv(name):
-        tname, a = ts[name]
-        return a, (None if tname == "F16" else tname)
-
-    op = md["trace.op"]
-    if op == "flash_attn_ext":
-        (k, kf), (v, vf) = kv("k"), kv("v")
-        return og.flash_attn_ext(q, k, v, k_format=kf, v_format=vf, softcap=md["trace.logit_softcap"],
-                                 sinks=ts["sinks"][1] if "sinks" in ts else None, **kw)
-    if op == "soft_max_attn":  # V is F32 or F16: its format must reach ggml as for K (an F32 array is
-        (k, kf), (v, vf) = kv("k"), kv("v")  # ambiguous without it)
-        return og.soft_max_attn(q, k, v, k_format=kf, v_format=vf, **kw)
-    if op != "mixed_flash_attn":
-        raise ValueError(f"trace.op: expected flash_attn_ext, soft_max_attn or mixed_flash_attn, got {op!r}")
-    (kc, kcf), (vc, vcf), (kh, _), (vh, _) = kv("k_cold"), kv("v_cold"), kv("k_hot"), kv("v_hot")
-    return og.mixed_flash_attn(q, kc, vc, kh, vh, cold_format=(kcf, vcf), kv_order=md["trace.kv_order"],
-                               softcap=md["trace.logit_softcap"], sinks=ts["sinks"][1] if "sinks" in ts else None,
-                               **kw)
+    params = dict(scale=md["trace.scale"], n_threads=int(n_threads or md["trace.n_threads"]), mask=mask,
+                  max_bias=md["trace.max_bias"], softcap=md["trace.logit_softcap"], kv_order=md["trace.kv_order"])
+    return op.live(ts, params)
 
 
 def main(argv=None) -> int:
     """CLI (module docstring)."""
-    import argparse
-
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2
             print(f"python -m jaxkv.oracles.ggml_replay: error: {escape(message)}", file=sys.stderr)
