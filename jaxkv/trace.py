@@ -50,9 +50,9 @@ from jaxkv.textsafe import escape
 __all__ = ["TraceError", "Trace", "OPS", "load", "load_steps", "save", "ALIASES", "MAX_ELEMENTS", "check_file"]
 
 KV_ORDERS = ("cold,hot", "hot,cold")
-QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
+QUANT_TYPES = F.BLOCK_KV_TYPES
 _TENSOR_ROLES = ("q", "k", "v", "k_cold", "v_cold", "k_hot", "v_hot", "mask", "sinks", "out")
-_KV_TYPES = ("f32", "f16") + QUANT_TYPES
+_KV_TYPES = F.KV_TYPES
 _ALLOWED_TYPES = {
     "q": ("f32",), "out": ("f32",), "sinks": ("f32",), "mask": ("f16", "f32"),
     "k": _KV_TYPES, "v": _KV_TYPES, "k_cold": QUANT_TYPES, "v_cold": QUANT_TYPES,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxkv import ops
+from jaxkv import formats, ops
 from jaxkv.attention import attention
 from jaxkv import trace as T
 from jaxkv import verify as V
@@ -26,7 +26,7 @@ def test_entry_is_consistent(name):
     assert {"q", "out"} <= set(op.required)
     assert set(op.models) <= set(ops.PRECISIONS), tuple(op.models)
     assert set(op.dense_models) <= set(op.models)
-    assert all(isinstance(t, str) and t == t.lower() for types in op.roles.values() for t in types)
+    assert all(set(types) <= set(formats.KV_TYPES) for types in op.roles.values()), dict(op.roles)
     assert set(op.absent_why).isdisjoint(op.roles)
     for region in op.kv_regions:
         assert {f"k_{region}", f"v_{region}"} <= set(op.required)

@@ -26,7 +26,7 @@ __all__ = ["QUANT", "KV", "COMMON_ROLES", "acc_unit", "unit_of", "f64_model", "f
            "models", "dense_models", "fallback", "dead_rows_nan", "ggml_kw", "fused_kw", "tries",
            "kv_order_tries", "kv_split", "split_tries", "isa_tries", "live_kv", "live_kw"]
 
-QUANT = formats.QUANT_TYPES
+QUANT = formats.BLOCK_KV_TYPES
 KV = formats.KV_TYPES
 COMMON_ROLES = {"q": ("f32",), "out": ("f32",), "mask": ("f16", "f32"), "sinks": ("f32",)}
 

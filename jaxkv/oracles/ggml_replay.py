@@ -27,7 +27,7 @@ import sys
 import gguf
 import numpy as np
 
-from jaxkv import layout, ops
+from jaxkv import formats, layout, ops
 from jaxkv import trace as _structure
 from jaxkv.textsafe import escape
 
@@ -43,7 +43,7 @@ _KEYS = {"trace.op": (str, True), "trace.scale": (float, True), "trace.max_bias"
          "trace.v_transposed": (bool, False)}
 _DEFAULTS = {"trace.max_bias": 0.0, "trace.logit_softcap": 0.0, "trace.n_threads": 1, "trace.kv_order": "cold,hot",
              "trace.v_transposed": False}
-_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
+_TYPES = tuple(formats.ggml_name(t) for t in formats.KV_TYPES)
 MAX_ELEMENTS = 1 << 25
 
 
