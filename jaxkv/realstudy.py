@@ -29,6 +29,7 @@ import numpy as np
 from jaxkv import ops
 from jaxkv import trace as T
 from jaxkv import verify as V
+from jaxkv.budget import nmse
 from jaxkv.ops.operands import dense, type_name
 from jaxkv.sensitivity import bootstrap_ci, roundtrip
 
@@ -133,7 +134,7 @@ def sample_metrics(q, k, v, kq, vq, scale, W) -> dict:
     t = p @ dv + (p * (ds - p @ ds)) @ v
     e = out - ref
     rr, ee = float(ref @ ref), float(e @ e)
-    return dict(nmse=ee / rr, max_abs=float(np.abs(e).max()),
+    return dict(nmse=nmse(out, ref), max_abs=float(np.abs(e).max()),
                 cos=float(out @ ref / math.sqrt(max(float(out @ out) * rr, 1e-300))),
                 pred_nmse=float(t @ t) / rr, lin_resid=float((e - t) @ (e - t)) / ee if ee > 0 else 0.0)
 
@@ -269,6 +270,6 @@ def differential_rows(base, others: dict) -> list[dict]:
                 continue
             x = rotate(c.trace.out, int(c.trace.metadata.get("capture.rot_v", 0) or 0))  # back from the V basis
             y = rotate(b.trace.out, int(b.trace.metadata.get("capture.rot_v", 0) or 0))
-            rows.append(dict(run=label, layer=c.layer, step=c.step, nmse=float(np.sum((x - y) ** 2) / np.sum(y * y)),
+            rows.append(dict(run=label, layer=c.layer, step=c.step, nmse=nmse(x, y),
                              max_abs=float(np.abs(x - y).max())))
     return rows

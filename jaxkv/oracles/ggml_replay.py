@@ -27,7 +27,7 @@ import sys
 import gguf
 import numpy as np
 
-from jaxkv import formats, layout, ops
+from jaxkv import budget, formats, layout, ops
 from jaxkv import trace as _structure
 from jaxkv.textsafe import escape
 
@@ -143,10 +143,7 @@ def main(argv=None) -> int:
         same = np.array_equal(live, ref, equal_nan=True)
         nan_rows = np.argwhere(np.isnan(live).any(axis=-1))
         ok = np.isfinite(live) & np.isfinite(ref)
-        p_ref = float(np.sum(np.where(ok, ref, 0.0) ** 2))
-        with np.errstate(invalid="ignore"):  # inf - inf where both overflowed: excluded by ok
-            err = float(np.sum(np.where(ok, live - ref, 0.0) ** 2))
-        nmse = err / p_ref if p_ref else (0.0 if err == 0 else float("inf"))
+        nmse = budget.nmse(np.where(ok, live, 0.0), np.where(ok, ref, 0.0))  # finite elements only
         print(f"{'SAME' if same else 'DIFF'} {escape(f)}: op {escape(md['trace.op'])}, bitwise "
               f"{'equal' if same else 'different'}, nmse {nmse:.3g} (finite elements), NaN rows "
               f"{len(nan_rows)} of {int(np.prod(live.shape[:-1]))}"
