@@ -45,6 +45,7 @@ from jaxkv import formats as F
 from jaxkv import layout as L
 from jaxkv import ops as _ops
 from jaxkv.attention import attention
+from jaxkv.budget import nmse
 from jaxkv.textsafe import escape
 
 __all__ = ["TraceError", "Trace", "OPS", "load", "load_steps", "save", "ALIASES", "MAX_ELEMENTS", "check_file"]
@@ -810,12 +811,6 @@ def _monitor_step(p, mm, by_role, n, layout, metadata, max_elements=MAX_ELEMENTS
     return _infer(p, by_role, inputs, build, metadata)
 
 
-def _nmse(ref: np.ndarray, out: np.ndarray) -> float:
-    d = np.asarray(ref, np.float64) - np.asarray(out, np.float64)
-    den = float(np.sum(np.asarray(out, np.float64) ** 2))
-    return float(np.sum(d * d) / den) if den > 0 else float(np.sum(d * d))
-
-
 def _infer(p, by_role, inputs, build, metadata) -> Trace:
     results = []
     seen = []
@@ -829,7 +824,7 @@ def _infer(p, by_role, inputs, build, metadata) -> Trace:
             continue
         seen.append(key)
         ref = attention(q, k, v, scale=t.scale, mask=t.mask, precision="f64")
-        err = _nmse(np.asarray(ref), t.out)
+        err = nmse(np.asarray(ref), t.out)
         if not math.isfinite(err):
             err = math.inf
         results.append((err, orders, t))
