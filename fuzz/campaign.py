@@ -358,7 +358,8 @@ def _verdict_of_target(a, kernel, params):
     the golden over its stored operands, the sharp check), else under ``f32``; ``call`` is ``a`` with
     K/V as the kernel received them (float16 for a ggml-cpu target's F16 storage)."""
     from jaxkv import attention as A
-    from jaxkv import mutations, verify
+    from jaxkv import verify
+    from jaxkv.verify import mutations
 
     kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
     case = dict(op="flash_attn_ext", mask=a["mask"], sinks=a["sinks"], scale=float(a["scale"]),

@@ -16,7 +16,11 @@ import argparse
 import json
 import pathlib
 import sys
+import warnings
 
+from jaxkv import report
+from jaxkv import trace as tr
+from jaxkv import verify as vf
 from jaxkv.textsafe import escape
 
 __all__ = ["main", "parse_names", "expand_paths", "exit_status"]
@@ -36,11 +40,9 @@ class _NoTraces(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from jaxkv.verify import PRECISIONS
-
     p = _Parser(prog="python -m fuzz verify", description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", metavar="TRACE_OR_DIR")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+    p.add_argument("--precision", default="auto", choices=vf.PRECISIONS,
                    help="declared precision model of the kernel (default: from trace.producer)")
     p.add_argument("--json", action="store_true", help="one JSON object per trace on stdout")
     p.add_argument("--names", metavar="MAP", default=None,
@@ -102,8 +104,6 @@ def _one_line(e: BaseException) -> str:
 
 def _load(path: pathlib.Path, names, max_elements=None) -> list[tuple[str, object]]:
     """(name, Trace) per call in the file: one for trace v1, one per step for a foreign dump."""
-    from jaxkv import trace as tr
-
     steps = tr.load_steps(path, names=names, max_elements=max_elements or tr.MAX_ELEMENTS)
     foreign = any(any(str(k).startswith("kqv_trace.") for k in (t.metadata or {})) for t in steps)
     if foreign or len(steps) > 1:
@@ -113,8 +113,6 @@ def _load(path: pathlib.Path, names, max_elements=None) -> list[tuple[str, objec
 
 def main(argv: list[str]) -> int:
     """Run the verify command on ``argv`` (the arguments after ``verify``); returns the exit status."""
-    from jaxkv import verify as vf
-
     try:
         args = _parser().parse_args(argv)
         names = parse_names(args.names)
@@ -126,8 +124,6 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     if args.json:  # numpy's RuntimeWarnings (overflow in a forged trace) must not garble --json's stderr
-        import warnings
-
         warnings.simplefilter("ignore", RuntimeWarning)
     timings = vf.Timings()
     seen = set()
@@ -166,7 +162,6 @@ def main(argv: list[str]) -> int:
                 print(escape(verdict.line(), 2000), flush=True)
                 if verdict.status in ("fail", "undecided"):
                     print("\n".join(escape(x, 2000) for x in verdict.details().splitlines()), flush=True)
-    from jaxkv import report
     rows = [r for r in (report.row(n, t, v) for n, t, v in done) if r.layer is not None]
     if rows:
         print(report.render(rows), file=sys.stderr if args.json else sys.stdout)
@@ -178,11 +173,9 @@ def main(argv: list[str]) -> int:
 def exit_status(statuses) -> int:
     """The command's exit status for the set of verdict statuses seen: error 2, else fail 1, else
     undecided 3, else 0 (``jaxkv.verify.EXIT_CODES``)."""
-    from jaxkv.verify import EXIT_CODES
-
     for s in ("error", "fail", "undecided"):
         if s in statuses:
-            return EXIT_CODES[s]
+            return vf.EXIT_CODES[s]
     return 0
 
 

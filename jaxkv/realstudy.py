@@ -26,6 +26,13 @@ import pathlib
 
 import numpy as np
 
+from jaxkv import ops
+from jaxkv import trace as T
+from jaxkv import verify as V
+from jaxkv.budget import nmse
+from jaxkv.ops.operands import dense, type_name
+from jaxkv.sensitivity import bootstrap_ci, roundtrip
+
 __all__ = ["Call", "load_run", "decode_sample", "sample_metrics", "sensitivity_rows", "headroom",
            "thread_movement", "differential_rows", "F16_MAX", "hadamard", "rotate", "llama_rotations"]
 
@@ -78,8 +85,6 @@ def llama_rotations(head_k: int, head_v: int) -> tuple[int, int]:
 
 def load_run(directory) -> list[Call]:
     """Every capture trace under ``directory`` (recursive), sorted by (step, layer)."""
-    from jaxkv import trace as T
-
     out = []
     for p in sorted(pathlib.Path(directory).rglob("*.gguf")):
         t = T.load(p)
@@ -92,9 +97,7 @@ def load_run(directory) -> list[Call]:
 
 
 def _dense(x) -> np.ndarray:
-    from jaxkv import verify as V
-
-    return np.asarray(V._dense(x), np.float64)
+    return np.asarray(dense(x), np.float64)
 
 
 def decode_sample(trace) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
@@ -131,7 +134,7 @@ def sample_metrics(q, k, v, kq, vq, scale, W) -> dict:
     t = p @ dv + (p * (ds - p @ ds)) @ v
     e = out - ref
     rr, ee = float(ref @ ref), float(e @ e)
-    return dict(nmse=ee / rr, max_abs=float(np.abs(e).max()),
+    return dict(nmse=nmse(out, ref), max_abs=float(np.abs(e).max()),
                 cos=float(out @ ref / math.sqrt(max(float(out @ out) * rr, 1e-300))),
                 pred_nmse=float(t @ t) / rr, lin_resid=float((e - t) @ (e - t)) / ee if ee > 0 else 0.0)
 
@@ -145,8 +148,6 @@ def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32), rotat
     only the quantisation error changes); False: quantize the values as they are. A layer whose live
     cells are not the cache's first cells (a sliding-window layer past its window: a ring buffer, cell
     order is not position order) is left out, with the reason appended to ``skipped``."""
-    from jaxkv.sensitivity import bootstrap_ci, roundtrip
-
     by_layer: dict[int, list] = {}
     for c in calls:
         if c.step == 0:
@@ -200,8 +201,6 @@ def headroom(trace) -> dict:
     ``acc_j = acc_(j-1) exp(M_(j-1) - M_j) + v_j exp(s_j - M_j)`` (cells in cache order, masked cells
     skipped, float64) over rows, heads and dims, against 65504 (F16's largest finite value). Returns
     ``max_partial``, ``headroom`` (65504 / max_partial) and ``accumulator`` ('f16' when V is F16)."""
-    from jaxkv import verify as V
-
     q = np.asarray(trace.q, np.float64)                  # [B, n_q, H, D]
     k, v = _dense(trace.k), _dense(trace.v)              # [B, n_kv, Hkv, D]
     B, n_q, H, _ = q.shape
@@ -225,7 +224,7 @@ def headroom(trace) -> dict:
                 acc = np.cumsum(w, axis=0) * np.exp(M[-1] - M)[:, None]
                 worst = max(worst, float(np.abs(acc).max()))
     return dict(max_partial=worst, headroom=F16_MAX / worst if worst > 0 else math.inf,
-                accumulator="f16" if V._type_name(trace.v) == "f16" else "f32")
+                accumulator="f16" if type_name(trace.v) == "f16" else "f32")
 
 
 def thread_movement(trace, threads=(1, 2, 4, 8)) -> dict:
@@ -233,16 +232,13 @@ def thread_movement(trace, threads=(1, 2, 4, 8)) -> dict:
     (jaxkv.ggml_cpu.split_chunks) and, where the chunking differs from the recorded run's, the max
     |emulation(n_threads) - captured out| in units of the row's accumulator rounding (verify.emu_check);
     0 with a note when every thread count gives the same chunking (the kernel's path does not split)."""
-    from jaxkv import ggml_cpu
-    from jaxkv import verify as V
-
-    if trace.op != "flash_attn_ext":
+    op = ops.get(trace.op, "trace.op")
+    if op.kv_split is None:
         return dict(chunks={}, units={}, note="unfused path: mul_mat splits rows, not the softmax")
-    kt, vt = V._type_name(trace.k), V._type_name(trace.v)
-    B, n_q = trace.q.shape[:2]
-    n_kv = trace.k.shape[1]
+    kt, vt = type_name(trace.k), type_name(trace.v)
+    n_q, n_kv = trace.q.shape[1], trace.n_kv
     rec = int(trace.n_threads)
-    chunks = {nt: ggml_cpu.split_chunks(n_q, B, kt, vt, n_kv, nt) for nt in sorted(set(threads) | {rec})}
+    chunks = {nt: op.kv_split(trace, nt) for nt in sorted(set(threads) | {rec})}
     units = {}
     case = V.case_from_trace(trace)
     for nt, c in chunks.items():
@@ -250,7 +246,7 @@ def thread_movement(trace, threads=(1, 2, 4, 8)) -> dict:
             units[nt] = 0.0
             continue
         emu = V.model_output(trace, case, "ggml-cpu", n_threads=nt)
-        units[nt] = V.emu_check(trace.out, emu, V._acc_unit(trace)).units
+        units[nt] = V.emu_check(trace.out, emu, op.acc_unit(trace)).units
     note = "" if len(set(chunks.values())) > 1 else (f"one chunking for every thread count (n_kv={n_kv}, "
                                                       f"n_q={n_q}, {kt}/{vt}): the output cannot move")
     return dict(chunks=chunks, units=units, note=note)
@@ -274,6 +270,6 @@ def differential_rows(base, others: dict) -> list[dict]:
                 continue
             x = rotate(c.trace.out, int(c.trace.metadata.get("capture.rot_v", 0) or 0))  # back from the V basis
             y = rotate(b.trace.out, int(b.trace.metadata.get("capture.rot_v", 0) or 0))
-            rows.append(dict(run=label, layer=c.layer, step=c.step, nmse=float(np.sum((x - y) ** 2) / np.sum(y * y)),
+            rows.append(dict(run=label, layer=c.layer, step=c.step, nmse=nmse(x, y),
                              max_abs=float(np.abs(x - y).max())))
     return rows

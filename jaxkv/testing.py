@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from jaxkv import verify as vf
+from jaxkv.trace import Trace
 
 __all__ = ["assert_attention_close", "mismatch_report"]
 
@@ -80,8 +81,6 @@ def assert_attention_close(out, q, k, v, *, scale=None, mask=None, sinks=None, s
     :class:`jaxkv.verify.Verdict` when it passes (or is undecided and ``allow_undecided``); raises
     AssertionError on a failure (message: mismatches, greatest differences, NMSE, budget, diagnosis)
     and on an undecided verdict (why no verdict can be trusted) unless ``allow_undecided``."""
-    from jaxkv.trace import Trace
-
     if precision == "auto" or precision not in vf.PRECISIONS:
         raise ValueError(f"precision: expected one of {vf.PRECISIONS[1:]}, got {precision!r}")
     q = np.asarray(q, np.float32)

@@ -27,32 +27,48 @@ file's content); and the attention call -- the operands and the logits ``B*H*n_q
 from __future__ import annotations
 
 import dataclasses
+import errno
+import itertools
 import json
 import math
 import os
 import pathlib
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import gguf
 import numpy as np
 
 from jaxkv import formats as F
 from jaxkv import layout as L
+from jaxkv import ops as _ops
+from jaxkv.attention import attention
+from jaxkv.budget import nmse
 from jaxkv.textsafe import escape
 
 __all__ = ["TraceError", "Trace", "OPS", "load", "load_steps", "save", "ALIASES", "MAX_ELEMENTS", "check_file"]
 
-OPS = ("flash_attn_ext", "soft_max_attn", "mixed_flash_attn")
 KV_ORDERS = ("cold,hot", "hot,cold")
-QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
+QUANT_TYPES = F.BLOCK_KV_TYPES
 _TENSOR_ROLES = ("q", "k", "v", "k_cold", "v_cold", "k_hot", "v_hot", "mask", "sinks", "out")
-_KV_TYPES = ("f32", "f16") + QUANT_TYPES
+_KV_TYPES = F.KV_TYPES
 _ALLOWED_TYPES = {
     "q": ("f32",), "out": ("f32",), "sinks": ("f32",), "mask": ("f16", "f32"),
     "k": _KV_TYPES, "v": _KV_TYPES, "k_cold": QUANT_TYPES, "v_cold": QUANT_TYPES,
     "k_hot": ("f16",), "v_hot": ("f16",),
 }
+
+
+def __getattr__(name):
+    if name == "OPS":  # the registered op names (jaxkv.ops.OPS), read when asked: a test may register one
+        return tuple(_ops.OPS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _op(name: str) -> "_ops.Op":
+    return _ops.OPS[name]
 
 
 class TraceError(ValueError):
@@ -127,7 +143,7 @@ class Trace:
     @property
     def n_kv(self) -> int:
         """KV tokens (mixed: cold + hot)"""
-        if self.op == "mixed_flash_attn":
+        if self.k is None:
             return self.k_cold.shape[1] + self.k_hot.shape[1]
         return self.k.shape[1]
 
@@ -139,7 +155,7 @@ class Trace:
             if isinstance(x, F.QuantArray):
                 return np.asarray(x.dequantize(), dtype=np.float32).astype(dtype)
             return np.asarray(x).astype(dtype)
-        if self.op != "mixed_flash_attn":
+        if self.k is not None:
             return dense(self.k), dense(self.v)
         parts = {"cold": (self.k_cold, self.v_cold), "hot": (self.k_hot, self.v_hot)}
         order = (self.kv_order or "cold,hot").split(",")
@@ -151,7 +167,7 @@ class Trace:
         """A mixed trace with its mask columns reordered for ``kv_order`` ('cold,hot' or 'hot,cold')."""
         if kv_order not in KV_ORDERS:
             raise ValueError(f"kv_order: expected one of {KV_ORDERS}, got {kv_order!r}")
-        if self.op != "mixed_flash_attn" or kv_order == self.kv_order:
+        if self.kv_order is None or kv_order == self.kv_order:
             return self
         mask = self.mask
         if mask is not None:
@@ -313,9 +329,6 @@ def _scan(buf: np.ndarray, path: str) -> tuple[list[_TensorInfo], int]:
 
 def _regular(p: str) -> None:
     """Raise TraceError unless ``p`` is a regular file (no FIFO, device, directory; never opened here)."""
-    import errno
-    import stat
-
     try:
         st = os.stat(p)
     except OSError as e:
@@ -350,7 +363,6 @@ def _open(path) -> tuple[str, np.ndarray, list[_TensorInfo], dict]:
         raise TraceError(f"{p}: file: expected a readable file, found {e}") from None
     infos, _ = _scan(mm, p)
     try:
-        import gguf
         r = gguf.GGUFReader(p)
         fields = {}
         for k, f in r.fields.items():
@@ -525,17 +537,16 @@ def _build(path: str, mm, infos: dict[str, _TensorInfo], views: dict[str, L.View
     def fail(what, expected, found):
         raise TraceError(f"{path}: {what}: expected {expected}, found {found}")
 
-    mixed = op == "mixed_flash_attn"
-    need = ["q", "out"] + (["k_cold", "v_cold", "k_hot", "v_hot"] if mixed else ["k", "v"])
-    for r in need:
+    spec = _op(op)
+    mixed = bool(spec.kv_regions)
+    for r in spec.required:
         if r not in infos:
             fail(f"tensor {r!r}", f"present for op {op!r} (other names: load(..., names={{file name: role}}))",
                  f"file tensors {list(file_tensors) or sorted(i.name for i in infos.values())}")
-    extra = [r for r in (("k", "v") if mixed else ("k_cold", "v_cold", "k_hot", "v_hot")) if r in infos]
+    extra = [r for r in _TENSOR_ROLES if r in infos and r not in spec.roles]
     if extra:
-        fail(f"tensor {extra[0]!r}", f"absent for op {op!r}", "it present")
-    if "sinks" in infos and op == "soft_max_attn":
-        fail("tensor 'sinks'", "absent for op 'soft_max_attn' (no sinks on the unfused path)", "it present")
+        why = spec.absent_why.get(extra[0])
+        fail(f"tensor {extra[0]!r}", f"absent for op {op!r}" + (f" ({why})" if why else ""), "it present")
     for r, info in infos.items():
         if info.type not in _ALLOWED_TYPES[r]:
             fail(f"tensor {info.name!r} type", " or ".join(_ALLOWED_TYPES[r]), info.type)
@@ -552,15 +563,18 @@ def _build(path: str, mm, infos: dict[str, _TensorInfo], views: dict[str, L.View
             if w is not None and w != got:
                 fail(f"tensor {infos[r].name!r} ne[{i}]", f"{w} (from {want}, ne order)", f"{got} (ne {list(ne[r])})")
 
-    if mixed:
-        Hkv = ne["k_cold"][2]
-        Dv = ne["v_cold"][0]
-        n_cold, n_hot = ne["k_cold"][1], ne["k_hot"][1]
-        check("k_cold", (Dk, None, None, B))
-        check("v_cold", (Dv, n_cold, Hkv, B))
-        check("k_hot", (Dk, n_hot, Hkv, B))
-        check("v_hot", (Dv, n_hot, Hkv, B))
-        n_kv = n_cold + n_hot
+    if mixed:  # the regions' K/V: one head count and head sizes, each its own token count
+        first = spec.kv_regions[0]
+        Hkv = ne[f"k_{first}"][2]
+        Dv = ne[f"v_{first}"][0]
+        check(f"k_{first}", (Dk, None, None, B))
+        n_kv = 0
+        for region in spec.kv_regions:
+            n = ne[f"k_{region}"][1]
+            if region != first:
+                check(f"k_{region}", (Dk, n, Hkv, B))
+            check(f"v_{region}", (Dv, n, Hkv, B))
+            n_kv += n
     else:
         Hkv = ne["k"][2]
         n_kv = ne["k"][1]
@@ -656,8 +670,8 @@ def _load_v1(p, mm, infos, fields, names, max_elements=MAX_ELEMENTS) -> Trace:
         if version != 1:
             raise TraceError(f"{p}: key 'trace.version': expected 1, found {version}")
         op = _meta(p, fields, "trace.op", "str")
-        if op not in OPS:
-            raise TraceError(f"{p}: key 'trace.op': expected one of {OPS}, found {op!r}")
+        if op not in _ops.OPS:
+            raise TraceError(f"{p}: key 'trace.op': expected one of {tuple(_ops.OPS)}, found {op!r}")
         producer = _meta(p, fields, "trace.producer", "str")
         scale = _finite(p, "trace.scale", _meta(p, fields, "trace.scale", "f32"))
         max_bias = _finite(p, "trace.max_bias", _meta(p, fields, "trace.max_bias", "f32", False, 0.0), 0.0)
@@ -667,18 +681,19 @@ def _load_v1(p, mm, infos, fields, names, max_elements=MAX_ELEMENTS) -> Trace:
             raise TraceError(f"{p}: key 'trace.n_threads': expected 1..65536, found {n_threads}")
         v_t = _meta(p, fields, "trace.v_transposed", "bool", False, False)
         kv_order = None
-        if op == "mixed_flash_attn":
+        if _op(op).kv_regions:
             kv_order = _meta(p, fields, "trace.kv_order", "str")
             if kv_order not in KV_ORDERS:
                 raise TraceError(f"{p}: key 'trace.kv_order': expected one of {KV_ORDERS}, found {kv_order!r}")
         elif "trace.kv_order" in fields:
-            raise TraceError(f"{p}: key 'trace.kv_order': expected only for op 'mixed_flash_attn', found it "
+            ordered = " or ".join(repr(n) for n, o in _ops.OPS.items() if o.kv_regions)
+            raise TraceError(f"{p}: key 'trace.kv_order': expected only for op {ordered}, found it "
                              f"with op {op!r}")
     else:  # a foreign dump with recognisable names and no trace metadata: ggml's defaults
-        op = "mixed_flash_attn" if "k_cold" in by_role else "flash_attn_ext"
+        op = _ops.infer(by_role).name
         producer = str(metadata.get("general.name", "unknown (foreign dump)"))
         scale, max_bias, softcap, n_threads, v_t = None, 0.0, 0.0, 1, False
-        kv_order = "cold,hot" if op == "mixed_flash_attn" else None
+        kv_order = "cold,hot" if _op(op).kv_regions else None
         metadata["jaxkv.defaults"] = "no trace.* keys: scale 1/sqrt(Dk), no softcap/ALiBi, kv_order cold,hot"
     views = _views_from_meta(p, fields, {r: by_role[r] for r in by_role}) if any(
         k.startswith("trace.view.") for k in fields) else {}
@@ -772,7 +787,8 @@ def _monitor_steps(p, mm, infos, fields, names, layout, max_elements=MAX_ELEMENT
 
 
 def _monitor_step(p, mm, by_role, n, layout, metadata, max_elements=MAX_ELEMENTS) -> Trace:
-    mixed = "k_cold" in by_role
+    spec = _ops.infer(by_role)
+    mixed = bool(spec.kv_regions)
     q = by_role["q"]
     Dk, n_q, H = q.ne[0], q.ne[1], q.ne[2]
     o = by_role["out"]
@@ -781,7 +797,7 @@ def _monitor_step(p, mm, by_role, n, layout, metadata, max_elements=MAX_ELEMENTS
                          f"found {list(o.ne)}")
     out_view = L.View.contiguous(o.type, (o.ne[0] // H, H, n_q, 1))
     inputs = [r for r in by_role if r not in ("out", "mask")]
-    base = dict(op="mixed_flash_attn" if mixed else "flash_attn_ext", producer=str(metadata.get(
+    base = dict(op=spec.name, producer=str(metadata.get(
         "kqv_trace.description", "KQV trace monitor")), scale=None, max_bias=0.0, softcap=0.0, n_threads=1,
         kv_order="hot,cold" if mixed else None, v_transposed=False, out_view=out_view, max_elements=max_elements)
 
@@ -795,16 +811,7 @@ def _monitor_step(p, mm, by_role, n, layout, metadata, max_elements=MAX_ELEMENTS
     return _infer(p, by_role, inputs, build, metadata)
 
 
-def _nmse(ref: np.ndarray, out: np.ndarray) -> float:
-    d = np.asarray(ref, np.float64) - np.asarray(out, np.float64)
-    den = float(np.sum(np.asarray(out, np.float64) ** 2))
-    return float(np.sum(d * d) / den) if den > 0 else float(np.sum(d * d))
-
-
 def _infer(p, by_role, inputs, build, metadata) -> Trace:
-    import itertools
-
-    from jaxkv.attention import attention
     results = []
     seen = []
     for combo in itertools.product(_MEM_ORDERS, repeat=len(inputs)):
@@ -817,7 +824,7 @@ def _infer(p, by_role, inputs, build, metadata) -> Trace:
             continue
         seen.append(key)
         ref = attention(q, k, v, scale=t.scale, mask=t.mask, precision="f64")
-        err = _nmse(np.asarray(ref), t.out)
+        err = nmse(np.asarray(ref), t.out)
         if not math.isfinite(err):
             err = math.inf
         results.append((err, orders, t))
@@ -877,8 +884,6 @@ def save(path, trace: Trace | None = None, *, formats: Mapping[str, Any] | None 
     the view are NaN (F32/F16) or seeded random bytes (block types), plus the ``trace.view.*`` keys.
     The file is readable by gguf.GGUFReader and by ggml's C gguf reader (alignment 32, ne order).
     """
-    import gguf
-
     vals = {} if trace is None else {f.name: getattr(trace, f.name) for f in dataclasses.fields(Trace)}
     vals.update(fields)
     unknown = set(fields) - {f.name for f in dataclasses.fields(Trace)}
@@ -886,10 +891,10 @@ def save(path, trace: Trace | None = None, *, formats: Mapping[str, Any] | None 
         raise ValueError(f"fields: unknown {sorted(unknown)}")
     formats = dict(formats or {})
     views = dict(views or {})
-    op = vals.get("op") or ("mixed_flash_attn" if vals.get("k_cold") is not None else "flash_attn_ext")
-    if op not in OPS:
-        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-    mixed = op == "mixed_flash_attn"
+    op = vals.get("op") or _ops.infer(r for r in _TENSOR_ROLES if vals.get(r) is not None).name
+    if op not in _ops.OPS:
+        raise ValueError(f"op: expected one of {tuple(_ops.OPS)}, got {op!r}")
+    mixed = bool(_op(op).kv_regions)
     q = vals.get("q")
     if q is None or vals.get("out") is None:
         raise ValueError("q, out: both are required")
@@ -994,7 +999,6 @@ def save(path, trace: Trace | None = None, *, formats: Mapping[str, Any] | None 
 
 
 def _add_meta(w, key: str, v):
-    import gguf
     T = gguf.GGUFValueType
     if isinstance(v, bool):
         w.add_bool(key, v)

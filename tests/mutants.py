@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from jaxkv import mutations as mu
+from jaxkv.verify import mutations as mu
 
 CLASSES = ("out_permuted", "gqa_modulo", "kv_swapped", "scale_wrong", "softcap_wrong", "mask_wrong",
            "alibi_missing", "sinks_missing", "kv_token_dropped", "regions_wrong", "chunk_unrescaled",

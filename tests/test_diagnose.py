@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxkv import mutations as mu
+from jaxkv.verify import mutations as mu
 from jaxkv import verify as vf
 from jaxkv.precision import f16_attention
 

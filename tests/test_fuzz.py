@@ -374,11 +374,11 @@ def test_cases_do_not_depend_on_what_the_process_imported(tmp_path):
         "ctx = P.Context(seed=7)\n"
         "draw = lambda: [generate(P.get(n), ctx, 7, j) for n in ('large_logits', 'layout') for j in (0, 1)]\n"
         "before = draw()\n"
-        "new = [m for m in ('jaxkv.diagnose', 'fuzz.ggml_campaign', 'jaxkv.trace') if m not in sys.modules]\n"
+        "new = [m for m in ('jaxkv.verify.diagnose', 'fuzz.ggml_campaign', 'jaxkv.trace') if m not in sys.modules]\n"
         "for m in new: importlib.import_module(m)\n"
         "print(json.dumps(dict(new=new, same=draw() == before)))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([PY, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert "jaxkv.diagnose" in got["new"] and got["same"], got
+    assert "jaxkv.verify.diagnose" in got["new"] and got["same"], got

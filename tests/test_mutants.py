@@ -140,7 +140,7 @@ def test_chunk_search_outputs_match_the_mutant_kernel():
     """jaxkv.chunk_search's vectorised outputs (every candidate range at once) equal the independent
     split-K kernel run with that chunk merged without rescaling; its candidates hold every chunk of
     fixed-size chunkings 16..1024 (ragged last), per region, and ggml's thread split."""
-    from jaxkv import chunk_search as cs
+    from jaxkv.verify import chunk_search as cs
 
     rng = np.random.default_rng(7)
     for op in ("flash_attn_ext", "mixed_flash_attn"):

@@ -14,7 +14,7 @@ import pytest
 
 import jaxkv
 import jaxkv.attention
-from jaxkv import mutations as mu
+from jaxkv.verify import mutations as mu
 from jaxkv import verify as vf
 from jaxkv.precision import f16_attention, round_to_dot_type
 

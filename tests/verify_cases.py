@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxkv import mutations as mu
+from jaxkv.verify import mutations as mu
 
 
 def random_case(seed: int, *, B=1, n_q=3, H=8, Hkv=2, n_kv=70, Dk=32, Dv=32, mask="perhead",

@@ -60,8 +60,8 @@ class Operand:
 class Call:
     """One attention call: ``op`` ('flash_attn_ext' | 'soft_max_attn'), ``layer``, ``step`` (0 =
     prefill), ``operands`` {role: Operand} (q, k, v, mask, sinks, out; v of soft_max_attn is the
-    transposed [n_kv, Dv, Hkv] view), ``params`` {scale, max_bias, softcap, prec, n_kv_max} and
-    ``nodes`` {role: ggml node name}."""
+    transposed [n_kv, Dv, Hkv] view: ``v_transposed``), ``params`` {scale, max_bias, softcap, prec,
+    n_kv_max} and ``nodes`` {role: ggml node name}."""
 
     op: str
     layer: int
@@ -69,6 +69,7 @@ class Call:
     operands: dict
     params: dict
     nodes: dict
+    v_transposed: bool = False
 
 
 class Collector:
@@ -205,7 +206,7 @@ class Collector:
                 ops["mask"] = p["mask"]
             names = dict(p["names"], v=self.lib.node(n.src[0]).name, out=n.name)
             params = dict(scale=p["scale"], max_bias=p["max_bias"], softcap=0.0, prec=p["kq_prec"], n_kv_max=0)
-            self.calls.append(Call("soft_max_attn", il, self.step, ops, params, names))
+            self.calls.append(Call("soft_max_attn", il, self.step, ops, params, names, v_transposed=True))
 
     def operand(self, addr: int) -> Operand:
         """Copy the whole root buffer of the tensor at ``addr`` and the view the kernel reads."""

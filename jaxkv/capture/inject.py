@@ -12,9 +12,14 @@ original metadata (``capture.*``, ``ggml.*``), so ``verify`` judges it under the
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import sys
 
 import numpy as np
+
+from jaxkv import trace as T
+from jaxkv import verify as V
 
 __all__ = ["BUGS", "buggy_out", "inject"]
 
@@ -31,13 +36,9 @@ def buggy_out(trace, bug: str) -> np.ndarray:
         mem = np.ascontiguousarray(np.transpose(out, (0, 2, 1, 3)))  # memory [B, H, n_q, Dv] = ne [Dv, n_q, H, B]
         return mem.reshape(B, n_q, H, Dv)
     if bug == "kv_token_dropped":
-        from jaxkv import verify as V
-
         n_kv = np.shape(trace.k if trace.k is not None else trace.k_cold)[1]
         mask = np.zeros((1, 1, n_q, n_kv), np.float32) if trace.mask is None else np.array(trace.mask, np.float32)
         mask[..., 0] = -np.inf
-        import dataclasses
-
         t2 = dataclasses.replace(trace, mask=mask)
         case = V.case_from_trace(t2)
         return np.asarray(V.model_output(t2, case, "ggml-cpu"), np.float32)
@@ -46,8 +47,6 @@ def buggy_out(trace, bug: str) -> np.ndarray:
 
 def inject(src, dst, bug: str) -> pathlib.Path:
     """Write a copy of the trace file ``src`` to ``dst`` with ``out`` replaced by :func:`buggy_out`."""
-    from jaxkv import trace as T
-
     t = T.load(src)
     md = {k: v for k, v in (t.metadata or {}).items() if not k.startswith(("trace.", "jaxkv.", "GGUF."))}
     md["capture.injected_bug"] = bug
@@ -57,8 +56,6 @@ def inject(src, dst, bug: str) -> pathlib.Path:
 def main(argv=None) -> int:
     """``python -m jaxkv.capture.inject SRC_DIR DST_DIR BUG``: inject BUG into every capture trace of a run
     where it changes the output (out_permuted: calls with n_q > 1; kv_token_dropped: every call)."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 3 or argv[2] not in BUGS:
         print(f"usage: python -m jaxkv.capture.inject SRC_DIR DST_DIR {{{'|'.join(BUGS)}}}", file=sys.stderr)

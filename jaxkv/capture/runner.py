@@ -12,13 +12,16 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import importlib
 import json
 import pathlib
 import time
 
 import numpy as np
 
+from jaxkv.capture.collect import Collector
 from jaxkv.capture.engine import CACHE_TYPES, Engine, EngineError
+from jaxkv.capture.writer import file_name, write_call
 
 __all__ = ["RunConfig", "RunResult", "run", "resolve_model", "EMBEDDED_MODELS"]
 
@@ -61,8 +64,6 @@ class RunResult:
 def resolve_model(spec: str) -> tuple[pathlib.Path, dict]:
     """A model path or embedded name -> (path, {model.* metadata})."""
     if spec in EMBEDDED_MODELS:
-        import importlib
-
         try:
             pkg = importlib.import_module(EMBEDDED_MODELS[spec])
         except ImportError:
@@ -107,9 +108,6 @@ def _piece(L, vocab, tok: int) -> str:
 
 def run(cfg: RunConfig, *, log=None) -> RunResult:
     """Run ``cfg`` (module docstring); raises EngineError on anything the engine refuses."""
-    from jaxkv.capture.collect import Collector
-    from jaxkv.capture.writer import file_name, write_call
-
     eng = Engine.load()
     L = eng.llama
     path, model_md = resolve_model(cfg.model)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import pathlib
 
+import gguf
 import numpy as np
 
 from jaxkv import formats as F
 from jaxkv import layout as L
+from jaxkv import ops
+from jaxkv.trace import _add_meta
 
 __all__ = ["write_call", "call_metadata", "file_name"]
 
@@ -24,8 +27,7 @@ _ROLES = ("q", "k", "v", "mask", "sinks", "out")
 def file_name(call) -> str:
     """``s000_prefill_l05_fa.gguf`` / ``s003_decode_l17_sm.gguf``: step, phase, layer, op."""
     phase = "prefill" if call.step == 0 else "decode"
-    op = "fa" if call.op == "flash_attn_ext" else "sm"
-    return f"s{call.step:03d}_{phase}_l{call.layer:02d}_{op}.gguf"
+    return f"s{call.step:03d}_{phase}_l{call.layer:02d}_{ops.get(call.op, 'call.op').file_tag}.gguf"
 
 
 def call_metadata(call) -> dict:
@@ -49,10 +51,6 @@ def _is_whole(op) -> bool:
 
 def write_call(path, call, *, producer: str, n_threads: int, metadata: dict) -> pathlib.Path:
     """Write ``call`` to ``path`` with the run's ``metadata`` (structured keys) and ``producer``."""
-    import gguf
-
-    from jaxkv.trace import _add_meta
-
     p = call.params
     w = gguf.GGUFWriter(str(path), arch="trace")
     w.add_uint32("trace.version", 1)
@@ -62,7 +60,7 @@ def write_call(path, call, *, producer: str, n_threads: int, metadata: dict) -> 
     w.add_float32("trace.max_bias", float(p["max_bias"]))
     w.add_float32("trace.logit_softcap", float(p["softcap"]))
     w.add_uint32("trace.n_threads", int(n_threads))
-    if call.op == "soft_max_attn":
+    if call.v_transposed:
         w.add_bool("trace.v_transposed", True)
     T = gguf.GGUFValueType
     for role in _ROLES:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["Precision", "PRECISIONS", "precision", "Op", "OPS", "register", "unregister", "get", "by_target"]
+__all__ = ["Precision", "PRECISIONS", "precision", "Op", "OPS", "register", "unregister", "get", "by_target", "infer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +61,21 @@ class Op:
       ``reference(case, precision)``: the golden a kernel is judged against under ``precision``
       (default: ``golden``; ggml defines some rows as NaN).
     - ``models``: precision name -> honest model ``(trace, case, **config) -> out``;
-      ``dense_models``: precision name -> model on a dense ``Case`` (budgets re-derived on a bug's
-      inputs), absent where the budget is the floor; ``fallback(trace, case) -> (out, name)``: the
-      model used when the declared one raises NotImplementedError; ``acc_unit(trace)``: unit roundoff
-      of the V accumulator (the sharp check's unit); ``config_tries(trace, case)``: ``[(label, trace',
-      config)]`` alternative build configurations the diagnosis reruns the model with.
-    - ``live(trace_or_operands, ...)``: the op run in live ggml (``jaxkv.oracles.ggml``), or None;
-      ``target``: the name of its live-ggml fuzz target; ``file_tag``: short name for file names;
-      ``kv_f16``: the op rounds its whole KV cache to F16 (the mixed cache).
+      ``dense_models``: precision name -> ``trace -> (case -> out)``, the model on a dense ``Case``
+      (budgets re-derived on a bug's inputs), absent where the budget is the floor; ``fallback(trace,
+      case) -> (out, name)``: the model used when the declared one raises NotImplementedError;
+      ``acc_unit(trace)``: unit roundoff of the V accumulator (the sharp check's unit);
+      ``config_tries(trace, case)``: ``[(label, trace', config)]`` alternative build configurations
+      the diagnosis reruns the ``ggml-cpu`` model with.
+    - ``live(tensors, params) -> out``: the op run in live ggml (``jaxkv.oracles.ggml``) on a trace's
+      stored tensors ``{role: (ggml type name, canonical array or raw blocks)}`` with ``params``
+      (``scale``, ``max_bias``, ``softcap``, ``n_threads``, ``kv_order``, ``mask``), or None;
+      ``target``: the name of its live-ggml fuzz target; ``file_tag``: short name for file names.
+    - ``kv_f16``: the op rounds its whole KV cache to F16 (the mixed cache); ``kv_regions``: the
+      named regions its KV cache is split in (roles ``k_<region>``/``v_<region>``, concatenated in
+      ``kv_order``), empty for a single ``k``/``v``; ``kv_split(trace, n_threads)``: ggml's split-KV
+      chunk count of the op's path, None when it does not split the softmax over KV;
+      ``absent_why``: role -> why the op has no such role (for error messages).
     """
 
     name: str
@@ -81,7 +88,7 @@ class Op:
     golden: Callable[[Any], np.ndarray]
     models: Mapping[str, ModelFn]
     acc_unit: Callable[[Any], float]
-    dense_models: Mapping[str, Callable[[Any], np.ndarray]] = dataclasses.field(default_factory=dict)
+    dense_models: Mapping[str, Callable[[Any], Callable[[Any], np.ndarray]]] = dataclasses.field(default_factory=dict)
     reference: Callable[[Any, str], np.ndarray] | None = None
     fallback: Callable[[Any, Any], tuple] | None = None
     config_tries: Callable[[Any, Any], list] | None = None
@@ -89,6 +96,9 @@ class Op:
     target: str | None = None
     file_tag: str = ""
     kv_f16: bool = False
+    kv_regions: tuple[str, ...] = ()
+    kv_split: Callable[[Any, int], int] | None = None
+    absent_why: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def model(self, precision_name: str) -> ModelFn:
         """The op's model for ``precision_name``; ValueError naming what this op has otherwise."""
@@ -104,6 +114,12 @@ class Op:
         if self.reference is not None:
             return self.reference(case, precision_name)
         return self.golden(case)
+
+    def dense_model(self, trace, precision_name: str):
+        """The honest model of ``precision_name`` as a function of a dense ``Case`` (None when the
+        budget is the floor: no dense model)."""
+        make = self.dense_models.get(precision_name)
+        return None if make is None else make(trace)
 
     def takes(self, what: str) -> bool:
         """Whether the op reads ``what``: a tensor role (``mask``, ``sinks``, ...) or a parameter."""
@@ -133,6 +149,16 @@ def get(name: str, field: str = "op") -> Op:
         return OPS[name]
     except (KeyError, TypeError):
         raise ValueError(f"{field}: expected one of {tuple(OPS)}, found {name!r}") from None
+
+
+def infer(present) -> Op:
+    """The op a file without an op name holds, from the tensor roles ``present``: the first registered
+    op that has every one of its required roles there, else the one with the fewest present roles it
+    does not have (a file that is no op's then fails that op's role checks, naming the role)."""
+    present = set(present)
+    best = max(OPS.values(), key=lambda op: (set(op.required) <= present and present <= set(op.roles),
+                                             -len(present - set(op.roles))))
+    return best
 
 
 def by_target(target: str, field: str = "--target") -> Op:

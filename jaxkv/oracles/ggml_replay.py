@@ -20,10 +20,15 @@ mask [B|1, H|1, n_q(+padding), n_kv], sinks [H], out [B, n_q, H, Dv].
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
+import gguf
 import numpy as np
 
+from jaxkv import budget, formats, layout, ops
+from jaxkv import trace as _structure
 from jaxkv.textsafe import escape
 
 __all__ = ["read_trace", "replay", "main"]
@@ -38,7 +43,7 @@ _KEYS = {"trace.op": (str, True), "trace.scale": (float, True), "trace.max_bias"
          "trace.v_transposed": (bool, False)}
 _DEFAULTS = {"trace.max_bias": 0.0, "trace.logit_softcap": 0.0, "trace.n_threads": 1, "trace.kv_order": "cold,hot",
              "trace.v_transposed": False}
-_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
+_TYPES = tuple(formats.ggml_name(t) for t in formats.KV_TYPES)
 MAX_ELEMENTS = 1 << 25
 
 
@@ -46,13 +51,6 @@ def read_trace(path, max_elements: int = MAX_ELEMENTS):
     """(metadata, tensors) of a trace v1 file: metadata = the ``trace.*`` keys; tensors = {name: (ggml
     type name, canonical array or raw blocks)} (``v`` is un-transposed when ``trace.v_transposed``).
     ValueError (one line, naming the key or tensor) for a file that is not such a trace."""
-    import math
-
-    import gguf
-
-    from jaxkv import layout
-    from jaxkv import trace as _structure
-
     _structure.check_file(path)
     r = gguf.GGUFReader(path)
     md = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("trace.")}
@@ -103,38 +101,19 @@ def read_trace(path, max_elements: int = MAX_ELEMENTS):
 
 def replay(md, ts, n_threads=None) -> np.ndarray:
     """Live ggml's float32 output [B, n_q, H, Dv] for a trace read by :func:`read_trace` (the trace's
-    ``n_threads`` unless given; mask padding rows dropped)."""
-    from jaxkv.oracles import ggml as og
-
+    ``n_threads`` unless given; mask padding rows dropped): the trace's op's ``live`` (:mod:`jaxkv.ops`)."""
+    op = ops.get(md["trace.op"], "trace.op")
+    if op.live is None:
+        raise ValueError(f"trace.op: op {op.name!r} has no live ggml implementation")
     q = ts["q"][1]
     mask = ts["mask"][1][:, :, : q.shape[1], :].astype(np.float32) if "mask" in ts else None
-    kw = dict(scale=md["trace.scale"], n_threads=int(n_threads or md["trace.n_threads"]), mask=mask,
-              max_bias=md["trace.max_bias"])
-
-    def kv(name):
-        tname, a = ts[name]
-        return a, (None if tname == "F16" else tname)
-
-    op = md["trace.op"]
-    if op == "flash_attn_ext":
-        (k, kf), (v, vf) = kv("k"), kv("v")
-        return og.flash_attn_ext(q, k, v, k_format=kf, v_format=vf, softcap=md["trace.logit_softcap"],
-                                 sinks=ts["sinks"][1] if "sinks" in ts else None, **kw)
-    if op == "soft_max_attn":  # V is F32 or F16: its format must reach ggml as for K (an F32 array is
-        (k, kf), (v, vf) = kv("k"), kv("v")  # ambiguous without it)
-        return og.soft_max_attn(q, k, v, k_format=kf, v_format=vf, **kw)
-    if op != "mixed_flash_attn":
-        raise ValueError(f"trace.op: expected flash_attn_ext, soft_max_attn or mixed_flash_attn, got {op!r}")
-    (kc, kcf), (vc, vcf), (kh, _), (vh, _) = kv("k_cold"), kv("v_cold"), kv("k_hot"), kv("v_hot")
-    return og.mixed_flash_attn(q, kc, vc, kh, vh, cold_format=(kcf, vcf), kv_order=md["trace.kv_order"],
-                               softcap=md["trace.logit_softcap"], sinks=ts["sinks"][1] if "sinks" in ts else None,
-                               **kw)
+    params = dict(scale=md["trace.scale"], n_threads=int(n_threads or md["trace.n_threads"]), mask=mask,
+                  max_bias=md["trace.max_bias"], softcap=md["trace.logit_softcap"], kv_order=md["trace.kv_order"])
+    return op.live(ts, params)
 
 
 def main(argv=None) -> int:
     """CLI (module docstring)."""
-    import argparse
-
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2
             print(f"python -m jaxkv.oracles.ggml_replay: error: {escape(message)}", file=sys.stderr)
@@ -164,10 +143,7 @@ def main(argv=None) -> int:
         same = np.array_equal(live, ref, equal_nan=True)
         nan_rows = np.argwhere(np.isnan(live).any(axis=-1))
         ok = np.isfinite(live) & np.isfinite(ref)
-        p_ref = float(np.sum(np.where(ok, ref, 0.0) ** 2))
-        with np.errstate(invalid="ignore"):  # inf - inf where both overflowed: excluded by ok
-            err = float(np.sum(np.where(ok, live - ref, 0.0) ** 2))
-        nmse = err / p_ref if p_ref else (0.0 if err == 0 else float("inf"))
+        nmse = budget.nmse(np.where(ok, live, 0.0), np.where(ok, ref, 0.0))  # finite elements only
         print(f"{'SAME' if same else 'DIFF'} {escape(f)}: op {escape(md['trace.op'])}, bitwise "
               f"{'equal' if same else 'different'}, nmse {nmse:.3g} (finite elements), NaN rows "
               f"{len(nan_rows)} of {int(np.prod(live.shape[:-1]))}"

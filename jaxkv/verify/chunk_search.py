@@ -26,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxkv import mutations
+from jaxkv.verify import mutations
 
 __all__ = ["CHUNK_SIZES", "THREADS", "ChunkRange", "candidate_ranges", "unrescaled_outputs",
            "best_ranges", "range_label"]

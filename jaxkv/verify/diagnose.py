@@ -1,8 +1,8 @@
 """Diagnosis of a failed trace: which named bug explains the kernel's output, or where the error is.
 
-Layout: got, golden, emu [B, n_q, H, Dv]; ``case`` a :class:`jaxkv.mutations.Case`.
+Layout: got, golden, emu [B, n_q, H, Dv]; ``case`` a `jaxkv.verify.mutations.Case`.
 
-A hypothesis (a :class:`jaxkv.mutations.Variant`) explains the output when the reference with that
+A hypothesis (a `jaxkv.verify.mutations.Variant`) explains the output when the reference with that
 one bug applied matches the kernel:
 
 - gross failures (the kernel is outside the golden budget): the float64 reference with the bug,
@@ -20,10 +20,10 @@ the correct output of its reading is not reported (it cannot be told from no bug
 Readings: a mixed cache (``mixed_flash_attn``) is defined over the F16-rounded concatenation of its
 regions, but a kernel may dequantize the cold region inside its loop without that rounding (the seed
 system's own ``jaxkv.cache`` does). Every hypothesis is judged on both readings
-(:func:`jaxkv.mutations.readings`); otherwise the rounding difference, far above an f64 or f32 budget,
+(:func:`jaxkv.verify.mutations.readings`); otherwise the rounding difference, far above an f64 or f32 budget,
 hides every bug but "cold region ignored" (the only one that no longer reads the cold values).
 
-Split-K: the chunk merged without rescaling is searched (:mod:`jaxkv.chunk_search`: fixed chunk
+Split-K: the chunk merged without rescaling is searched (:mod:`jaxkv.verify.chunk_search`: fixed chunk
 sizes 16..1024 with a ragged last chunk, per region too, ggml's thread split for 2..16 threads, the
 cold/hot boundary), the best-fitting key ranges judged like any variant.
 
@@ -38,8 +38,8 @@ import math
 
 import numpy as np
 
-from jaxkv import chunk_search, mutations
 from jaxkv.budget import EMU_UNITS, derive_budget, errors
+from jaxkv.verify import chunk_search, mutations
 
 __all__ = ["RESIDUAL", "RECHECK", "diagnose", "localize"]
 
@@ -66,7 +66,7 @@ def _finding(label_of, e, level: str, score: float, reading: str = "", **extra) 
 def _rank(found: list[dict]) -> list[dict]:
     """One finding per bug (on the declared reading when that explains it, else on the best other
     reading), best explanation first (``score`` ascending; ties keep the report order of
-    :data:`jaxkv.mutations.HYPOTHESES`)."""
+    :data:`jaxkv.verify.mutations.HYPOTHESES`)."""
     best: dict[str, dict] = {}
     for f in found:
         b = best.get(f["_bug"])
@@ -86,17 +86,17 @@ def diagnose(case: mutations.Case, got, budget, *, golden, emu=None, emu_check=N
     """Findings (dicts: hypothesis, label, nmse, max_abs, level, score[, reading, chunkings]) of the
     hypotheses that explain ``got``, best explanation first (``score``: the share of the error the
     finding leaves unexplained, lower is better). ``budget`` is the trace's
-    :class:`jaxkv.verify.Budget`; ``emu``/``emu_check`` the emulation output and check under ggml-cpu
+    :class:`jaxkv.budget.Budget`; ``emu``/``emu_check`` the emulation output and check under ggml-cpu
     (None otherwise); ``names`` restricts the hypotheses; ``outputs`` (dict, optional) caches the buggy
     outputs by variant label across calls on one case; ``model_fn(case) -> out`` (optional) is the
     honest model of the declared precision on dense inputs: an input bug close to the budget (within
     ``RECHECK`` times) is re-judged with the budget derived on its own inputs (a bug such as
     ``scale 1`` sharpens the softmax and so the honest error).
 
-    Each hypothesis is judged on every reading of the case (:func:`jaxkv.mutations.readings`: a mixed
+    Each hypothesis is judged on every reading of the case (:func:`jaxkv.verify.mutations.readings`: a mixed
     cache also at its dequantized values, not rounded to F16); a finding on such a reading carries it
     as ``reading``. "A split-K chunk merged without rescaling" is searched over candidate chunkings
-    (:mod:`jaxkv.chunk_search`), not taken from ggml's thread split: its findings name the key range
+    (:mod:`jaxkv.verify.chunk_search`), not taken from ggml's thread split: its findings name the key range
     and the chunkings that contain it."""
     got = np.asarray(got, np.float64)
     golden = np.asarray(golden, np.float64)
@@ -225,7 +225,7 @@ def localize(case: mutations.Case, got, golden) -> dict:
     ``per_batch_max_abs`` [B]; ``per_chunk``: for each KV chunk (ggml's split chunks or regions, else
     eighths of the KV axis), ``share`` = cos^2 between the error and the chunk's contribution
     ``sum_{j in chunk} p_j (v_j - out)`` (1: the error is that chunk's weight being off); and
-    ``unrescaled_chunk``: the searched split-K chunk (:mod:`jaxkv.chunk_search`) whose missing rescale
+    ``unrescaled_chunk``: the searched split-K chunk (:mod:`jaxkv.verify.chunk_search`) whose missing rescale
     best fits the error, ``keys`` [start, stop), ``explained`` (share of the error energy it accounts
     for, 1 - residual) and the candidate ``chunkings`` holding it (None when no candidate fits)."""
     got = np.asarray(got, np.float64)
