@@ -1,7 +1,8 @@
 """``python -m fuzz``: fuzz campaigns that find, shrink, save and replay numerical bugs.
 
     python -m fuzz [--max-examples N | --time-budget SECONDS] [--seed S] [--properties P1,P2|all]
-                   [--target MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed] [--threads N] [--traces DIR]
+                   [--target MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed] [--threads N | --menu ci|full|tiled]
+                   [--traces DIR]
                    [--out DIR] [--resume | --overwrite] [--quiet] [--list] [--shard I/N] [--no-shrink]
     python -m fuzz replay FILE [--target SPEC]   re-run a saved failure (exit 1: still fails, 0: passes now)
     python -m fuzz merge DIR...         one summary over several campaigns' results (e.g. shards)
@@ -16,6 +17,9 @@ The subcommands are the rows of :data:`jaxkv.cli.COMMANDS`, the same as the ``ja
 ``--target ggml|ggml-unfused|ggml-mixed`` fuzzes live ggml (the ``ggml`` extra, libggml-python) at
 ``--threads N`` (default 1) through ``fuzz.ggml_targets.make_target``; such a target declares the
 ``ggml-cpu`` precision and is judged against its emulation (jaxkv.ggml_cpu) with jaxkv.verify's budget.
+``--target ggml --menu ci|full|tiled`` draws instead from a fixed-bucket case menu
+(fuzz.strategies.MENUS) whose cases name their own live op (ggml, ggml-unfused, ggml-mixed), formats and
+threads: the campaign formerly run as ``python -m fuzz.ggml_campaign`` (its ``--n`` is ``--max-examples``).
 
 ``--out`` (default ``fuzz-out``) never destroys an earlier run: a non-empty directory is refused unless
 ``--resume`` (continue that campaign) or ``--overwrite`` (replace its results.jsonl and failures/); the
@@ -71,6 +75,9 @@ def _parser():
                         "region + an F16 hot window; judged against the ggml-cpu model")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="n_threads of a ggml --target (default 1)")
+    p.add_argument("--menu", default=None, metavar="ci|full|tiled",
+                   help="with --target ggml: cases from a fixed-bucket menu of every live ggml op "
+                        "(fuzz.strategies.MENUS; each case draws its op, K/V types and threads)")
     p.add_argument("--traces", metavar="DIR", help="verify every trace (*.gguf) under DIR")
     p.add_argument("--out", default="fuzz-out", metavar="DIR", help="results directory (default fuzz-out)")
     p.add_argument("--resume", action="store_true", help="continue the campaign recorded in --out")
@@ -173,7 +180,9 @@ def _campaign(argv) -> int:
             P.get(n)  # ValueError names the unknown one
     if args.threads is not None and not args.target:
         raise UsageError("--threads: only with --target ggml|ggml-unfused|ggml-mixed")
-    target = load_target(args.target, args.threads) if args.target else None
+    if args.menu is not None and not args.target:
+        raise UsageError("--menu: only with --target ggml|ggml-unfused|ggml-mixed")
+    target = load_target(args.target, args.threads, args.menu) if args.target else None
     if target is None and "target" in names and not args.no_ggml:
         # the default campaign fuzzes live ggml too when the ggml extra is installed
         args.target, target = default_ggml_target()
@@ -202,7 +211,8 @@ def _campaign(argv) -> int:
     opts = Options(max_examples=max_ex, time_budget=args.time_budget, seed=args.seed, properties=tuple(names),
                    target=args.target, traces=args.traces, out=args.out, resume=args.resume,
                    overwrite=args.overwrite,
-                   quiet=args.quiet, shard=shard, shrink=not args.no_shrink, threads=args.threads)
+                   quiet=args.quiet, shard=shard, shrink=not args.no_shrink, threads=args.threads,
+                   menu=args.menu)
     ctx = P.Context(seed=args.seed, target=target, target_spec=args.target, traces=args.traces,
                     cache_pairs=cache_pairs(args.seed))
     return Campaign(opts, ctx).run()

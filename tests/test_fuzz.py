@@ -374,7 +374,7 @@ def test_cases_do_not_depend_on_what_the_process_imported(tmp_path):
         "ctx = P.Context(seed=7)\n"
         "draw = lambda: [generate(P.get(n), ctx, 7, j) for n in ('large_logits', 'layout') for j in (0, 1)]\n"
         "before = draw()\n"
-        "new = [m for m in ('jaxkv.diagnose', 'fuzz.ggml_campaign', 'jaxkv.trace') if m not in sys.modules]\n"
+        "new = [m for m in ('jaxkv.diagnose', 'fuzz.ggml_targets', 'jaxkv.trace') if m not in sys.modules]\n"
         "for m in new: importlib.import_module(m)\n"
         "print(json.dumps(dict(new=new, same=draw() == before)))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))

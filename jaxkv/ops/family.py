@@ -7,7 +7,18 @@ registry its final interface while the code moves here.
 
 from __future__ import annotations
 
-from jaxkv import verify as _V
+import importlib
+
+
+class _Verify:
+    """jaxkv.verify, imported on first use (verify imports the ops registry's users; the skeleton must
+    not load it, and its diagnosis, when only the registry is imported)."""
+
+    def __getattr__(self, name):
+        return getattr(importlib.import_module("jaxkv.verify"), name)
+
+
+_V = _Verify()
 
 QUANT = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
 KV = ("f32", "f16") + QUANT
