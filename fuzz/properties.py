@@ -30,6 +30,7 @@ from fuzz import strategies as S
 from fuzz import bounds as Bd
 from fuzz.engine import Batched, acc_unit, judge
 from fuzz.target import dense_case
+from jaxkv import formats as F
 from jaxkv import ops
 from fuzz.registry import PROPERTIES, Context, Property, each_case, outcomes  # noqa: F401
 from fuzz.registry import fixed as _s
@@ -223,15 +224,11 @@ def _online_kernel(q, k, v, **kw):
 def _gguf_type(fmt):
     import gguf
 
-    from jaxkv import formats as F
-
     return gguf.GGMLQuantizationType(F.get_format(fmt).type_id)
 
 
 def _raw_blocks(c):
     """Random ggml blocks uint8 [rows, blocks * block_bytes]; ``sane``: F16/BF16/F32 fields finite."""
-    from jaxkv import formats as F
-
     f = F.get_format(c["fmt"])
     rng = np.random.default_rng(int(c["seed"]))
     raw = rng.integers(0, 256, (c["rows"], c["blocks"], f.block_bytes), dtype=np.uint8)
@@ -253,8 +250,6 @@ def _same_floats(a, b):
 
 
 def _dequant_make(fmt):
-    from jaxkv import formats as F
-
     return lambda raw: F.dequantize(raw, fmt)
 
 
@@ -265,8 +260,6 @@ def _by_format(cases, batched, width, host, judge):
     """Evaluate format cases, grouped by ``fmt``, through ``batched`` (one program per format): ``host(c)``
     gives the case's input [rows, n] (rows, blocks <= 8), embedded in a fixed [8, 8 * width(format)]
     buffer of zeros; ``judge(c, format, got)`` turns the program's output into the outcome."""
-    from jaxkv import formats as F
-
     out = [None] * len(cases)
     groups = {}
     for i, c in enumerate(cases):
@@ -297,16 +290,12 @@ def _dequant_eval(cases, ctx):
 
 
 def _values(c):
-    from jaxkv import formats as F
-
     f = F.get_format(c["fmt"])
     rng = np.random.default_rng(int(c["seed"]))
     return C.draw_values(rng, (c["rows"], c["blocks"] * f.block_size), c["dist"])
 
 
 def _quant_make(fmt):
-    from jaxkv import formats as F
-
     return lambda x: F.quantize(x, fmt)
 
 
@@ -450,8 +439,6 @@ def _expected_rows(x, fmt):
 
 
 def _append_eval(cases, ctx):
-    from jaxkv import formats as F
-
     out = []
     for c, r in zip(cases, _cache_run(cases)):
         st_ = r[1]
