@@ -29,6 +29,8 @@ __all__ = ["main", "parse_list"]
 
 #: KV cache types in ggml's spelling (jaxkv.formats.KV_TYPES)
 _CACHE = tuple(F.ggml_name(t) for t in F.KV_TYPES)
+#: the unquantized ones (V without flash attention: llama.cpp stores it transposed, unquantizable)
+_FLOAT_CACHE = tuple(F.ggml_name(t) for t in F.KV_TYPES if t not in F.BLOCK_KV_TYPES)
 
 
 def _prog() -> str:
@@ -86,7 +88,7 @@ def _config(a):
         raise _UsageError(f"--threads: must be in [1, 512], got {a.threads}")
     if not a.prompt:
         raise _UsageError("--prompt: must not be empty")
-    if a.flash_attn == "off" and a.cache_type_v not in ("F16", "F32"):
+    if a.flash_attn == "off" and a.cache_type_v not in _FLOAT_CACHE:
         raise _UsageError(f"--cache-type-v: {a.cache_type_v} needs --flash-attn on (llama.cpp stores V "
                           f"transposed without flash attention and cannot quantize it)")
     steps = parse_list(a.steps, "--steps", prefill=True)

@@ -400,3 +400,25 @@ def test_record_bad_arguments(tmp_path, argv, field):
     msg = err.getvalue()
     assert rc == 2 and msg.count("\n") == 1 and field in msg and "Traceback" not in msg, msg
     assert not out.exists()
+
+
+def test_python_m_fuzz_menu_target_runs_menu_cases_on_their_own_ops():
+    """``--target ggml --menu ci`` (what ``python -m fuzz.ggml_campaign`` was): the target property draws
+    menu cases, each run on the live target of the op it names and judged by the sharp check; the
+    menu's one coverage table counts every op's calls."""
+    from fuzz import campaign as Cm
+    from fuzz.target_spec import load_target
+
+    t = load_target("ggml", None, "ci")
+    ctx = P.Context(seed=0, target=t, target_spec="ggml")
+    prop = P.get("target")
+    cs = Cm.generate(prop, ctx, 0, 0, 6)
+    assert all(c["bucket"] in S.MENU_BUCKETS and c["op"] in T.TARGETS for c in cs)
+    outs = prop.evaluate(cs, ctx)
+    assert all(o["ok"] and o["checks"] == 2 for o in outs), [o["error"] for o in outs if not o["ok"]]
+    assert sum(t.coverage.values()) == len(cs)
+    assert {k[0] for k in t.coverage} == {T.OPS[c["op"]] for c in cs}
+    with pytest.raises(ValueError, match="^--threads"):
+        load_target("ggml", 2, "ci")
+    with pytest.raises(ValueError, match="^--menu"):
+        load_target("ggml", None, "huge")

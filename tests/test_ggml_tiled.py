@@ -171,17 +171,9 @@ def test_threads_only_regroup_rows():
 
 def _draws(name, n=600, seed=0, **kw):
     from fuzz import ggml_targets as T
+    from fuzz import strategies as S
 
-    rng = np.random.default_rng(seed)
-
-    def draw(spec):
-        if isinstance(spec, tuple) and spec and spec[0] == "int":
-            return int(rng.integers(spec[1], spec[2] + 1))
-        if isinstance(spec, tuple) and spec and spec[0] == "float":
-            return float(rng.uniform(spec[1], spec[2]))
-        if isinstance(spec, tuple) and spec and spec[0] == "p":
-            return bool(rng.random() < spec[1])
-        return spec[int(rng.integers(len(spec)))]
+    draw = S.rng_drawer(np.random.default_rng(seed))
     return [T.draw_case(name, draw, **kw) for _ in range(n)]
 
 
