@@ -45,6 +45,8 @@ import hashlib
 import json
 import os
 import pathlib
+import shlex
+import shutil
 import sys
 import time
 
@@ -439,8 +441,6 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
                arrays_call=call,
                diagnosis=diagnosis)
     path = base.with_suffix(".json")
-    import shlex
-
     kernel = f" --target {shlex.quote(opts.target)}" if opts.target else ""
     kernel += f" --threads {int(opts.threads)}" if opts.target and opts.threads else ""
     kernel += f" --menu {shlex.quote(opts.menu)}" if opts.target and opts.menu else ""
@@ -499,8 +499,6 @@ class Campaign:
         """Check and prepare --out; returns the records a --resume continues. An existing --out must be a
         directory; a non-empty one is refused unless --resume (continue it) or --overwrite (its
         results.jsonl and failures/ are removed). ValueError with one line otherwise."""
-        import shutil
-
         o = self.opts
         where = f"--out {escape(self.out)}"
         if o.resume and o.overwrite:

@@ -23,6 +23,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxkv.budget import FACTOR, FLOOR_UNITS, U16, U32, derive_budget, emu_check, errors, nmse
 
@@ -186,8 +187,6 @@ class Batched:
         if n == 1:
             return tree
         if self._sharding is None:
-            from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
             mesh = Mesh(np.array(jax.devices()), ("cases",))
             self._sharding = NamedSharding(mesh, PartitionSpec("cases"))
         return jax.device_put(tree, self._sharding)

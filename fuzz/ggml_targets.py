@@ -58,6 +58,7 @@ from fuzz import cases as C
 from fuzz import strategies as S
 from fuzz.target import Target
 from jaxkv import formats as F
+from jaxkv import ggml_cpu as M
 from jaxkv import ops
 
 __all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "UNSUPPORTED", "SHAPES", "isa", "make_target", "make_model",
@@ -262,8 +263,6 @@ def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, h
     """The jaxkv.ggml_cpu emulation of :func:`make_target`'s kernel (same signature, same storage
     conversion, same n_threads; ``isa`` / ``version`` / ``llamafile`` the build modelled, version None = the
     model's default) -> float32 numpy [B, n_q, H, Dv]. ``n_threads=`` on a call overrides the default."""
-    from jaxkv import ggml_cpu as M
-
     op = _op(name)
 
     def model(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
@@ -390,8 +389,6 @@ def coverage_key(name, q_shape, st, isa_name, version, n_threads) -> tuple:
     (:func:`prepare`): the path by jaxkv.ggml_cpu.path's rule, or the op's own (:data:`OWN_PATH`:
     "unfused" for ggml-unfused); the F16 KV cache of an ``op.kv_f16`` op (the mixed cache: its
     concatenated F16 K/V decide its path) names its types "cold+f16"."""
-    from jaxkv import ggml_cpu as M
-
     op = _op(name)
     B, n_q = int(q_shape[0]), int(q_shape[1])
     if op.kv_f16:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import importlib
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import gguf
 import numpy as np
+from gguf import quants
 from hypothesis import strategies as st
 
 from fuzz import cases as C
@@ -30,8 +33,11 @@ from fuzz import strategies as S
 from fuzz import bounds as Bd
 from fuzz.engine import Batched, acc_unit, judge
 from fuzz.target import dense_case
+from jaxkv import attention as _att
+from jaxkv import cache as K
 from jaxkv import formats as F
 from jaxkv import ops
+from jaxkv import trace
 from fuzz.registry import PROPERTIES, Context, Property, each_case, outcomes  # noqa: F401
 from fuzz.registry import fixed as _s
 from fuzz.registry import outcome as _outcome
@@ -70,7 +76,6 @@ def _judge(res: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # attention properties (batched over padded cases)
 
-_att = importlib.import_module("jaxkv.attention")
 
 
 def _kw(a, sinks=True):
@@ -222,8 +227,6 @@ def _online_kernel(q, k, v, **kw):
 # formats vs the gguf package (exact)
 
 def _gguf_type(fmt):
-    import gguf
-
     return gguf.GGMLQuantizationType(F.get_format(fmt).type_id)
 
 
@@ -278,8 +281,6 @@ def _by_format(cases, batched, width, host, judge):
 
 
 def _dequant_judge(c, f, got):
-    from gguf import quants
-
     ref = quants.dequantize(_raw_blocks(c), _gguf_type(c["fmt"]))
     n = _same_floats(got[:c["rows"], :c["blocks"] * f.block_size], ref)
     return _outcome(n == 0, 1, f"{n} value(s) differ from gguf.quants.dequantize" if n else None, differ=n)
@@ -303,8 +304,6 @@ _quant_batched = Batched(_quant_make)
 
 
 def _quant_judge(c, f, got):
-    from gguf import quants
-
     ref = np.asarray(quants.quantize(_values(c), _gguf_type(c["fmt"]))).view(np.uint8).reshape(c["rows"], -1)
     mine = np.asarray(got)[:c["rows"], :c["blocks"] * f.block_bytes]
     n = int(np.count_nonzero(mine != ref))
@@ -369,8 +368,6 @@ def _cache_arrays(c):
 
 
 def _cache_make(key):
-    from jaxkv import cache as K
-
     k_fmt, v_fmt, (H, Hkv) = key
     D = CACHE_D
 
@@ -430,8 +427,6 @@ def _mixed_eval(cases, ctx):
 def _expected_rows(x, fmt):
     """Cold rows a cache must hold for tokens x [B, n, Hkv, D] float32 (already F16-rounded): raw
     bytes from gguf's quantizer when it has one, else None (then only values are compared)."""
-    from gguf import quants
-
     try:
         return np.asarray(quants.quantize(x, _gguf_type(fmt))).view(np.uint8).reshape(x.shape[:-1] + (-1,))
     except NotImplementedError:
@@ -477,8 +472,6 @@ def _append_eval(cases, ctx):
 # traces in a directory, the --target kernel
 
 def _trace_files(ctx):
-    import pathlib
-
     if not ctx.traces:
         return []
     p = pathlib.Path(ctx.traces)
@@ -491,7 +484,6 @@ def _traces_eval(cases, ctx):
     dump, via trace.load_steps) verified by jaxkv.verify; checks = calls."""
     from jaxkv import verify
 
-    trace = importlib.import_module("jaxkv.trace")
     out = []
     for c in cases:
         try:

@@ -30,6 +30,7 @@ from fuzz import cases as C
 from fuzz import strategies as S
 from jaxkv import formats as F
 from jaxkv import ops
+from jaxkv import trace as TR
 from jaxkv.cli import Parser, UsageError
 
 __all__ = ["main", "record", "producer"]
@@ -160,7 +161,6 @@ def main(argv=None) -> int:
     try:
         a = _validate(_parser().parse_args(argv))
         a.argv = shlex.join(argv)
-        from jaxkv import trace as TR
         from jaxkv.oracles import ggml as G
 
         if not G.available():
