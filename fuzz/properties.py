@@ -736,13 +736,31 @@ def target_call(c, ctx) -> dict:
 
 _ALL_B = tuple(S.KV_BUCKETS)
 
+
+def _gguf_implements(fmt, what: str) -> bool:
+    """Whether the installed gguf package implements ``quants.<what>`` ('quantize' or 'dequantize')
+    for format ``fmt`` (probed once on one zero block: gguf raises NotImplementedError otherwise)."""
+    f = F.get_format(fmt)
+    x = np.zeros((1, f.block_size), np.float32) if what == "quantize" else np.zeros((1, f.block_bytes), np.uint8)
+    try:
+        getattr(quants, what)(x, _gguf_type(fmt))
+    except NotImplementedError:
+        return False
+    return True
+
+
+#: the formats gguf dequantizes / quantizes (jaxkv.formats' order; with gguf 0.17: all but q8_1 / also
+#: not iq4_nl)
+GGUF_DEQUANTIZES = tuple(f for f in S.ALL_FORMATS if _gguf_implements(f, "dequantize"))
+GGUF_QUANTIZES = tuple(f for f in S.ALL_FORMATS if _gguf_implements(f, "quantize"))
+
 _register(Property(
     "dequantize", "jaxkv.formats.dequantize == gguf.quants.dequantize on random blocks (every format "
-    "gguf implements; NaN == NaN)", _s(S.raw_blocks_case(formats=tuple(f for f in S.ALL_FORMATS if f != "q8_1"))),
+    "gguf implements; NaN == NaN)", _s(S.raw_blocks_case(formats=GGUF_DEQUANTIZES)),
     _dequant_eval, requires=("gguf",)))
 _register(Property(
     "quantize", "jaxkv.formats.quantize == gguf.quants.quantize byte for byte (formats gguf quantizes)",
-    _s(S.values_case(formats=("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"))),
+    _s(S.values_case(formats=GGUF_QUANTIZES)),
     _quant_eval, requires=("gguf",)))
 _register(_attention_property(
     "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 error bound",
