@@ -58,9 +58,9 @@ from fuzz import properties as P
 from fuzz import schema
 from fuzz.engine import BATCH, COMPILES
 from fuzz.properties_io import save_call
-from fuzz.target import as_target, dense_case
+from fuzz.target import Case, as_target, dense_case
 from jaxkv import attention as A
-from jaxkv import mutations, ops
+from jaxkv import ops
 from jaxkv.textsafe import escape
 
 __all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize", "undecided",
@@ -378,7 +378,7 @@ def _verdict_of_target(a, t, params):
         return verify.verify_case(c, got, model, t.declared_precision, name="fuzz case", emu=model, emu_unit=unit,
                                   golden=g), got, dict(a, k=k, v=v)
     got = np.asarray(t(a["q"], a["k"], a["v"], **kw), np.float32)
-    c = mutations.Case(q=a["q"], k=a["k"], v=a["v"], op=ops.get("flash_attn_ext").name, mask=a["mask"],
+    c = Case(q=a["q"], k=a["k"], v=a["v"], op=ops.get("flash_attn_ext").name, mask=a["mask"],
                        sinks=a["sinks"], scale=float(a["scale"]), softcap=float(a["softcap"]),
                        max_bias=float(a["max_bias"]))
     model = np.asarray(A.attention(a["q"], a["k"], a["v"], precision="f32", **kw))

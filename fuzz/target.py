@@ -19,9 +19,10 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxkv import formats as F
-from jaxkv import mutations, ops
+from jaxkv import ops
+from jaxkv.mutations import Case  # the dense case the ops' goldens take (fuzz's one import of it)
 
-__all__ = ["Target", "as_target", "ATTRIBUTES", "dense_operands", "dense_case"]
+__all__ = ["Target", "as_target", "ATTRIBUTES", "Case", "dense_operands", "dense_case"]
 
 #: the attributes a user's function may declare (read once by :func:`as_target`)
 ATTRIBUTES = ("name", "op", "declared_precision", "model", "n_threads", "isa", "version", "llamafile",
@@ -130,7 +131,7 @@ def _dense(x):
     return np.asarray(x, np.float64)
 
 
-def dense_case(t: Target, q, k, v, kw) -> mutations.Case:
+def dense_case(t: Target, q, k, v, kw) -> Case:
     """The dense float64 :class:`Case` of a call of target ``t`` (q [B, n_q, H, Dk], k / v as the target
     receives them, ``kw``: scale, mask, softcap, max_bias, sinks): K/V as the target stores them
     (``t.prepare``), the op of the dense call (an op rounding its KV cache to F16 is flash_attn_ext over
@@ -139,6 +140,6 @@ def dense_case(t: Target, q, k, v, kw) -> mutations.Case:
     kd, vd = dense_operands(st)
     op = t.op or ops.get("flash_attn_ext")
     dense_op = ops.get("flash_attn_ext") if op.kv_f16 else op
-    return mutations.Case(op=dense_op.name, q=np.asarray(q), k=kd, v=vd, mask=kw["mask"], sinks=kw["sinks"],
-                          scale=float(kw["scale"]), softcap=float(kw["softcap"]), max_bias=float(kw["max_bias"]),
-                          n_threads=int(t.n_threads))
+    return Case(op=dense_op.name, q=np.asarray(q), k=kd, v=vd, mask=kw["mask"], sinks=kw["sinks"],
+                scale=float(kw["scale"]), softcap=float(kw["softcap"]), max_bias=float(kw["max_bias"]),
+                n_threads=int(t.n_threads))
