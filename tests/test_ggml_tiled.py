@@ -246,12 +246,13 @@ def test_ggml_020_softcap_padding_bug_is_reproduced_and_real():
     (`python -m fuzz verify` currently PASSes this trace: its ggml-cpu budget is a multiple of the model's
     own error, which carries the bug; the verdict is given, never exit 2.)"""
     from fuzz import verify_cmd
-    from jaxkv import mutations, ops
+    from fuzz.target import Case
+    from jaxkv import ops
 
     t = tr.load(DATA / "ggml020_softcap_pad_bug.gguf")
     assert t.mask is None and t.softcap == 2.0 and t.k.shape[1] % 64 and _path(t) == "tiled"
     np.testing.assert_array_equal(_model(t), np.asarray(t.out))
-    g = ops.get("flash_attn_ext").golden(mutations.Case(  # the op's float64 golden over the stored K/V
+    g = ops.get("flash_attn_ext").golden(Case(  # the op's float64 golden over the stored K/V
         op="flash_attn_ext", q=np.asarray(t.q, np.float64), k=np.asarray(t.k, np.float64),
         v=np.asarray(t.v, np.float64), scale=t.scale, softcap=t.softcap))
     err_020 = np.abs(np.asarray(t.out, np.float64) - g).max()
