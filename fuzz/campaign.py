@@ -45,15 +45,22 @@ import hashlib
 import json
 import os
 import pathlib
+import shlex
+import shutil
 import sys
 import time
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
 
+from fuzz import cases as C
 from fuzz import properties as P
 from fuzz import schema
 from fuzz.engine import BATCH, COMPILES
+from fuzz.properties_io import save_call
+from fuzz.target import Case, as_target, dense_case
+from jaxkv import attention as A
+from jaxkv import ops
 from jaxkv.textsafe import escape
 
 __all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize", "undecided",
@@ -78,6 +85,7 @@ class Options:
     shard: tuple = (0, 1)
     shrink: bool = True
     threads: int | None = None  # --threads of a ggml --target (recorded for replay)
+    menu: str | None = None  # --menu of a ggml --target (recorded for replay)
 
 
 def chunk_seed(seed: int, prop: str, chunk: int) -> int:
@@ -352,35 +360,27 @@ def _safe(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s)
 
 
-def _verdict_of_target(a, kernel, params):
-    """jaxkv.verify's verdict (diagnosis included) of ``kernel`` on the call ``a`` of case ``params`` ->
-    (Verdict, out, call): under the ``ggml-cpu`` precision for a target declaring it (its emulation,
-    the golden over its stored operands, the sharp check), else under ``f32``; ``call`` is ``a`` with
-    K/V as the kernel received them (float16 for a ggml-cpu target's F16 storage)."""
-    from jaxkv import attention as A
-    from jaxkv import verify
-    from jaxkv.verify import mutations
+def _verdict_of_target(a, t, params):
+    """jaxkv.verify's verdict (diagnosis included) of target ``t`` (a :class:`fuzz.target.Target`) on the
+    call ``a`` of case ``params`` -> (Verdict, out, call): under the ``ggml-cpu`` precision for a target
+    declaring it (its emulation, its op's golden under ggml-cpu over its stored operands, the sharp
+    check), else under ``f32``; ``call`` is ``a`` with K/V as the kernel received them (float16 for a
+    ggml-cpu target's F16 storage)."""
+    from jaxkv import verify  # imports the diagnosis: loaded when a first failure is diagnosed, not before
 
     kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
-    case = dict(op="flash_attn_ext", mask=a["mask"], sinks=a["sinks"], scale=float(a["scale"]),
-                softcap=float(a["softcap"]), max_bias=float(a["max_bias"]))
-    if P.declares_ggml_cpu(kernel):
-        k, v = P.target_operands(kernel, params, a)
-        got = np.asarray(kernel(a["q"], k, v, **kw), np.float32)
-        model, g, unit = P.ggml_cpu_reference(kernel, a, k, v, kw)
-        op = getattr(kernel, "op", "flash_attn_ext")
-        if op == "soft_max_attn":  # ggml's NaN rows (jaxkv.verify.golden_for)
-            g = np.where(verify.dead_rows(a["q"], a["mask"], a["sinks"])[..., None], np.nan, g)
-        st = kernel.prepare(k, v) if callable(getattr(kernel, "prepare", None)) else dict(k=k, v=v)
-        from fuzz.ggml_campaign import dense_operands
-
-        kd, vd = dense_operands(st)
-        c = mutations.Case(q=a["q"], k=kd, v=vd, n_threads=int(getattr(kernel, "n_threads", 1)),
-                           **dict(case, op="flash_attn_ext" if op == "mixed_flash_attn" else op))
-        return verify.verify_case(c, got, model, "ggml-cpu", name="fuzz case", emu=model, emu_unit=unit,
+    if t.sharp:
+        k, v = P.target_operands(t, params, a)
+        got = np.asarray(t(a["q"], k, v, **kw), np.float32)
+        model, _, unit, _ = P.ggml_cpu_reference(t, a, k, v, kw)
+        c = dense_case(t, a["q"], k, v, kw)
+        g = (t.op or ops.get("flash_attn_ext")).judged_golden(c, t.declared_precision)
+        return verify.verify_case(c, got, model, t.declared_precision, name="fuzz case", emu=model, emu_unit=unit,
                                   golden=g), got, dict(a, k=k, v=v)
-    got = np.asarray(kernel(a["q"], a["k"], a["v"], **kw), np.float32)
-    c = mutations.Case(q=a["q"], k=a["k"], v=a["v"], **case)
+    got = np.asarray(t(a["q"], a["k"], a["v"], **kw), np.float32)
+    c = Case(q=a["q"], k=a["k"], v=a["v"], op=ops.get("flash_attn_ext").name, mask=a["mask"],
+                       sinks=a["sinks"], scale=float(a["scale"]), softcap=float(a["softcap"]),
+                       max_bias=float(a["max_bias"]))
     model = np.asarray(A.attention(a["q"], a["k"], a["v"], precision="f32", **kw))
     return verify.verify_case(c, got, model, "f32", name="fuzz case"), got, a
 
@@ -388,16 +388,14 @@ def _verdict_of_target(a, kernel, params):
 def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
     """Save a failing kernel call as a trace v1 file and diagnose it with jaxkv.verify. The call is the
     minimal case at its own shapes when the kernel fails there too, else the padded call the campaign
-    made. Returns (path, which call, diagnosis dict)."""
-    from fuzz import cases as C
-
+    made (a target with its own cases: its own call only). Returns (path, which call, diagnosis dict)."""
     diag, tried = None, []
-    own = getattr(kernel, "case_arrays", None)  # a ggml target's own cases are not padded
-    calls = (("case", own(params)),) if callable(own) else (("case", C.attention_arrays(params)),
-                                                             ("padded program call", padded))
+    t, view = as_target(kernel).for_case(params)
+    calls = (("case", padded),) if t.case_arrays is not None else (("case", C.attention_arrays(params)),
+                                                                 ("padded program call", padded))
     for which, a in calls:
         try:
-            v, got, a = _verdict_of_target(a, kernel, params)
+            v, got, a = _verdict_of_target(a, t, view)
         except Exception as e:
             tried.append(f"{which}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -407,10 +405,8 @@ def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
                     max_abs=d.get("max_abs"))
         if v.status == "fail" or which != "case":
             try:
-                from fuzz.properties_io import save_call
-
                 return save_call(base.with_suffix(".gguf"), a, None, producer=producer, out=got), which, diag
-            except Exception as e:  # no jaxkv.trace, or not representable as a trace
+            except Exception as e:  # not representable as a trace
                 np.savez(base.with_suffix(".npz"), out=got, **{k: np.asarray(x) for k, x in a.items() if x is not None})
                 return str(base.with_suffix(".npz")), which, dict(diag, trace_error=str(e)[:200])
     return None, None, dict(error="; ".join(tried))
@@ -432,9 +428,7 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
     d.mkdir(parents=True, exist_ok=True)
     base = d / _safe(f"{prop.name}-{case_id.replace('/', '-')}")
     if prop.name == "target" and ctx.target is not None:
-        from fuzz.properties import _target_call
-
-        arrays, call, diagnosis = _kernel_artifacts(base, minimal, _target_call(minimal, ctx), ctx.target,
+        arrays, call, diagnosis = _kernel_artifacts(base, minimal, P.target_call(minimal, ctx), ctx.target,
                                                     f"fuzz --target {ctx.target_spec}")
     elif prop.kernel is not None:
         arrays, call, diagnosis = _kernel_artifacts(base, minimal, prop.call(minimal, ctx), prop.kernel,
@@ -443,13 +437,13 @@ def save_failure(out: pathlib.Path, prop, ctx, opts: Options, case_id, original,
         arrays, call, diagnosis = _save_arrays(base, prop, minimal, ctx), "padded program call", None
     rec = dict(property=prop.name, seed=opts.seed, case_id=case_id, params=minimal, original=original,
                shrunk=minimal != original, error=outcome["error"], metrics=outcome.get("metrics"),
-               target=opts.target, threads=opts.threads, traces=opts.traces, arrays=arrays, arrays_call=call,
+               target=opts.target, threads=opts.threads, menu=opts.menu, traces=opts.traces, arrays=arrays,
+               arrays_call=call,
                diagnosis=diagnosis)
     path = base.with_suffix(".json")
-    import shlex
-
     kernel = f" --target {shlex.quote(opts.target)}" if opts.target else ""
     kernel += f" --threads {int(opts.threads)}" if opts.target and opts.threads else ""
+    kernel += f" --menu {shlex.quote(opts.menu)}" if opts.target and opts.menu else ""
     rec["replay"] = f"python -m fuzz replay {shlex.quote(str(path))}{kernel}"
     path.write_text(json.dumps(rec, indent=1, default=_json_default) + "\n")
     rec["file"] = str(path)
@@ -505,8 +499,6 @@ class Campaign:
         """Check and prepare --out; returns the records a --resume continues. An existing --out must be a
         directory; a non-empty one is refused unless --resume (continue it) or --overwrite (its
         results.jsonl and failures/ are removed). ValueError with one line otherwise."""
-        import shutil
-
         o = self.opts
         where = f"--out {escape(self.out)}"
         if o.resume and o.overwrite:
@@ -547,9 +539,9 @@ class Campaign:
         self.rec = Records(self.path)
         self.rec.write([dict(type="campaign", seed=o.seed, properties=list(o.properties), shard=list(o.shard),
                              max_examples=o.max_examples, time_budget=o.time_budget, target=o.target,
-                             threads=o.threads, resume=o.resume, started=time.time())], sync=True)
+                             threads=o.threads, menu=o.menu, resume=o.resume, started=time.time())], sync=True)
         self.progress = Progress(o.quiet, o.time_budget)
-        P.set_active(o.properties)
+        self.ctx = dataclasses.replace(self.ctx, active=tuple(o.properties), runners={})
         t0 = time.perf_counter()
         interrupted = False
         try:
@@ -566,7 +558,7 @@ class Campaign:
         props = summarize(read_records(self.path))
         props = {k: props[k] for k in o.properties if k in props}
         print(format_summary(props), flush=True)
-        if callable(getattr(self.ctx.target, "coverage_table", None)):  # a live-ggml target's paths and types
+        if self.ctx.target is not None and self.ctx.target.coverage_table is not None:  # live ggml's paths, types
             print(self.ctx.target.coverage_table(), flush=True)
         fails = [r for r in read_records(self.path) if r.get("type") == "failure"]
         for f in fails:

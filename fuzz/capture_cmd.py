@@ -19,21 +19,31 @@ arguments, the extra missing, or a model / context the engine refuses (one line 
 
 from __future__ import annotations
 
+import os
 import sys
 
+from jaxkv import formats as F
 from jaxkv.cli import Parser, UsageError
 
 __all__ = ["main", "parse_list"]
 
-_PROG = "python -m fuzz capture"
-_CACHE = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
+#: KV cache types in ggml's spelling (jaxkv.formats.KV_TYPES)
+_CACHE = tuple(F.ggml_name(t) for t in F.KV_TYPES)
+#: the unquantized ones (V without flash attention: llama.cpp stores it transposed, unquantizable)
+_FLOAT_CACHE = tuple(F.ggml_name(t) for t in F.KV_TYPES if t not in F.BLOCK_KV_TYPES)
+
+
+def _prog() -> str:
+    """How the user invoked this subcommand: ``python -m fuzz capture`` or ``jaxkv capture`` (the name
+    of the running script)."""
+    return "jaxkv capture" if os.path.basename(sys.argv[0] or "") == "jaxkv" else "python -m fuzz capture"
 
 
 _UsageError, _Parser = UsageError, Parser  # one line, exit 2, no usage dump
 
 
 def _parser():
-    p = _Parser(prog=_PROG, description=__doc__.splitlines()[0])
+    p = _Parser(prog=_prog(), description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, metavar="PATH|gemma3-270m")
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -78,7 +88,7 @@ def _config(a):
         raise _UsageError(f"--threads: must be in [1, 512], got {a.threads}")
     if not a.prompt:
         raise _UsageError("--prompt: must not be empty")
-    if a.flash_attn == "off" and a.cache_type_v not in ("F16", "F32"):
+    if a.flash_attn == "off" and a.cache_type_v not in _FLOAT_CACHE:
         raise _UsageError(f"--cache-type-v: {a.cache_type_v} needs --flash-attn on (llama.cpp stores V "
                           f"transposed without flash attention and cannot quantize it)")
     steps = parse_list(a.steps, "--steps", prefill=True)
@@ -98,7 +108,7 @@ def main(argv=None) -> int:
         from jaxkv.capture.engine import EngineError
         from jaxkv.capture.runner import run
     except _UsageError as e:
-        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        print(f"{_prog()}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
@@ -106,12 +116,12 @@ def main(argv=None) -> int:
         res = run(cfg, log=None if a.quiet else print)
     except (EngineError, ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{_PROG}: error: {msg}", file=sys.stderr)
+        print(f"{_prog()}: error: {msg}", file=sys.stderr)
         return 2
     for err in res.errors:
-        print(f"{_PROG}: not captured: {err}", file=sys.stderr)
+        print(f"{_prog()}: not captured: {err}", file=sys.stderr)
     if not res.files and not res.errors:
-        print(f"{_PROG}: no attention call matched --layers {a.layers} --steps {a.steps} (the model has "
+        print(f"{_prog()}: no attention call matched --layers {a.layers} --steps {a.steps} (the model has "
               f"layers 0..N-1; see {res.manifest})", file=sys.stderr)
         return 1
     print(f"wrote {len(res.files)} traces to {cfg.out} ({res.n_prompt} prompt tokens, {cfg.n_predict} decode "

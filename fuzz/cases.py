@@ -21,9 +21,10 @@ import math
 import ml_dtypes
 import numpy as np
 
-from fuzz.strategies import PAD_B, PAD_D, PAD_NQ
+from fuzz.strategies import FLAGSETS, MENU_BUCKETS, PAD_B, PAD_D, PAD_NQ
+from jaxkv import ops
 
-__all__ = ["menu_values", "menu_mask", "DISTRIBUTIONS", "draw_values", "store", "masked_keys", "make_mask", "attention_arrays",
+__all__ = ["menu_values", "menu_mask", "menu_arrays", "DISTRIBUTIONS", "draw_values", "store", "masked_keys", "make_mask", "attention_arrays",
            "pad_attention", "scale_of"]
 
 
@@ -210,3 +211,20 @@ def menu_mask(rng, kind, param, B, Hm, n_q, n_kv):
     dead = masked_keys(rng, "full_rows" if kind == "fullrow" else kind, param, shape, key_rate=param / 64.0,
                        row_rate=0.3)
     return np.where(dead, -np.inf, m).astype(np.float16).astype(np.float32)
+
+
+def menu_arrays(c) -> dict:
+    """Menu case (fuzz.strategies.draw_menu_case) -> dict(q, k, v (float32; stored by the target in
+    k_fmt/v_fmt), mask, sinks, scale, softcap, max_bias, n_threads) for the canonical target signature:
+    q [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv], mask [B|1, H|1, n_q, n_kv], sinks [H]."""
+    B, n_q, H, Hkv, Dk, Dv, n = MENU_BUCKETS[c["bucket"]]
+    rng = np.random.default_rng(int(c["seed"]))
+    has_mask, per_head, _, _, sinks = FLAGSETS[c["flags"]]
+    q = menu_values(rng, (B, n_q, H, Dk), c["dist"])
+    k = menu_values(rng, (B, n, Hkv, Dk), c["dist"])
+    v = menu_values(rng, (B, n, Hkv, Dv), "normal")
+    mask = menu_mask(rng, c["mask"], int(c["mask_param"]), B if per_head else 1, H if per_head else 1, n_q, n)
+    takes = ops.by_target(c["op"], "op").takes("sinks")
+    s = (rng.standard_normal(H) * 2).astype(np.float32) if sinks and takes else None
+    return dict(q=q, k=k, v=v, mask=mask, sinks=s, scale=c["scale"], softcap=c["softcap"],
+                max_bias=c["max_bias"], n_threads=int(c["threads"]))

@@ -16,16 +16,19 @@ computed inside the program (:func:`stats`) over the case's real output region.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxkv.budget import FACTOR, FLOOR_UNITS, U32
+from jaxkv.budget import FACTOR, FLOOR_UNITS, U16, U32, derive_budget, emu_check, errors, nmse
 
-__all__ = ["BATCH", "CompileCounter", "COMPILES", "differences", "stats", "verdict", "Batched", "tree_stack"]
+__all__ = ["BATCH", "CompileCounter", "COMPILES", "differences", "stats", "verdict", "Batched", "tree_stack",
+           "Result", "judge", "acc_unit"]
 
 BATCH = 32
 _TINY = 2.0 ** -126
@@ -99,6 +102,61 @@ def verdict(got_stats, model_stats, factor: float = FACTOR) -> tuple[bool, dict]
                     model_nmse=model_nmse, model_max_abs=mmx)
 
 
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One sharp (``ggml-cpu``) case's outcome (:func:`judge`): ``ok``; ``bitwise`` (fraction of output
+    elements equal to the model's); ``nmse_model`` (kernel vs model); ``emu_units``
+    (jaxkv.verify.emu_check); ``nmse``/``budget_nmse`` (vs the golden and its budget); ``why`` (the
+    failed checks). Float32 subnormal outputs count like any other value (the model keeps them, as ggml
+    does: docs/ggml-findings.md, finding 3)."""
+
+    ok: bool
+    bitwise: float
+    nmse_model: float
+    emu_units: float
+    nmse: float
+    budget_nmse: float
+    why: str | None
+
+
+def judge(got, model, g, unit, unfused_dead=None) -> Result:
+    """The verdict of a kernel output ``got`` against its bit-faithful model ``model`` (the ``ggml-cpu``
+    emulation) and the float64 golden ``g`` (all [B, n_q, H, Dv]; ``unit``: the V accumulator's unit
+    roundoff, jaxkv.budget.U16 or U32: :func:`acc_unit`): jaxkv.verify's budget vs the golden (``error <= 3 * error(model)
+    + 4 f32 units``) and its sharp check vs the emulation (within ``EMU_UNITS`` accumulator roundings:
+    ``verify.emu_check``). ``unfused_dead`` (bool [B, n_q, H], ggml's unfused path only): rows with no
+    live key, where ggml's soft_max_ext gives NaN: kernel and model must both be NaN in exactly those
+    rows, which are then judged as the golden's 0."""
+    why = []
+    if unfused_dead is not None:
+        dead = np.asarray(unfused_dead, bool)[..., None]
+        for name, x in (("kernel", got), ("model", model)):
+            nan = np.isnan(x)
+            if not np.array_equal(nan, np.broadcast_to(dead, x.shape)):
+                why.append(f"{name}: NaN in {int(nan.sum())} elements, expected exactly the "
+                           f"{int(np.broadcast_to(dead, x.shape).sum())} of the rows with no live key")
+        got, model = np.where(dead, 0.0, got), np.where(dead, 0.0, model)
+    same = (got == model) | (np.isnan(got) & np.isnan(model))
+    budget = derive_budget(g, model, "ggml-cpu emulation")
+    e = errors(got, g)
+    emu = emu_check(got, model, unit)
+    if not budget.allows(e):
+        why.append(f"vs golden: nmse {e.nmse:.3g} (budget {budget.nmse:.3g}), max_abs {e.max_abs:.3g} "
+                   f"(budget {budget.max_abs:.3g}), NaN {e.nan_count}")
+    if not emu.ok:
+        why.append(f"vs emulation: {emu.units:.3g} units (budget {emu.budget_units:g}), {emu.n_differ} differ")
+    with np.errstate(all="ignore"):
+        nm = nmse(np.nan_to_num(got), np.nan_to_num(model))
+    return Result(ok=not why, bitwise=float(same.mean()), nmse_model=nm, emu_units=emu.units, nmse=e.nmse,
+                  budget_nmse=budget.nmse, why="; ".join(why) or None)
+
+
+def acc_unit(kv_f16: bool, v_f16: bool) -> float:
+    """The sharp check's unit (jaxkv.verify.acc_unit's rule): ``U16`` when ggml accumulates V in F16 (an
+    op rounding its KV cache to F16, or F16 V), ``U32`` otherwise."""
+    return U16 if kv_f16 or v_f16 else U32
+
+
 def tree_stack(items):
     """Stack a list of equal-structure pytrees of numpy arrays along a new leading axis."""
     return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *items)
@@ -129,8 +187,6 @@ class Batched:
         if n == 1:
             return tree
         if self._sharding is None:
-            from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
             mesh = Mesh(np.array(jax.devices()), ("cases",))
             self._sharding = NamedSharding(mesh, PartitionSpec("cases"))
         return jax.device_put(tree, self._sharding)

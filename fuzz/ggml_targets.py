@@ -25,7 +25,7 @@ is F16, float32 is F32), or by ``make_target(..., k_format=, v_format=)`` which 
 that format with ggml's own ``ggml_quantize_chunk`` (block formats need Dk/Dv multiples of 32). For
 ``ggml-mixed`` the format names the cold region's type (default Q8_0 for float operands).
 
-Every target carries ``declared_precision`` (``DECLARED_PRECISION`` = "ggml-cpu"), ``isa`` (the wheel's
+Every target is a :class:`fuzz.target.Target` carrying ``declared_precision`` (``DECLARED_PRECISION`` = "ggml-cpu"), ``isa`` (the wheel's
 SIMD build, from ``library_info()``), ``n_threads``, ``op`` (the trace op) and ``model``: the
 :mod:`jaxkv.ggml_cpu` emulation with the same signature, the same storage conversion and the same
 ``n_threads``/``isa`` -- the precision model the target's output is judged against; ``unsupported``
@@ -41,33 +41,45 @@ float programs; ``coverage`` counts its calls per (op, ggml path, K/V types, thr
 ``coverage_table()`` prints them (the campaign does, at the end).
 
 ``python -m fuzz --target ggml|ggml-unfused|ggml-mixed --threads N`` calls ``make_target(name, N)``; the
-module-level ``ggml``, ``ggml_unfused``, ``ggml_mixed`` (n_threads 1, made on first use, attributes
-included) serve ``--target fuzz.ggml_targets:NAME``, and ``buggy_q_f16`` is a deliberately buggy one.
+module-level ``ggml``, ``ggml_unfused``, ``ggml_mixed`` (Targets at n_threads 1, made on first use)
+serve ``--target fuzz.ggml_targets:NAME``, and ``buggy_q_f16`` is a deliberately buggy one.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import inspect
 
 import numpy as np
 
 from fuzz import cases as C
 from fuzz import strategies as S
+from fuzz.target import Target
+from jaxkv import formats as F
+from jaxkv import ggml_cpu as M
+from jaxkv import ops
 
 __all__ = ["DECLARED_PRECISION", "TARGETS", "OPS", "UNSUPPORTED", "SHAPES", "isa", "make_target", "make_model",
-           "prepare", "draw_case", "case_strategy", "case_arrays", "coverage_key", "coverage_table", "ggml",
-           "ggml_unfused", "ggml_mixed", "buggy_q_f16"]
+           "prepare", "draw_case", "case_strategy", "case_arrays", "coverage_key", "coverage_table", "menu_target",
+           "menu_case_target", "ggml", "ggml_unfused", "ggml_mixed", "buggy_q_f16"]
 
 DECLARED_PRECISION = "ggml-cpu"
-#: target name -> trace op
-OPS = {"ggml": "flash_attn_ext", "ggml-unfused": "soft_max_attn", "ggml-mixed": "mixed_flash_attn"}
+#: ggml's name of the storage types (upper case), from jaxkv.formats.KV_TYPES
+_BLOCK = tuple(F.ggml_name(t) for t in F.BLOCK_KV_TYPES)
+_KV_NAMES = tuple(F.ggml_name(t) for t in F.KV_TYPES)
+#: optional operands a target may refuse (an op that does not take one never gets it drawn)
+OPTIONAL = ("softcap", "sinks")
+#: op name -> the ggml path name of an op with its own path (the rest: jaxkv.ggml_cpu.path's rule)
+OWN_PATH = {"soft_max_attn": "unfused"}
+#: target name -> trace op (the ops of jaxkv.ops that name a live-ggml target)
+OPS = {o.target: o.name for o in ops.OPS.values() if o.target}
 TARGETS = tuple(OPS)
 #: target name -> optional operands it cannot take (a fuzz campaign never draws them for it)
-UNSUPPORTED = {"ggml": (), "ggml-unfused": ("softcap", "sinks"), "ggml-mixed": ()}
+UNSUPPORTED = {t: tuple(x for x in OPTIONAL if not ops.get(n).takes(x)) for t, n in OPS.items()}
 DEFAULT_HOT = 16
 DEFAULT_COLD = "Q8_0"
-_BLOCK = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,26 +91,31 @@ def isa() -> str:
     return G.library_info()["isa"]
 
 
+def _op(name) -> ops.Op:
+    if name not in OPS:
+        raise ValueError(f"name: unknown ggml target {name!r}; known: {', '.join(TARGETS)}")
+    return ops.by_target(name)
+
+
 def _fmt_name(fmt, field):
     if fmt is None:
         return None
     name = str(getattr(fmt, "name", fmt)).strip().upper()
-    if name not in ("F32", "F16", "BF16") + _BLOCK:
+    if name not in _KV_NAMES + ("BF16",):
         raise ValueError(f"{field}: unsupported format {fmt!r}; supported: F32, F16, BF16, {', '.join(_BLOCK)}")
     return name
 
 
 def _is_quant(x):
-    return hasattr(x, "raw") and hasattr(x, "fmt") and hasattr(x, "n")
+    return isinstance(x, F.QuantArray)
 
 
 def _store(x, fmt, field):
     """One K/V operand -> ggml storage: float32 array (F32), float16 array (F16) or QuantArray."""
-    from jaxkv import formats as F
     from jaxkv.oracles import ggml as G
 
     if _is_quant(x):
-        own = F.get_format(x.fmt).name.upper()
+        own = F.ggml_name(x.fmt)
         if fmt is not None and fmt != own:
             raise ValueError(f"{field}_format: {fmt} disagrees with the QuantArray's format {own}")
         return F.QuantArray(np.asarray(x.raw), x.fmt, int(x.n))
@@ -118,27 +135,26 @@ def _store(x, fmt, field):
 
 
 def prepare(name, k, v, *, k_format=None, v_format=None, hot=DEFAULT_HOT):
-    """The ggml storage both the target and its model see. ``ggml``/``ggml-unfused``:
-    dict(k=, v=); ``ggml-mixed``: dict(k_cold, v_cold (QuantArrays), k_hot, v_hot (float16)) with the last
-    ``min(hot, n_kv)`` tokens hot. k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv] (see the module docstring)."""
-    if name not in OPS:
-        raise ValueError(f"name: unknown ggml target {name!r}; known: {', '.join(TARGETS)}")
+    """The ggml storage both the target and its model see: dict(k=, v=); for an op that rounds its
+    KV cache to F16 (``op.kv_f16``, ggml-mixed): dict(k_cold, v_cold (QuantArrays), k_hot, v_hot
+    (float16)) with the last ``min(hot, n_kv)`` tokens hot. k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv]
+    (see the module docstring)."""
+    op = _op(name)
     kf, vf = _fmt_name(k_format, "k_format"), _fmt_name(v_format, "v_format")
-    if name != "ggml-mixed":
+    if not op.kv_f16:
         return dict(k=_store(k, kf, "k"), v=_store(v, vf, "v"))
-    from jaxkv import formats as F
-
     n = int(k.shape[1])
     h = min(int(hot), n)
     out = {}
     for role, x, f in (("k", k, kf), ("v", v, vf)):
+        cold_types = tuple(F.ggml_name(t) for t in op.roles[f"{role}_cold"])
         if _is_quant(x):
             full = np.asarray(F.dequantize(np.asarray(x.raw), x.fmt), np.float32)
             cold = F.QuantArray(np.asarray(x.raw)[:, :n - h], x.fmt, int(x.n))
         else:
             full = np.asarray(x, np.float32)
             fmt = f or DEFAULT_COLD
-            if fmt not in _BLOCK:
+            if fmt not in cold_types:
                 raise ValueError(f"{role}_format: the mixed cache's cold region needs a block type, got {fmt}")
             cold = _store(full[:, :n - h], fmt, role)
         out[f"{role}_cold"] = cold
@@ -146,13 +162,15 @@ def prepare(name, k, v, *, k_format=None, v_format=None, hot=DEFAULT_HOT):
     return out
 
 
-def _check_unfused(softcap, sinks, st):
-    if softcap:
-        raise ValueError(f"softcap: ggml's unfused path (soft_max_ext) has no softcap, got {softcap}")
-    if sinks is not None:
-        raise ValueError("sinks: ggml's unfused path (soft_max_ext) has no sinks")
-    if _is_quant(st["v"]):
-        raise ValueError("v_format: ggml's unfused path transposes V: F16 or F32 only")
+def _check_operands(op, softcap, sinks, st):
+    """What ``op`` refuses: softcap / sinks it does not take, a V storage type it does not read."""
+    if softcap and not op.takes("softcap"):
+        raise ValueError(f"softcap: {op.name} has no softcap ({op.doc}), got {softcap}")
+    if sinks is not None and not op.takes("sinks"):
+        raise ValueError(f"sinks: {op.name} has no sinks ({op.doc})")
+    if "v" in st and _tname(st["v"]) not in op.roles["v"]:
+        raise ValueError(f"v_format: {op.name} takes V as {'/'.join(F.ggml_name(t) for t in op.roles['v'])} "
+                         f"only ({op.doc}), got {F.ggml_name(_tname(st['v']))}")
 
 
 def _gfmt(x):
@@ -170,52 +188,68 @@ def _f32(x):
     return None if x is None else np.asarray(x, np.float32)
 
 
-def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_HOT):
-    """The live-ggml kernel ``name`` ('ggml', 'ggml-unfused', 'ggml-mixed') at ``n_threads`` as a
-    canonical fn(q, k, v, *, scale, mask, softcap, max_bias, sinks) -> float32 [B, n_q, H, Dv] (numpy;
-    does not trace under JAX). Attributes: declared_precision, isa, n_threads, op, name, model,
-    ``unsupported`` (operands it refuses: :data:`UNSUPPORTED`) and ``prepare(k, v)`` (the storage
-    :func:`prepare` gives both the kernel and the model). OracleUnavailable when ggml does not load."""
+@functools.lru_cache(maxsize=None)
+def _takes(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _run(module, op, q, st, **kw):
+    """``module.<op>`` (jaxkv.oracles.ggml or jaxkv.ggml_cpu: both name a function after each op) on
+    the stored KV operands in the op's role order, with the keywords that function takes."""
+    fn = getattr(module, op.name)
+    if "k" in st:
+        kw.update(k_format=_gfmt(st["k"]), v_format=_gfmt(st["v"]))
+    takes = _takes(fn)
+    return fn(q, *(st[r] for r in op.kv_roles), **{k: x for k, x in kw.items() if k in takes})
+
+
+def _call_kw(q, mask, sinks, scale, softcap, max_bias, nt):
+    q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
+    return q, dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=nt,
+                   softcap=float(softcap), sinks=sinks)
+
+
+def make_target(name, n_threads=1, *, k_format=None, v_format=None, hot=DEFAULT_HOT, coverage=None) -> Target:
+    """The live-ggml kernel ``name`` ('ggml', 'ggml-unfused', 'ggml-mixed': :data:`TARGETS`) at
+    ``n_threads`` as a :class:`fuzz.target.Target` whose ``fn(q, k, v, *, scale, mask, softcap, max_bias,
+    sinks) -> float32 [B, n_q, H, Dv]`` (numpy; does not trace under JAX) runs it. The Target carries
+    declared_precision, isa, n_threads, op, name, model, ``unsupported`` (operands it refuses:
+    :data:`UNSUPPORTED`), ``prepare(k, v)`` (the storage :func:`prepare` gives both the kernel and the
+    model), its case menu and ``coverage`` (a Counter, shared when given). OracleUnavailable when ggml
+    does not load."""
     from jaxkv.oracles import ggml as G
 
-    if name not in OPS:
-        raise ValueError(f"name: unknown ggml target {name!r}; known: {', '.join(TARGETS)}")
+    op = _op(name)
     n_threads = _threads(n_threads)
     _fmt_name(k_format, "k_format"), _fmt_name(v_format, "v_format")  # bad names fail here, not per call
 
     info = G.library_info()
+    cov = collections.Counter() if coverage is None else coverage
 
     def fn(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
-        nt = fn.n_threads if n_threads is None else _threads(n_threads)
+        nt = n_default if n_threads is None else _threads(n_threads)
         st = prepare(name, k, v, k_format=k_format, v_format=v_format, hot=hot)
-        q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
-        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=nt)
-        fn.coverage[coverage_key(name, q.shape, st, info["isa"], info["version"], nt)] += 1
-        if name == "ggml":
-            return G.flash_attn_ext(q, st["k"], st["v"], k_format=_gfmt(st["k"]), v_format=_gfmt(st["v"]),
-                                    softcap=float(softcap), sinks=sinks, **kw)
-        if name == "ggml-unfused":
-            _check_unfused(softcap, sinks, st)
-            return G.soft_max_attn(q, st["k"], st["v"], k_format=_gfmt(st["k"]), v_format=_gfmt(st["v"]), **kw)
-        return G.mixed_flash_attn(q, st["k_cold"], st["v_cold"], st["k_hot"], st["v_hot"],
-                                  softcap=float(softcap), sinks=sinks, **kw)
+        q, kw = _call_kw(q, mask, sinks, scale, softcap, max_bias, nt)
+        cov[coverage_key(name, q.shape, st, info["isa"], info["version"], nt)] += 1
+        _check_operands(op, softcap, kw["sinks"], st)
+        return _run(G, op, q, st, **kw)
 
+    n_default = n_threads
     fn.__name__ = fn.__qualname__ = name.replace("-", "_")
-    fn.__doc__ = f"live ggml {OPS[name]} at n_threads={n_threads} (fuzz.ggml_targets.make_target)"
-    fn.name, fn.op, fn.n_threads, fn.declared_precision = name, OPS[name], n_threads, DECLARED_PRECISION
-    fn.unsupported = UNSUPPORTED[name]
-    fn.prepare = functools.partial(prepare, name, k_format=k_format, v_format=v_format, hot=hot)
-    fn.isa = isa()
-    fn.version = info["version"]
-    fn.llamafile = bool(info["features"].get("llamafile", False))
-    fn.model = make_model(name, n_threads, isa=fn.isa, k_format=k_format, v_format=v_format, hot=hot,
-                          version=fn.version, llamafile=fn.llamafile)
-    fn.coverage = collections.Counter()
-    fn.coverage_table = functools.partial(coverage_table, fn.coverage)
-    fn.case_strategy = functools.partial(case_strategy, name, unsupported=fn.unsupported,
-                                         threads=None if n_threads == 1 else n_threads)
-    fn.case_arrays = functools.partial(case_arrays, name)
-    return fn
+    fn.__doc__ = f"live ggml {op.name} at n_threads={n_threads} (fuzz.ggml_targets.make_target)"
+    the_isa, version = isa(), info["version"]
+    llamafile = bool(info["features"].get("llamafile", False))
+    unsupported = UNSUPPORTED[name]
+    return Target(
+        name=name, fn=fn, op=op, declared_precision=DECLARED_PRECISION, n_threads=n_threads, isa=the_isa,
+        version=version, llamafile=llamafile, unsupported=unsupported,
+        prepare=functools.partial(prepare, name, k_format=k_format, v_format=v_format, hot=hot),
+        model=make_model(name, n_threads, isa=the_isa, k_format=k_format, v_format=v_format, hot=hot,
+                         version=version, llamafile=llamafile),
+        case_strategy=functools.partial(case_strategy, name, unsupported=unsupported,
+                                        threads=None if n_threads == 1 else n_threads),
+        case_arrays=functools.partial(case_arrays, name), coverage=cov,
+        coverage_table=functools.partial(coverage_table, cov), doc=fn.__doc__)
 
 
 def _threads(n):
@@ -229,24 +263,14 @@ def make_model(name, n_threads=1, *, isa="avx2", k_format=None, v_format=None, h
     """The jaxkv.ggml_cpu emulation of :func:`make_target`'s kernel (same signature, same storage
     conversion, same n_threads; ``isa`` / ``version`` / ``llamafile`` the build modelled, version None = the
     model's default) -> float32 numpy [B, n_q, H, Dv]. ``n_threads=`` on a call overrides the default."""
-    from jaxkv import ggml_cpu as M
-
-    if name not in OPS:
-        raise ValueError(f"name: unknown ggml target {name!r}; known: {', '.join(TARGETS)}")
+    op = _op(name)
 
     def model(q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
         nt = _threads(n_threads) if n_threads is not None else n_default
         st = prepare(name, k, v, k_format=k_format, v_format=v_format, hot=hot)
-        q, mask, sinks = np.asarray(q, np.float32), _f32(mask), _f32(sinks)
-        kw = dict(scale=float(scale), mask=mask, max_bias=_alibi(max_bias, mask), n_threads=nt, isa=isa)
-        if name == "ggml":
-            out = M.flash_attn_ext(q, st["k"], st["v"], softcap=float(softcap), sinks=sinks, version=version, **kw)
-        elif name == "ggml-unfused":
-            _check_unfused(softcap, sinks, st)
-            out = M.soft_max_attn(q, st["k"], st["v"], llamafile=llamafile, **kw)
-        else:
-            out = M.mixed_flash_attn(q, st["k_cold"], st["v_cold"], st["k_hot"], st["v_hot"],
-                                     softcap=float(softcap), sinks=sinks, version=version, **kw)
+        q, kw = _call_kw(q, mask, sinks, scale, softcap, max_bias, nt)
+        _check_operands(op, softcap, kw["sinks"], st)
+        out = _run(M, op, q, st, isa=isa, version=version, llamafile=llamafile, **kw)
         return np.asarray(out, np.float32)
 
     n_default = _threads(n_threads)
@@ -277,10 +301,18 @@ SHAPES = {
     "tiled_d40_gqa4": ((1, 96, 4, 1, 40, 40, 70), 1),
     "tiled_d112": ((2, 70, 2, 2, 112, 112, 130), 1),
 }
-FLOATS = ("f16", "f32")
-BLOCKS = tuple(b.lower() for b in _BLOCK)
-CASE_MASKS = ("none", "causal", "window", "random", "fullrow")
-_DISTS = ("normal", "outlier", "uniform", "big")
+#: the float and block K/V types (lower case, jaxkv.formats.KV_TYPES): floats in alphabetical order,
+#: blocks in the table's order (the order hypothesis draws them in)
+FLOATS = tuple(sorted(set(F.KV_TYPES) - set(F.BLOCK_KV_TYPES)))
+BLOCKS = F.BLOCK_KV_TYPES
+CASE_MASKS = S.MENU_MASKS
+_DISTS = S.MENU_DISTS
+
+
+def kv_types(op) -> tuple:
+    """(K types, V types) the op stores its KV cache in (its first two KV roles: k, v or the mixed
+    cache's cold k, v), lower case."""
+    return tuple(op.roles[r] for r in op.kv_roles[:2])
 
 
 def _fast_path_shape(shape) -> bool:
@@ -294,13 +326,15 @@ def draw_case(name, draw, *, unsupported=(), threads=None) -> dict:
     numpy generators share it). Keys: shape and its sizes (heads [H, Hkv], B, n_q, Dk, Dv, n_kv; bucket =
     n_kv), k_fmt / v_fmt (ggml type names, lower case), mask kind and parameter, mask_heads, softcap,
     max_bias, sinks (bool), threads (1..4 unless fixed), scale, dist, seed."""
-    shapes = [s for s in SHAPES if name != "ggml-mixed" or all(d % 32 == 0 for d in SHAPES[s][0][4:6])]
+    kt, vt = kv_types(_op(name))
+    blocks_only = not set(kt) & set(FLOATS)   # a mixed cache's cold region
+    shapes = [s for s in SHAPES if not blocks_only or all(d % 32 == 0 for d in SHAPES[s][0][4:6])]
     shape = draw(tuple(s for s in shapes for _ in range(SHAPES[s][1])))
     B, n_q, H, Hkv, Dk, Dv, n_kv = SHAPES[shape][0]
     kb, vb = Dk % 32 == 0, Dv % 32 == 0   # block types need whole 32-element blocks
-    if name == "ggml-mixed":
+    if blocks_only:
         kf, vf = draw(BLOCKS), draw(BLOCKS)
-    elif name == "ggml-unfused":
+    elif set(vt) <= set(FLOATS):          # V read transposed (ggml's unfused path)
         kf = draw(FLOATS + BLOCKS) if kb else draw(FLOATS)
         vf = draw(FLOATS)
     elif _fast_path_shape(shape) and draw(("p", 0.75)):
@@ -346,29 +380,26 @@ def case_arrays(name, c) -> dict:
 
 def _tname(x) -> str:
     if _is_quant(x):
-        from jaxkv import formats as F
-
         return F.get_format(x.fmt).name.lower()
     return "f16" if np.asarray(x).dtype == np.float16 else "f32"
 
 
 def coverage_key(name, q_shape, st, isa_name, version, n_threads) -> tuple:
     """(op, ggml path, K type, V type, n_threads) of one call of target ``name`` on the storage ``st``
-    (:func:`prepare`): the path by jaxkv.ggml_cpu.path's rule ("unfused" for ggml-unfused; the mixed
-    cache's concatenated F16 K/V decide its path, its types are named "cold+f16")."""
-    from jaxkv import ggml_cpu as M
-
+    (:func:`prepare`): the path by jaxkv.ggml_cpu.path's rule, or the op's own (:data:`OWN_PATH`:
+    "unfused" for ggml-unfused); the F16 KV cache of an ``op.kv_f16`` op (the mixed cache: its
+    concatenated F16 K/V decide its path) names its types "cold+f16"."""
+    op = _op(name)
     B, n_q = int(q_shape[0]), int(q_shape[1])
-    if name == "ggml-unfused":
-        return OPS[name], "unfused", _tname(st["k"]), _tname(st["v"]), n_threads
-    if name == "ggml-mixed":
+    if op.kv_f16:
         n_kv = int(st["k_cold"].shape[1]) + int(st["k_hot"].shape[1])
         dv = int(st["v_hot"].shape[-1])
-        path = M.path(n_q, B, "f16", "f16", n_kv, dv, isa_name, version)
-        return OPS[name], path, _tname(st["k_cold"]) + "+f16", _tname(st["v_cold"]) + "+f16", n_threads
+        path = OWN_PATH.get(op.name) or M.path(n_q, B, "f16", "f16", n_kv, dv, isa_name, version)
+        return op.name, path, _tname(st["k_cold"]) + "+f16", _tname(st["v_cold"]) + "+f16", n_threads
     kt, vt = _tname(st["k"]), _tname(st["v"])
     n_kv, dv = int(st["k"].shape[1]), int(st["v"].shape[-1])
-    return OPS[name], M.path(n_q, B, kt, vt, n_kv, dv, isa_name, version), kt, vt, n_threads
+    path = OWN_PATH.get(op.name) or M.path(n_q, B, kt, vt, n_kv, dv, isa_name, version)
+    return op.name, path, kt, vt, n_threads
 
 
 def coverage_table(counter) -> str:
@@ -390,35 +421,7 @@ def coverage_table(counter) -> str:
     return "\n".join(lines)
 
 
-class _Lazy:
-    """``make_target(name, 1)``, made on first use (importing this module does not load ggml); calls and
-    attributes (declared_precision, model, ...) go to the made target."""
-
-    def __init__(self, name, doc, wrap=None):
-        self._name, self._wrap = name, wrap
-        self.__name__ = self.__qualname__ = name.replace("-", "_")
-        self.__doc__ = doc
-
-    @functools.cached_property
-    def _target(self):
-        t = make_target(self._name, 1)
-        return self._wrap(t) if self._wrap else t
-
-    def __call__(self, q, k, v, *, scale, mask=None, softcap=0.0, max_bias=0.0, sinks=None, n_threads=None):
-        return self._target(q, k, v, scale=scale, mask=mask, softcap=softcap, max_bias=max_bias, sinks=sinks,
-                            n_threads=n_threads)
-
-    def __getattr__(self, attr):
-        if attr.startswith("__") or attr == "_target":
-            raise AttributeError(attr)
-        return getattr(self._target, attr)
-
-
-def _lazy(name):
-    return _Lazy(name, f"``--target fuzz.ggml_targets:{name.replace('-', '_')}``: make_target({name!r}, n_threads=1).")
-
-
-def _q_f16(t):
+def _q_f16(t: Target) -> Target:
     """The live ggml target fed a query rounded to F16, claiming the honest ggml-cpu model. ggml's CPU
     per-row and split-KV paths convert the query to K's dot type themselves (F16 for F16 K, so there the
     rounding changes nothing) but keep it F32 for F32 K, and the tiled path (n_q >= 64) never rounds it:
@@ -426,17 +429,56 @@ def _q_f16(t):
     def fn(q, k, v, **kw):
         return t(np.asarray(q, np.float32).astype(np.float16).astype(np.float32), k, v, **kw)
 
-    for a in ("name", "op", "n_threads", "declared_precision", "unsupported", "prepare", "isa", "model", "version",
-              "coverage", "coverage_table", "case_strategy", "case_arrays"):
-        setattr(fn, a, getattr(t, a))
-    return fn
+    fn.__name__ = fn.__qualname__ = "buggy_q_f16"
+    return t.with_fn(fn, doc="BUG: live ggml flash_attn_ext on the query rounded to F16 (wrong for F32 K; "
+                             "declares the honest ggml-cpu model).")
 
 
-#: MODULE:FUNCTION forms for ``python -m fuzz --target`` (n_threads = 1)
-ggml = _lazy("ggml")
-ggml_unfused = _lazy("ggml-unfused")
-ggml_mixed = _lazy("ggml-mixed")
-#: deliberately buggy (``--target fuzz.ggml_targets:buggy_q_f16``): live ggml on an F16-rounded query
-buggy_q_f16 = _Lazy("ggml", "BUG: live ggml flash_attn_ext on the query rounded to F16 (wrong for F32 K; "
-                    "declares the honest ggml-cpu model).", wrap=_q_f16)
-buggy_q_f16.__name__ = buggy_q_f16.__qualname__ = "buggy_q_f16"
+#: MODULE:FUNCTION forms for ``python -m fuzz --target`` (n_threads = 1), made on first use (importing
+#: this module does not load ggml): ``ggml``, ``ggml_unfused``, ``ggml_mixed`` (one per target) and the
+#: deliberately buggy ``buggy_q_f16`` (``--target fuzz.ggml_targets:buggy_q_f16``: live ggml on an
+#: F16-rounded query)
+_LAZY = {**{t.replace("-", "_"): functools.partial(make_target, t, 1) for t in TARGETS},
+         "buggy_q_f16": lambda: _q_f16(make_target(ops.get("flash_attn_ext").target, 1))}
+
+
+def __getattr__(attr):
+    if attr in _LAZY:
+        t = globals()[attr] = _LAZY[attr]()
+        return t
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the ggml menus (``python -m fuzz --target ggml --menu ci|full|tiled``): cases that name their own op
+
+
+MENU_HOT = DEFAULT_HOT
+
+
+def menu_case_target(c, *, coverage=None):
+    """(Target, case view) of a menu case ``c`` (fuzz.strategies.draw_menu_case): the live target of
+    its op at its threads storing K/V in its formats (the mixed cache's last MENU_HOT tokens hot), whose
+    ``case_arrays`` is :func:`fuzz.cases.menu_arrays`; the view holds what the judge reads (sinks, B,
+    n_q, Dv, k_fmt, v_fmt lower case)."""
+    t = make_target(c["op"], int(c["threads"]), k_format=c["k_fmt"], v_format=c["v_fmt"], hot=MENU_HOT,
+                    coverage=coverage)
+    B, n_q, H, Hkv, Dk, Dv, n_kv = S.MENU_BUCKETS[c["bucket"]]
+    sinks = S.FLAGSETS[c["flags"]][4] and t.op.takes("sinks")
+    view = dict(sinks=sinks, B=B, n_q=n_q, Dv=Dv, k_fmt=c["k_fmt"].lower(), v_fmt=c["v_fmt"].lower(),
+                heads=[H, Hkv], bucket=n_kv)
+    return dataclasses.replace(t, case_arrays=C.menu_arrays), view
+
+
+def menu_target(menu="full", name=None) -> Target:
+    """The live-ggml campaign over a case menu (fuzz.strategies.MENUS: 'ci', 'full', 'tiled'): a
+    :class:`Target` whose cases (:func:`fuzz.strategies.menu_case_strategy`) name their own op, bucket,
+    formats and threads; each runs on :func:`menu_case_target` (one coverage table for all)."""
+    if menu not in S.MENUS:
+        raise ValueError(f"--menu: expected one of {', '.join(S.MENUS)}, found {menu!r}")
+    cov = collections.Counter()
+    base = make_target(ops.get("flash_attn_ext").target, 1, coverage=cov)
+    return dataclasses.replace(
+        base, name=name or f"{base.name} --menu {menu}", case_strategy=functools.partial(S.menu_case_strategy, menu),
+        case_arrays=C.menu_arrays, resolve=functools.partial(menu_case_target, coverage=cov),
+        doc=f"live ggml, the {menu!r} case menu (every live op)")

@@ -10,7 +10,7 @@ is the number of independent assertions made on the case, ``error`` a one-line m
 Tolerances: a float32 kernel vs the float64 golden within the a-priori elementwise forward-error bound
 of :mod:`fuzz.bounds` (derived from the case's own inputs, docs/tolerance.md "Fuzz budgets");
 a ``--target`` declaring the ``ggml-cpu`` precision (fuzz.ggml_targets) vs its emulation and the golden
-over its stored operands with jaxkv.verify's ggml-cpu budget and sharp check (fuzz.ggml_campaign.judge);
+over its stored operands with jaxkv.verify's ggml-cpu budget and sharp check (fuzz.engine.judge);
 algebraic laws that hold exactly in IEEE arithmetic (identity, commutativity of ``merge``, byte equality
 of quantizers with the ``gguf`` package, cache bookkeeping) are checked exactly.
 """
@@ -19,23 +19,32 @@ from __future__ import annotations
 
 import importlib
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import gguf
 import numpy as np
+from gguf import quants
 from hypothesis import strategies as st
 
 from fuzz import cases as C
 from fuzz import strategies as S
 from fuzz import bounds as Bd
-from fuzz.engine import Batched
+from fuzz.engine import Batched, acc_unit, judge
+from fuzz.target import dense_case
+from jaxkv import attention as _att
+from jaxkv import cache as K
+from jaxkv import formats as F
+from jaxkv import ops
+from jaxkv import trace
 from fuzz.registry import PROPERTIES, Context, Property, each_case, outcomes  # noqa: F401
 from fuzz.registry import fixed as _s
 from fuzz.registry import outcome as _outcome
 from fuzz.registry import register as _register
 
 __all__ = ["Property", "Context", "PROPERTIES", "get", "available", "outcomes", "each_case",
-           "declares_ggml_cpu", "target_operands", "ggml_cpu_reference"]
+           "target_operands", "ggml_cpu_reference", "target_call", "sharp_case", "check_sharp"]
 
 
 def _fmt_metrics(m):
@@ -67,7 +76,6 @@ def _judge(res: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # attention properties (batched over padded cases)
 
-_att = importlib.import_module("jaxkv.attention")
 
 
 def _kw(a, sinks=True):
@@ -126,7 +134,7 @@ def _kernels_make(key):
     bounds of :mod:`fuzz.bounds` (``TWO_PASS`` for ``attention``, ``STREAMING`` for jaxkv's split-K,
     online and merged kernels) and the kernels under test on one padded case, each as ``bound_stats``. One
     program serves every attention property of a campaign (``needs`` is the union of what they judge,
-    see :func:`set_active`); each property judges the results it names."""
+    see :func:`_needs`); each property judges the results it names."""
     (H, Hkv), bucket, needs = key
     G = H // Hkv
     chunk = S.KV_BUCKETS[bucket]
@@ -165,29 +173,28 @@ def _kernels_make(key):
 
 
 _KERNELS = Batched(_kernels_make)
-_JUDGED: dict = {}  # attention property -> the results it judges
-_ACTIVE: list = []  # attention properties of the running campaign (empty: all)
 
 
-def set_active(names) -> None:
-    """Declare the properties a campaign runs: the attention programs then compute exactly what those
-    properties judge (one program per bucket for all of them; a single property gets a lean one)."""
-    _ACTIVE[:] = [n for n in names if n in _JUDGED]
+def _attention_names() -> tuple:
+    return tuple(n for n, p in PROPERTIES.items() if p.judges)
 
 
-def _needs() -> tuple:
-    names = _ACTIVE or list(_JUDGED)
-    return tuple(sorted({x for n in names for x in _JUDGED[n]}))
+def _needs(name, judged, ctx) -> tuple:
+    """What the shared attention program computes for property ``name`` in context ``ctx``: the union of
+    what the context's active attention properties judge (all of them when none is active), or just
+    ``judged`` when ``name`` is not among them."""
+    names = [n for n in ctx.active if n in _attention_names()] or list(_attention_names())
+    if name not in names:
+        return tuple(sorted(judged))
+    return tuple(sorted({x for n in names for x in PROPERTIES[n].judges}))
 
 
 def _attention_property(name, doc, judged, strategy, kernel=None):
     """A property over the shared kernels program: ``judged`` names the results it checks; ``kernel``
     (canonical signature) recomputes the first judged output for a failure's trace file."""
-    _JUDGED[name] = tuple(judged)
-
     def evaluate(cases, ctx):
         groups = {}
-        needs = _needs() if name in (_ACTIVE or _JUDGED) else tuple(sorted(judged))
+        needs = _needs(name, judged, ctx)
         for i, c in enumerate(cases):
             groups.setdefault(_key(c) + (needs,), []).append(i)
         out = [None] * len(cases)
@@ -201,7 +208,8 @@ def _attention_property(name, doc, judged, strategy, kernel=None):
                 out[i] = _judge({n: r[n] for n in judged})
         return out
 
-    return Property(name, doc, strategy, evaluate, call=lambda c, ctx: C.pad_attention(c), kernel=kernel)
+    return Property(name, doc, strategy, evaluate, call=lambda c, ctx: C.pad_attention(c), kernel=kernel,
+                    judges=tuple(judged))
 
 
 def _flash_kernel(q, k, v, **kw):
@@ -219,17 +227,11 @@ def _online_kernel(q, k, v, **kw):
 # formats vs the gguf package (exact)
 
 def _gguf_type(fmt):
-    import gguf
-
-    from jaxkv import formats as F
-
     return gguf.GGMLQuantizationType(F.get_format(fmt).type_id)
 
 
 def _raw_blocks(c):
     """Random ggml blocks uint8 [rows, blocks * block_bytes]; ``sane``: F16/BF16/F32 fields finite."""
-    from jaxkv import formats as F
-
     f = F.get_format(c["fmt"])
     rng = np.random.default_rng(int(c["seed"]))
     raw = rng.integers(0, 256, (c["rows"], c["blocks"], f.block_bytes), dtype=np.uint8)
@@ -251,8 +253,6 @@ def _same_floats(a, b):
 
 
 def _dequant_make(fmt):
-    from jaxkv import formats as F
-
     return lambda raw: F.dequantize(raw, fmt)
 
 
@@ -263,8 +263,6 @@ def _by_format(cases, batched, width, host, judge):
     """Evaluate format cases, grouped by ``fmt``, through ``batched`` (one program per format): ``host(c)``
     gives the case's input [rows, n] (rows, blocks <= 8), embedded in a fixed [8, 8 * width(format)]
     buffer of zeros; ``judge(c, format, got)`` turns the program's output into the outcome."""
-    from jaxkv import formats as F
-
     out = [None] * len(cases)
     groups = {}
     for i, c in enumerate(cases):
@@ -283,8 +281,6 @@ def _by_format(cases, batched, width, host, judge):
 
 
 def _dequant_judge(c, f, got):
-    from gguf import quants
-
     ref = quants.dequantize(_raw_blocks(c), _gguf_type(c["fmt"]))
     n = _same_floats(got[:c["rows"], :c["blocks"] * f.block_size], ref)
     return _outcome(n == 0, 1, f"{n} value(s) differ from gguf.quants.dequantize" if n else None, differ=n)
@@ -295,16 +291,12 @@ def _dequant_eval(cases, ctx):
 
 
 def _values(c):
-    from jaxkv import formats as F
-
     f = F.get_format(c["fmt"])
     rng = np.random.default_rng(int(c["seed"]))
     return C.draw_values(rng, (c["rows"], c["blocks"] * f.block_size), c["dist"])
 
 
 def _quant_make(fmt):
-    from jaxkv import formats as F
-
     return lambda x: F.quantize(x, fmt)
 
 
@@ -312,8 +304,6 @@ _quant_batched = Batched(_quant_make)
 
 
 def _quant_judge(c, f, got):
-    from gguf import quants
-
     ref = np.asarray(quants.quantize(_values(c), _gguf_type(c["fmt"]))).view(np.uint8).reshape(c["rows"], -1)
     mine = np.asarray(got)[:c["rows"], :c["blocks"] * f.block_bytes]
     n = int(np.count_nonzero(mine != ref))
@@ -378,8 +368,6 @@ def _cache_arrays(c):
 
 
 def _cache_make(key):
-    from jaxkv import cache as K
-
     k_fmt, v_fmt, (H, Hkv) = key
     D = CACHE_D
 
@@ -439,8 +427,6 @@ def _mixed_eval(cases, ctx):
 def _expected_rows(x, fmt):
     """Cold rows a cache must hold for tokens x [B, n, Hkv, D] float32 (already F16-rounded): raw
     bytes from gguf's quantizer when it has one, else None (then only values are compared)."""
-    from gguf import quants
-
     try:
         return np.asarray(quants.quantize(x, _gguf_type(fmt))).view(np.uint8).reshape(x.shape[:-1] + (-1,))
     except NotImplementedError:
@@ -448,8 +434,6 @@ def _expected_rows(x, fmt):
 
 
 def _append_eval(cases, ctx):
-    from jaxkv import formats as F
-
     out = []
     for c, r in zip(cases, _cache_run(cases)):
         st_ = r[1]
@@ -488,8 +472,6 @@ def _append_eval(cases, ctx):
 # traces in a directory, the --target kernel
 
 def _trace_files(ctx):
-    import pathlib
-
     if not ctx.traces:
         return []
     p = pathlib.Path(ctx.traces)
@@ -502,7 +484,6 @@ def _traces_eval(cases, ctx):
     dump, via trace.load_steps) verified by jaxkv.verify; checks = calls."""
     from jaxkv import verify
 
-    trace = importlib.import_module("jaxkv.trace")
     out = []
     for c in cases:
         try:
@@ -533,80 +514,72 @@ def _target_call_kw(a, has_sinks):
     return kw
 
 
-def declares_ggml_cpu(fn) -> bool:
-    """Whether a --target declares the ``ggml-cpu`` precision (``declared_precision`` "ggml-cpu" and a
-    ``model`` with its signature: fuzz.ggml_targets.make_target's)."""
-    return getattr(fn, "declared_precision", None) == "ggml-cpu" and callable(getattr(fn, "model", None))
-
-
-def target_operands(fn, c, a):
-    """(k, v) as the kernel ``fn`` receives them for case ``c`` with arrays ``a``: float32, except that a
+def target_operands(t, c, a):
+    """(k, v) as the target ``t`` receives them for case ``c`` with arrays ``a``: float32, except that a
     ``ggml-cpu`` target gets float16 arrays where the case draws F16 storage (ggml then stores F16)."""
-    if not declares_ggml_cpu(fn):
+    if not t.sharp:
         return a["k"], a["v"]
     return tuple(np.asarray(a[r], np.float16) if c[f"{r}_fmt"] == "f16" else a[r] for r in ("k", "v"))
 
 
-def ggml_cpu_reference(fn, a, k, v, kw):
-    """(model, golden, unit) for a ``ggml-cpu`` target on the call ``a`` with operands k, v and keywords
-    ``kw``: the target's emulation ``fn.model`` and the float64 golden over the operands as the target
-    stores them (``fn.prepare(k, v)`` when it has one, else k, v as given; fuzz.ggml_campaign.golden: 0
-    on rows with no live key), both [B, n_q, H, Dv]; ``unit``: jaxkv.verify.acc_unit."""
-    from fuzz import ggml_campaign as GC
-    from jaxkv import verify as V
-
-    model = np.asarray(fn.model(a["q"], k, v, **kw), np.float64)
-    st = fn.prepare(k, v) if callable(getattr(fn, "prepare", None)) else dict(k=k, v=v)
-    golden = GC.golden(dict(kw, q=a["q"]), st)
-    unit = V.acc_unit(getattr(fn, "op", None) == "mixed_flash_attn", np.asarray(v).dtype == np.float16)
-    return model, np.asarray(golden, np.float64), unit
+def ggml_cpu_reference(t, a, k, v, kw):
+    """(model, golden, unit, dead) for a ``ggml-cpu`` target ``t`` (a :class:`fuzz.target.Target`) on
+    the call ``a`` with operands k, v and keywords ``kw``: the target's emulation ``t.model`` and its op's
+    float64 golden over the operands as the target stores them (:func:`fuzz.target.dense_case`), both
+    [B, n_q, H, Dv]; ``unit``: :func:`fuzz.engine.acc_unit`; ``dead`` bool [B, n_q, H]: the rows the op defines
+    as NaN under ``ggml-cpu`` (``op.judged_golden``; ggml's unfused path on rows with no live key), or
+    None when it defines none."""
+    model = np.asarray(t.model(a["q"], k, v, **kw), np.float64)
+    case = dense_case(t, a["q"], k, v, kw)
+    op = t.op or ops.get("flash_attn_ext")
+    golden = np.asarray(op.golden(case), np.float64)
+    judged = np.asarray(op.judged_golden(case, t.declared_precision), np.float64)
+    dead = np.isnan(judged).all(-1) & ~np.isnan(golden).any(-1)
+    defines_nan = not np.array_equal(np.isnan(judged), np.isnan(golden))
+    unit = acc_unit(op.kv_f16, np.asarray(v).dtype == np.float16)
+    return model, golden, unit, (dead if defines_nan else None)
 
 
 class _TargetRunner:
     """Golden + model (+ the target itself when it traces under jax.vmap) in one batched program per
     bucket; a target that does not trace (numpy code) is called once per case on the padded arrays, its
-    verdicts streamed case by case. A ``ggml-cpu`` target (:func:`declares_ggml_cpu`) is judged per case
-    against its own emulation and the golden over its stored operands (fuzz.ggml_campaign.judge:
-    jaxkv.verify's budget and sharp emulation check) instead of the f32 error bound."""
+    verdicts streamed case by case. A ``ggml-cpu`` target (``Target.sharp``) is judged per case against
+    its own emulation and its op's golden over its stored operands (:func:`fuzz.engine.judge`:
+    jaxkv.verify's budget and sharp emulation check) instead of the f32 error bound; a target whose
+    cases name their own op (``Target.resolve``: the ggml menus) runs each on the target it names.
+    One runner per :class:`Context` (``ctx.runner``)."""
 
-    def __init__(self):
-        self.fn = None
+    def __init__(self, target):
+        self.t = target
         self.traceable = None
-        self.ref = Batched(self._make_ref)
         self.full = Batched(self._make_full)
-
-    def _make_ref(self, key):
-        def f(a):
-            g = _ref(a, "f64")
-            return g, Bd.bound(Bd.terms(a, g), Bd.GENERIC)
-        return f
 
     def _make_full(self, key):
         has_sinks = key[2]
 
         def f(a):
             g = _ref(a, "f64")
-            got = self.fn(a["q"], a["k"], a["v"], **_target_call_kw(a, has_sinks))
+            got = self.t.fn(a["q"], a["k"], a["v"], **_target_call_kw(a, has_sinks))
             b = Bd.bound(Bd.terms(a, g), Bd.GENERIC)
             return dict(target=Bd.bound_stats(jnp.asarray(got), g, b, a["valid"]))
         return f
 
-    def set(self, fn):
-        if fn is not self.fn:
-            self.fn, self.traceable = fn, None
-            self.full = Batched(self._make_full)
-
     def stream(self, cases):
         """Yield (index, outcome) per case, as soon as each verdict is known."""
+        if self.t.resolve is not None:  # cases naming their own op, formats and threads
+            for i, c in enumerate(cases):
+                t, view = self.t.for_case(c)
+                yield i, self._ggml_cpu(t, view, t.case_arrays(c))
+            return
         groups = {}
         for i, c in enumerate(cases):
             groups.setdefault(_target_key(c), []).append(i)
-        own = getattr(self.fn, "case_arrays", None)  # a ggml target's own unpadded cases
+        own = self.t.case_arrays  # a ggml target's own unpadded cases
         for key, idx in groups.items():
             args = [(own(cases[i]) if own else C.pad_attention(cases[i]),) for i in idx]
-            if declares_ggml_cpu(self.fn):
+            if self.t.sharp:
                 for i, (a,) in zip(idx, args):
-                    yield i, self._ggml_cpu(cases[i], a)
+                    yield i, self._ggml_cpu(self.t, cases[i], a)
                 continue
             if self.traceable is None:
                 try:
@@ -618,18 +591,19 @@ class _TargetRunner:
                 for i, r in zip(idx, self.full.run(key, args)):
                     yield i, _judge(r)
                 continue
-            refs = self.ref.run(key, args)
+            refs = _REF.run(key, args)
             for i, (g, b), (a,) in zip(idx, refs, args):
                 yield i, self._numpy(key, a, g, b)
 
-    def _call(self, a, k, v, kw):
+    @staticmethod
+    def _call(t, a, k, v, kw):
         try:
-            return np.asarray(self.fn(a["q"], k, v, **kw)), None
+            return np.asarray(t(a["q"], k, v, **kw)), None
         except Exception as e:
             return None, _outcome(False, 1, f"target raised {type(e).__name__}: {str(e)[:200]}")
 
     def _numpy(self, key, a, g, b):
-        got, bad = self._call(a, a["k"], a["v"], _target_call_kw(a, key[2]))
+        got, bad = self._call(self.t, a, a["k"], a["v"], _target_call_kw(a, key[2]))
         if bad:
             return bad
         if got.shape != g.shape:
@@ -637,26 +611,61 @@ class _TargetRunner:
         ok, m = Bd.verdict(_np_stats(got, g, b, a["valid"]))
         return _outcome(ok, 1, None if ok else f"target: {_fmt_metrics(m)}", target=m)
 
-    def _ggml_cpu(self, c, a):
-        from fuzz import ggml_campaign as GC
-        from jaxkv import verify as V
-
-        k, v = target_operands(self.fn, c, a)
-        kw = _target_call_kw(a, c["sinks"])
-        got, bad = self._call(a, k, v, kw)
-        if bad:
-            return bad
-        model, g, unit = ggml_cpu_reference(self.fn, a, k, v, kw)
-        if got.shape != g.shape:
-            return _outcome(False, 1, f"target output shape {list(got.shape)} != {list(g.shape)}")
-        real = (slice(0, c["B"]), slice(0, c["n_q"]), slice(None), slice(0, c["Dv"]))
-        dead = None
-        if getattr(self.fn, "op", None) == "soft_max_attn":
-            dead = V.dead_rows(a["q"], kw["mask"], kw["sinks"])[real[:3]]
-        r = GC.judge(np.asarray(got, np.float64)[real], model[real], g[real], unit, dead)
+    @staticmethod
+    def _ggml_cpu(t, c, a):
+        try:
+            r = check_sharp(t, c, a)
+        except _TargetRaised as e:
+            return e.outcome
+        except _ShapeMismatch as e:
+            return _outcome(False, 1, str(e))
         return _outcome(r.ok, 2, None if r.ok else f"target (ggml-cpu model): {r.why}",
                         target=dict(bitwise=r.bitwise, emu_units=r.emu_units, nmse=r.nmse,
                                     budget_nmse=r.budget_nmse, nmse_model=r.nmse_model))
+
+
+class _TargetRaised(Exception):
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+
+class _ShapeMismatch(Exception):
+    pass
+
+
+def sharp_case(t, c, a):
+    """Run a ``ggml-cpu`` target ``t`` on the call ``a`` of case ``c`` (target vocabulary: sinks, B, n_q,
+    Dv, k_fmt, v_fmt) -> (got, model, golden, unit, dead) over the case's real region: the kernel's
+    output, its emulation's, its op's float64 golden (all [B, n_q, H, Dv] float64), the V accumulator's
+    unit roundoff and the rows the op defines as NaN (or None): :func:`ggml_cpu_reference`."""
+    k, v = target_operands(t, c, a)
+    kw = _target_call_kw(a, c["sinks"])
+    got, bad = _TargetRunner._call(t, a, k, v, kw)
+    if bad:
+        raise _TargetRaised(bad)
+    model, g, unit, dead = ggml_cpu_reference(t, a, k, v, kw)
+    if got.shape != g.shape:
+        raise _ShapeMismatch(f"target output shape {list(got.shape)} != {list(g.shape)}")
+    real = (slice(0, c["B"]), slice(0, c["n_q"]), slice(None), slice(0, c["Dv"]))
+    return (np.asarray(got, np.float64)[real], model[real], g[real], unit,
+            None if dead is None else dead[real[:3]])
+
+
+def check_sharp(t, c, a):
+    """:func:`fuzz.engine.judge` of :func:`sharp_case`: the :class:`fuzz.engine.Result` of one case."""
+    got, model, g, unit, dead = sharp_case(t, c, a)
+    return judge(got, model, g, unit, dead)
+
+
+def _make_ref(key):
+    def f(a):
+        g = _ref(a, "f64")
+        return g, Bd.bound(Bd.terms(a, g), Bd.GENERIC)
+    return f
+
+
+#: the golden and error bound of a padded target case (one program per bucket, any target)
+_REF = Batched(_make_ref)
 
 
 def _stack1(args):
@@ -668,12 +677,14 @@ def _np_stats(got, ref, b, valid):
 
 
 _np_stats_jit = jax.jit(Bd.bound_stats)
-_TARGET = _TargetRunner()
+
+
+def _runner(ctx) -> _TargetRunner:
+    return ctx.runner("target", lambda: _TargetRunner(ctx.target))
 
 
 def _target_stream(cases, ctx):
-    _TARGET.set(ctx.target)
-    return _TARGET.stream(cases)
+    return _runner(ctx).stream(cases)
 
 
 def _target_eval(cases, ctx):
@@ -686,9 +697,9 @@ def _target_eval(cases, ctx):
 def _target_strategy(ctx):
     """Attention cases for the --target kernel, without the operands it declares unsupported
     (``unsupported``: e.g. ggml-unfused's ('softcap', 'sinks'))."""
-    if callable(getattr(ctx.target, "case_strategy", None)):  # fuzz.ggml_targets: its own wide cases
+    if ctx.target.case_strategy is not None:  # fuzz.ggml_targets: its own wide cases
         return ctx.target.case_strategy()
-    no = set(getattr(ctx.target, "unsupported", ()) or ())
+    no = set(ctx.target.unsupported)
     return S.attention_case(softcap="softcap" not in no, sinks="sinks" not in no, alibi="alibi" not in no)
 
 
@@ -710,10 +721,12 @@ def _need(mod):
     return f
 
 
-def _target_call(c, ctx):
-    own = getattr(ctx.target, "case_arrays", None)
-    a = own(c) if callable(own) else C.pad_attention(c)
-    if not c["sinks"]:
+def target_call(c, ctx) -> dict:
+    """The call a case of the ``target`` property makes: the target's own (unpadded) case arrays when
+    it has them, else the padded call; sinks None when the case draws none."""
+    t, view = ctx.target.for_case(c)
+    a = t.case_arrays(c) if t.case_arrays is not None else C.pad_attention(c)
+    if not view["sinks"]:
         a = dict(a, sinks=None)
     return a
 
@@ -723,13 +736,31 @@ def _target_call(c, ctx):
 
 _ALL_B = tuple(S.KV_BUCKETS)
 
+
+def _gguf_implements(fmt, what: str) -> bool:
+    """Whether the installed gguf package implements ``quants.<what>`` ('quantize' or 'dequantize')
+    for format ``fmt`` (probed once on one zero block: gguf raises NotImplementedError otherwise)."""
+    f = F.get_format(fmt)
+    x = np.zeros((1, f.block_size), np.float32) if what == "quantize" else np.zeros((1, f.block_bytes), np.uint8)
+    try:
+        getattr(quants, what)(x, _gguf_type(fmt))
+    except NotImplementedError:
+        return False
+    return True
+
+
+#: the formats gguf dequantizes / quantizes (jaxkv.formats' order; with gguf 0.17: all but q8_1 / also
+#: not iq4_nl)
+GGUF_DEQUANTIZES = tuple(f for f in S.ALL_FORMATS if _gguf_implements(f, "dequantize"))
+GGUF_QUANTIZES = tuple(f for f in S.ALL_FORMATS if _gguf_implements(f, "quantize"))
+
 _register(Property(
     "dequantize", "jaxkv.formats.dequantize == gguf.quants.dequantize on random blocks (every format "
-    "gguf implements; NaN == NaN)", _s(S.raw_blocks_case(formats=tuple(f for f in S.ALL_FORMATS if f != "q8_1"))),
+    "gguf implements; NaN == NaN)", _s(S.raw_blocks_case(formats=GGUF_DEQUANTIZES)),
     _dequant_eval, requires=("gguf",)))
 _register(Property(
     "quantize", "jaxkv.formats.quantize == gguf.quants.quantize byte for byte (formats gguf quantizes)",
-    _s(S.values_case(formats=("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"))),
+    _s(S.values_case(formats=GGUF_QUANTIZES)),
     _quant_eval, requires=("gguf",)))
 _register(_attention_property(
     "split_k", "flash_decode (split-K, ragged chunks, f32) vs the f64 reference within the f32 error bound",
@@ -767,7 +798,7 @@ _register(Property(
 _register(Property(
     "target", "the --target kernel vs the f64 reference within the f32 error bound (a target declaring the "
     "ggml-cpu precision: vs its emulation with jaxkv.verify's ggml-cpu budget)",
-    _target_strategy, _target_eval, call=_target_call, enabled=_need_target, stream=_target_stream))
+    _target_strategy, _target_eval, call=target_call, enabled=_need_target, stream=_target_stream))
 
 
 from fuzz import properties_io  # noqa: E402,F401  (layout and trace properties, registered after these)

@@ -28,6 +28,7 @@ from fuzz.registry import fixed as _s
 from fuzz.registry import outcome as _outcome
 from fuzz.registry import register as _register
 
+from jaxkv import formats as F
 from jaxkv import layout as L
 from jaxkv import trace as T
 
@@ -92,7 +93,7 @@ def layout_check(c) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # traces
 
-_TRACE_FORMATS = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
+_TRACE_FORMATS = F.KV_TYPES  # the K/V types a trace stores (jaxkv.formats)
 
 
 @st.composite
@@ -118,8 +119,6 @@ def trace_case(draw):
 def _k_view(c, k_fmt):
     """View of K's ggml operand [Dk, n_kv, Hkv, B] inside a cache buffer of n_kv + extra rows per head,
     starting ``view_offset`` rows in."""
-    from jaxkv import formats as F
-
     H, Hkv = c["heads"]
     ne = (c["Dk"], c["n_kv"], Hkv, c["B"])
     row = F.row_bytes(k_fmt, c["Dk"])
@@ -131,8 +130,6 @@ def _k_view(c, k_fmt):
 def _random_blocks(rng, lead, d, fmt):
     """QuantArray of random ggml blocks [*lead, d] with finite F16 scale fields (no quantizer needed:
     a trace stores whatever bytes it is given)."""
-    from jaxkv import formats as F
-
     f = F.get_format(fmt)
     nblk = d // f.block_size
     raw = rng.integers(0, 256, tuple(lead) + (nblk, f.block_bytes), dtype=np.uint8)

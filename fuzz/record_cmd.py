@@ -9,7 +9,7 @@ Inputs are seeded standard normals (numpy PCG64 ``--seed``); K and V are stored 
 ``ggml_quantize_chunk`` in ``--k-format`` / ``--v-format`` (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL;
 for ``mixed_flash_attn`` the cold region's block types, the last ``n_kv - n_cold`` tokens being the F16
 hot window). The mask is additive ([1, 1, n_q, n_kv], finite values in [-2, 0] rounded to F16, -inf where
-the kind masks; see fuzz.ggml_campaign). The output is what the loaded ggml computed
+the kind masks; see fuzz.cases.menu_mask). The output is what the loaded ggml computed
 (jaxkv.oracles.ggml); the trace's producer is ``ggml <version> (<commit>) CPU <isa> n_threads=<n>``, so
 ``python -m fuzz verify FILE`` judges it under the ``ggml-cpu`` model. Metadata ``ggml.isa``,
 ``ggml.version``, ``ggml.commit``, ``ggml.wheel``, ``record.seed`` and ``record.args`` say how it was made;
@@ -26,15 +26,21 @@ import sys
 
 import numpy as np
 
+from fuzz import cases as C
+from fuzz import strategies as S
+from jaxkv import formats as F
+from jaxkv import ops
+from jaxkv import trace as TR
 from jaxkv.cli import Parser, UsageError
 
 __all__ = ["main", "record", "producer"]
 
-OPS = ("flash_attn_ext", "soft_max_attn", "mixed_flash_attn")
-FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
-BLOCK = FORMATS[2:]
-MASKS = ("none", "causal", "window", "random", "fullrow")
-_TARGET = {"flash_attn_ext": "ggml", "soft_max_attn": "ggml-unfused", "mixed_flash_attn": "ggml-mixed"}
+#: the ops live ggml records (those of jaxkv.ops naming a live-ggml target), in registry order
+OPS = tuple(o.name for o in ops.OPS.values() if o.target)
+#: K/V storage types in ggml's spelling (jaxkv.formats.KV_TYPES); BLOCK: the block-quantized ones
+FORMATS = tuple(F.ggml_name(t) for t in F.KV_TYPES)
+BLOCK = tuple(F.ggml_name(t) for t in F.BLOCK_KV_TYPES)
+MASKS = S.MENU_MASKS
 
 
 _UsageError, _Parser = UsageError, Parser  # one line, exit 2, no usage dump
@@ -90,21 +96,24 @@ def _validate(a):
     for flag, fmt, d in (("--k-format", a.k_format, a.head_dim), ("--v-format", a.v_format, a.dv)):
         if fmt in BLOCK and d % 32:
             raise _UsageError(f"{flag}: {fmt} needs a head size multiple of 32, got {d}")
-    if a.op == "soft_max_attn":
-        if a.softcap or a.sinks:
-            raise _UsageError(f"--{'softcap' if a.softcap else 'sinks'}: soft_max_attn (ggml's unfused path) "
-                              "has no softcap and no sinks")
-        if a.v_format not in ("F16", "F32"):
-            raise _UsageError(f"--v-format: soft_max_attn transposes V: F16 or F32, got {a.v_format}")
-    if a.op == "mixed_flash_attn":
+    op = ops.get(a.op, "--op")
+    for name, given in (("softcap", a.softcap), ("sinks", a.sinks)):
+        if given and not op.takes(name):
+            raise _UsageError(f"--{name}: {op.name} ({op.doc}) has no {name}")
+    if op.kv_f16:
         for flag, fmt in (("--k-format", a.k_format), ("--v-format", a.v_format)):
             if fmt not in BLOCK:
-                raise _UsageError(f"{flag}: mixed_flash_attn's cold region needs a block type {BLOCK}, got {fmt}")
+                raise _UsageError(f"{flag}: {op.name}'s cold region needs a block type {BLOCK}, got {fmt}")
         a.n_cold = max(a.n_kv - 16, 0) if a.n_cold is None else a.n_cold
         if not 0 <= a.n_cold <= a.n_kv:
             raise _UsageError(f"--n-cold: must be in [0, --n-kv={a.n_kv}], got {a.n_cold}")
-    elif a.n_cold is not None:
-        raise _UsageError("--n-cold: only for --op mixed_flash_attn")
+    else:
+        v_types = tuple(F.ggml_name(t) for t in op.roles["v"])
+        if a.v_format not in v_types:
+            raise _UsageError(f"--v-format: {op.name} reads V as {' or '.join(v_types)}, got {a.v_format}")
+        if a.n_cold is not None:
+            raise _UsageError(f"--n-cold: only for an op with a mixed cache "
+                              f"({', '.join(o.name for o in ops.OPS.values() if o.kv_f16)})")
     if a.batch * a.n_kv * a.kv_heads * max(a.head_dim, a.dv) > 1 << 26 or a.batch * a.n_q * a.heads * a.n_kv > 1 << 26:
         raise _UsageError("--n-kv: the call is too large for a trace (over 2^26 elements in one tensor)")
     return a
@@ -118,7 +127,6 @@ def producer(info: dict, n_threads: int) -> str:
 def record(a) -> dict:
     """Run the call described by parsed, validated args ``a`` through live ggml; returns the keyword
     fields of jaxkv.trace.save."""
-    from fuzz import cases as C
     from fuzz import ggml_targets as T
     from jaxkv.oracles import ggml as G
 
@@ -129,8 +137,9 @@ def record(a) -> dict:
     v = (rng.standard_normal((a.batch, a.n_kv, a.kv_heads, a.dv)) * a.v_scale).astype(np.float32)
     mask = C.menu_mask(rng, a.mask, a.mask_param, 1, 1, a.n_q, a.n_kv)
     sinks = (rng.standard_normal(a.heads) * 2).astype(np.float32) if a.sinks else None
-    name = _TARGET[a.op]
-    hot = a.n_kv - a.n_cold if a.op == "mixed_flash_attn" else 0
+    op = ops.get(a.op)
+    name = op.target
+    hot = a.n_kv - a.n_cold if op.kv_f16 else 0
     fn = T.make_target(name, a.threads, k_format=a.k_format, v_format=a.v_format, hot=hot)
     scale = float(np.float32(1.0 / np.sqrt(a.head_dim)))
     out = fn(q, k, v, scale=scale, mask=mask, softcap=a.softcap, max_bias=a.max_bias, sinks=sinks)
@@ -141,7 +150,7 @@ def record(a) -> dict:
     fields = dict(op=a.op, producer=producer(info, a.threads), scale=scale, max_bias=float(np.float32(a.max_bias)),
                   softcap=float(np.float32(a.softcap)), n_threads=a.threads, q=q, mask=mask, sinks=sinks,
                   out=np.asarray(out, np.float32), metadata=meta, **st)
-    if a.op == "mixed_flash_attn":
+    if op.kv_f16:
         fields["kv_order"] = "cold,hot"
     return fields
 
@@ -152,7 +161,6 @@ def main(argv=None) -> int:
     try:
         a = _validate(_parser().parse_args(argv))
         a.argv = shlex.join(argv)
-        from jaxkv import trace as TR
         from jaxkv.oracles import ggml as G
 
         if not G.available():

@@ -7,19 +7,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from fuzz.target import Target, as_target
+
 __all__ = ["Context", "Property", "PROPERTIES", "register", "fixed", "outcome", "outcomes", "each_case"]
 
 
 @dataclasses.dataclass
 class Context:
-    """Campaign-wide inputs of the properties: ``seed``, the ``--target`` callable and its spec,
-    the ``--traces`` directory, and the (K, V) cold-format pairs the cache properties draw from."""
+    """Campaign-wide inputs of the properties, passed explicitly to each: ``seed``, the ``--target``
+    (a :class:`fuzz.target.Target`; a plain callable is wrapped by :func:`fuzz.target.as_target` here, at
+    the edge) and its spec, the ``--traces`` directory, the (K, V) cold-format pairs the cache
+    properties draw from, ``active``: the properties the running campaign (or replay) evaluates (empty:
+    all; the attention programs then compute exactly what those judge), and ``runners``: this
+    context's per-property evaluation state (the target runner and its compiled programs)."""
 
     seed: int = 0
-    target: Callable | None = None
+    target: Target | None = None
     target_spec: str | None = None
     traces: str | None = None
     cache_pairs: tuple = ()
+    active: tuple = ()
+    runners: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.target = as_target(self.target, self.target_spec)
+
+    def runner(self, name: str, make: Callable[[], Any]):
+        """This context's runner ``name`` (made by ``make()`` on first use)."""
+        if name not in self.runners:
+            self.runners[name] = make()
+        return self.runners[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +55,8 @@ class Property:
     batch: int | None = None
     #: stream(cases, ctx) yielding (index, outcome) as each verdict is known (instead of ``batch``)
     stream: Callable[[list, Context], Any] | None = None
+    #: the results of the shared attention program this property judges (empty: not an attention property)
+    judges: tuple = ()
 
 
 def outcomes(prop: Property, cases: list, ctx: Context):

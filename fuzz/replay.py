@@ -15,10 +15,15 @@ either file reaches the terminal through `jaxkv.textsafe.escape`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
 
+from fuzz import properties as P
+from fuzz import schema
+from fuzz.campaign import format_summary, generate, partition_view, read_records, summarize
+from fuzz.target_spec import GGML_TARGETS, load_target
 from jaxkv.textsafe import escape
 
 __all__ = ["load_record", "check_params", "replay", "main", "merge_main"]
@@ -31,20 +36,24 @@ PARAM_FACTOR = 4
 _SAMPLES = 64
 
 
+def _regular(p, cmd: str, missing: str) -> None:
+    """``p`` must be a regular file (fuzz.schema.regular_file): ValueError ``"<cmd>: <missing>"`` when
+    there is none, one line naming ``p`` when it cannot be read."""
+    try:
+        schema.regular_file(p, cmd)
+    except FileNotFoundError:
+        raise ValueError(f"{cmd}: {missing}") from None
+    except OSError as e:
+        raise ValueError(f"{cmd}: {escape(p)}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def load_record(path) -> dict:
     """The failure record at ``path`` (.json, or a saved array file next to its .json), validated
     (fuzz.schema.parse_record); ValueError with one line otherwise."""
-    from fuzz import schema
-
     p = pathlib.Path(path)
     if p.suffix != ".json":
         p = p.with_suffix(".json")
-    try:
-        schema.regular_file(p, "replay")
-    except FileNotFoundError:
-        raise ValueError(f"replay: no failure record at {escape(p)}") from None
-    except OSError as e:
-        raise ValueError(f"replay: {escape(p)}: cannot be read ({e.strerror or type(e).__name__})") from None
+    _regular(p, "replay", f"no failure record at {escape(p)}")
     try:
         if p.stat().st_size > MAX_RECORD_BYTES:
             raise ValueError(f"replay: {escape(p)}: expected a failure record of at most {MAX_RECORD_BYTES} bytes")
@@ -102,8 +111,6 @@ def check_params(prop, params: dict, ctx) -> None:
     list elements of drawn kinds) and every integer -- list lengths included -- at most `PARAM_FACTOR` x the
     largest drawn at that position in `_SAMPLES` cases (keys ending in ``seed``: any value in [0, 2^63)), and not negative
     where no drawn one is; so a forged record cannot ask for an absurd allocation. ValueError otherwise."""
-    from fuzz.campaign import generate
-
     if prop.files is not None or prop.strategy is None:
         return
     drawn = generate(prop, ctx, 0, 0, _SAMPLES)
@@ -136,21 +143,23 @@ def check_params(prop, params: dict, ctx) -> None:
             raise ValueError(f"replay: params{where}: expected a value >= 0, found {x}")
 
 
-def replay(rec: dict, target: str | None = None, threads: int | None = None) -> dict:
+def replay(rec: dict, target: str | None = None, threads: int | None = None, menu: str | None = None) -> dict:
     """Re-evaluate a record's minimal case -> the outcome dict (ok, checks, error, metrics). A record of
     the ``target`` property needs ``target`` (the command line's --target): the record's own is never
-    imported."""
-    from fuzz import properties as P
-    from fuzz.target_spec import load_target
-
+    imported. ``threads`` / ``menu``: the live-ggml target's (default: the record's)."""
     prop = P.get(rec["property"])
-    P.set_active([prop.name])
     named = rec.get("target")
     if prop.name == "target" and target is None:
         raise ValueError(f"replay: the record's kernel is {escape(named)!s}; replay imports nothing a file "
-                         f"names: pass it yourself with --target MODULE:FUNCTION|ggml|ggml-unfused|ggml-mixed")
-    kernel = load_target(target, threads if threads is not None else rec.get("threads")) if target else None
-    ctx = P.Context(seed=rec.get("seed", 0), target=kernel, target_spec=target, traces=None)
+                         f"names: pass it yourself with --target MODULE:FUNCTION|{'|'.join(GGML_TARGETS)}")
+    menu = menu if menu is not None else rec.get("menu")
+    if menu is not None and not isinstance(menu, str):
+        raise ValueError(f"replay: menu: expected a menu name, found {escape(repr(menu), 40)}")
+    if target:
+        kernel = load_target(target, None if menu else threads if threads is not None else rec.get("threads"), menu)
+    else:
+        kernel = None
+    ctx = P.Context(seed=rec.get("seed", 0), target=kernel, target_spec=target, traces=None, active=(prop.name,))
     if prop.files is not None:
         raise ValueError(f"replay: property {prop.name} replays input files: run python -m fuzz --traces DIR")
     why = P.available(prop, ctx)
@@ -165,8 +174,6 @@ def replay(rec: dict, target: str | None = None, threads: int | None = None) -> 
 
 
 def _parse(argv):
-    import argparse
-
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # a ValueError: python -m fuzz prints it as one line, exit 2
             raise ValueError(f"replay: {message} (usage: python -m fuzz replay FILE [--target SPEC])")
@@ -176,13 +183,14 @@ def _parse(argv):
     p.add_argument("--target", default=None, help="the kernel to replay a target record with (never taken "
                                                   "from the record)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--menu", default=None, help="the ggml case menu of the record (default: the record's)")
     return p.parse_args(argv)
 
 
 def main(argv) -> int:
     a = _parse(argv)
     rec = load_record(a.file)
-    o = replay(rec, a.target, a.threads)
+    o = replay(rec, a.target, a.threads, a.menu)
     name = f"{escape(rec['property'])} {escape(rec.get('case_id') or '')}"
     if o["ok"]:
         print(f"PASS {name}: the saved case passes now")
@@ -192,21 +200,13 @@ def main(argv) -> int:
 
 
 def merge_main(argv) -> int:
-    from fuzz import schema
-    from fuzz.campaign import format_summary, partition_view, read_records, summarize
-
     if not argv or any(a.startswith("-") for a in argv):
         print("usage: python -m fuzz merge DIR...", file=sys.stderr)
         return 2
     records, seeds = [], {}
     for d in argv:
         p = pathlib.Path(d) / "results.jsonl"
-        try:
-            schema.regular_file(p, "merge")
-        except FileNotFoundError:
-            raise ValueError(f"merge: {escape(d)} has no results.jsonl") from None
-        except OSError as e:
-            raise ValueError(f"merge: {escape(d)}: cannot be read ({e.strerror or type(e).__name__})") from None
+        _regular(p, "merge", f"{escape(d)} has no results.jsonl")
         rs = read_records(p)
         for r in rs:
             if r.get("type") == "campaign":

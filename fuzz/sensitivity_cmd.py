@@ -31,6 +31,7 @@ import pathlib
 import sys
 import time
 
+from fuzz import sensitivity_plots, sensitivity_traces
 from jaxkv.textsafe import escape
 
 __all__ = ["main", "MAX_LEN", "MAX_HEAD_DIM", "MAX_SAMPLES", "MAX_WORK"]
@@ -202,7 +203,6 @@ def _read_jsonl(path: pathlib.Path, configs: dict | None = None) -> list[dict]:
 def main(argv: list[str]) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad arguments)."""
     if any(a == "--from-traces" or a.startswith("--from-traces=") for a in argv):  # a captured run
-        from fuzz import sensitivity_traces
         return sensitivity_traces.main(argv)
     try:
         args = _parser().parse_args(argv)
@@ -313,7 +313,6 @@ def _run(sens, sweep, mesh, out_dir: pathlib.Path, args, argv) -> int:
           f"({time.time() - t0:.0f} s)")
     if args.plot:
         try:
-            from fuzz import sensitivity_plots
             paths = sensitivity_plots.plot_all(rows, chans, out_dir)
         except ImportError as e:
             print(f"plots skipped: {e}")

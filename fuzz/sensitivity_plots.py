@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import pathlib
 
+import numpy as np
+
 __all__ = ["plot_all", "plot_error_vs_window", "plot_heatmap", "plot_channels"]
 
 
@@ -101,7 +103,6 @@ def plot_heatmap(rows, path, hot_window=None) -> pathlib.Path:
     """log10 mean NMSE, format pair (rows) x kv_len (columns), at ``hot_window`` (default: the smallest
     in the rows); one panel per (dist, head_dim); cells annotated with the mean NMSE."""
     plt = _plt()
-    import numpy as np
 
     w0 = min(r["hot_window"] for r in rows) if hot_window is None else hot_window
     rows = [r for r in rows if r["hot_window"] == w0]

@@ -24,6 +24,9 @@ import sys
 
 import numpy as np
 
+from jaxkv import formats as F
+from jaxkv import realstudy as RS
+
 __all__ = ["main"]
 
 _PROG = "python -m fuzz sensitivity --from-traces"
@@ -103,8 +106,6 @@ def main(argv) -> int:
     try:
         a = _parser().parse_args(argv)
         fmts = tuple(x.strip().lower() for x in a.formats.split(",") if x.strip())
-        from jaxkv import formats as F
-
         for f in fmts:
             try:
                 if not F.get_format(f).quantized:
@@ -128,7 +129,6 @@ def main(argv) -> int:
         return 2
     except SystemExit as e:
         return int(e.code or 0)
-    from jaxkv import realstudy as RS
 
     try:
         base = RS.load_run(a.from_traces)

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from hypothesis import strategies as st
 
+from jaxkv import formats as F
+from jaxkv import ops
+
 __all__ = [
-    "menu_strategy",
+    "menu_strategy", "rng_drawer", "MENU_FORMATS", "MENU_BUCKETS", "MENU_MASKS", "MENU_DISTS", "FLAGSETS", "MENUS",
+    "FLOAT_ONLY", "draw_menu_case", "menu_case_strategy",
     "HEADS", "KV_BUCKETS", "DISTS", "MASKS", "FLOAT_FORMATS", "QUANT_FORMATS", "ALL_FORMATS",
     "attention_case", "dist", "format_name", "raw_blocks_case", "values_case", "cache_case",
     "view_case", "merge_case",
@@ -33,8 +38,9 @@ PAD_B, PAD_NQ, PAD_D = 2, 4, 64
 DISTS = ("normal", "outlier", "big", "tiny", "constant", "uniform")
 #: mask kinds (fuzz.cases.make_mask)
 MASKS = ("none", "causal", "window", "random", "full_rows", "padded", "alibi")
-FLOAT_FORMATS = ("f32", "f16", "bf16")
-QUANT_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "iq4_nl")
+#: the unquantized and the block-quantized formats, in jaxkv.formats.FORMATS' order
+FLOAT_FORMATS = tuple(n for n, f in F.FORMATS.items() if not f.quantized)
+QUANT_FORMATS = F.QUANT_TYPES
 ALL_FORMATS = FLOAT_FORMATS + QUANT_FORMATS
 
 _SEED = st.integers(0, 2**31 - 1)
@@ -153,3 +159,142 @@ def menu_strategy(draw_case):
         return draw_case(draw)
     return case()
 
+
+
+def rng_drawer(rng):
+    """A ``draw`` for the menu code (:func:`draw_menu_case`, fuzz.ggml_targets.draw_case) from a numpy
+    Generator (the same specs :func:`menu_strategy` understands)."""
+    def draw(spec):
+        if isinstance(spec, tuple) and spec and spec[0] == "int":
+            return int(rng.integers(spec[1], spec[2] + 1))
+        if isinstance(spec, tuple) and spec and spec[0] == "float":
+            return float(rng.uniform(spec[1], spec[2]))
+        if isinstance(spec, tuple) and spec and spec[0] == "p":
+            return bool(rng.random() < spec[1])
+        return spec[int(rng.integers(len(spec)))]
+    return draw
+
+
+# ----------------------------------------------------------------------------------------------------
+# the live-ggml case menus (``python -m fuzz --target ggml --menu ci|full|tiled``)
+#
+# A menu case is a JSON-ready dict: ``op`` (the live-ggml target its op names: 'ggml', 'ggml-unfused',
+# 'ggml-mixed'), ``bucket`` (a fixed shape: MENU_BUCKETS), ``k_fmt``/``v_fmt`` (ggml type names, K and V
+# independent), ``flags`` (which optional operands exist: FLAGSETS), ``mask`` kind, ``mask_param``,
+# ``softcap``, ``max_bias``, ``threads`` (1..4), ``scale``, value ``dist`` and ``seed``. Shapes are
+# bucketed so the model compiles a few programs; values, masks and parameters vary freely.
+
+#: the K/V storage types of the menus in ggml's spelling: the floats (alphabetical), then the block
+#: types in jaxkv.formats.KV_TYPES' order
+MENU_FORMATS = tuple(F.ggml_name(t) for t in sorted(set(F.KV_TYPES) - set(F.BLOCK_KV_TYPES))) + tuple(
+    F.ggml_name(t) for t in F.BLOCK_KV_TYPES)
+_MENU_FLOATS = MENU_FORMATS[:2]
+_MENU_BLOCK = MENU_FORMATS[2:]
+#: name -> (B, n_q, H, Hkv, Dk, Dv, n_kv); 'split' is ggml's split-KV path (n_q = B = 1, n_kv >= 512)
+MENU_BUCKETS = {
+    "row": (2, 3, 4, 2, 64, 64, 96),
+    "gqa3": (1, 2, 6, 2, 64, 32, 64),     # G = 3, H = 6: ALiBi's second slope series, Dk != Dv
+    "split": (1, 1, 4, 2, 64, 64, 640),
+    "split_d80": (1, 1, 8, 1, 80, 80, 530),   # split-KV with a SIMD leftover head size, G = 8
+    "tiled": (1, 64, 4, 2, 64, 64, 100),      # n_q >= 64: the tiled path for same-type F16/F32 K/V
+    "tiled_d40": (1, 96, 4, 1, 40, 40, 70),   # tiled (or, where Dv % lanes != 0, per-row) with G = 4
+    "d60": (1, 3, 4, 2, 60, 60, 33),          # leftover head sizes: F16/F32 only (blocks need 32s)
+    "d112": (2, 2, 4, 4, 112, 112, 50),
+    "gqa32": (1, 1, 32, 1, 128, 128, 72),     # G = 32
+    "tiled_n256": (1, 256, 2, 1, 80, 80, 300),  # four query tiles, five key tiles (the last ragged)
+}
+#: buckets whose head sizes are no multiple of 32 (F16/F32 K/V only)
+FLOAT_ONLY = ("split_d80", "tiled_d40", "d60", "d112")
+MENU_MASKS = ("none", "causal", "window", "random", "fullrow")
+MENU_DISTS = ("normal", "outlier", "uniform", "big")
+#: flag sets: (mask present, per-head mask, softcap, alibi, sinks)
+FLAGSETS = {
+    "plain": (False, False, False, False, False),
+    "mask": (True, False, False, False, False),
+    "all": (True, True, True, True, True),
+    "alibi_sinks": (True, True, False, True, True),
+    "softcap_sinks": (True, False, True, False, True),
+    "alibi": (True, True, False, True, False),
+}
+#: the kinds of case a menu draws: the live-ggml targets (ggml twice: the per-row path), and two
+#: flash_attn_ext shape kinds: 'split' (the split-KV buckets, F16/F32) and 'float' (F16/F32 K/V: the
+#: tiled path, leftover head sizes, GQA 32)
+_FA = ops.get("flash_attn_ext")
+_KINDS = (_FA.target, _FA.target, "split") + tuple(o.target for o in ops.OPS.values() if o.target and o is not _FA)
+#: menus of what a case may draw: 'ci' keeps the number of distinct compiled model programs small
+MENUS = {
+    "ci": dict(
+        pairs=(("F16", "F16"), ("F32", "F32"), ("Q8_0", "Q8_0"), ("Q4_0", "Q4_0"), ("Q4_1", "Q5_0"),
+               ("Q5_1", "IQ4_NL"), ("F16", "Q8_0"), ("IQ4_NL", "F32")),
+        mixed_pairs=(("Q4_0", "Q4_0"), ("Q8_0", "Q5_1")),
+        unfused_k=("F16", "Q8_0", "IQ4_NL"),
+        flagsets=("plain", "all", "alibi_sinks"),
+        split_flagsets=("all",),
+        buckets=("row",),
+        split_buckets=("split",),
+        float_buckets=(),
+    ),
+    "full": dict(
+        pairs=tuple((a, b) for a in MENU_FORMATS for b in MENU_FORMATS),
+        mixed_pairs=tuple((a, b) for a in _MENU_BLOCK for b in _MENU_BLOCK),
+        unfused_k=MENU_FORMATS,
+        flagsets=tuple(FLAGSETS),
+        split_flagsets=tuple(FLAGSETS),
+        buckets=("row", "gqa3", "tiled", "gqa32"),
+        split_buckets=("split", "split_d80"),
+        float_buckets=("tiled", "tiled_d40", "d60", "d112", "gqa32"),
+    ),
+    # the tiled path only (F16/F32 K/V, n_q >= 64) and the mixed cache on it
+    "tiled": dict(
+        kinds=("float", "float", ops.get("mixed_flash_attn").target),
+        pairs=(), mixed_pairs=tuple((a, b) for a in _MENU_BLOCK for b in _MENU_BLOCK), unfused_k=(),
+        flagsets=tuple(FLAGSETS), split_flagsets=(), buckets=("tiled",), split_buckets=(),
+        float_buckets=("tiled", "tiled_d40", "tiled_n256"),
+    ),
+}
+
+
+def draw_menu_case(draw, menu="ci") -> dict:
+    """One menu case (see above); ``draw(choices)`` picks one element of a sequence, ``draw(('int', lo,
+    hi))`` an int, ``draw(('float', lo, hi))`` a float (so the same code serves numpy RNGs and
+    hypothesis). What an op takes decides its K/V menu and flags: an op whose V is read transposed
+    (V floats only: ggml's unfused path) draws ``unfused_k``; an op with an F16 KV cache (``kv_f16``:
+    the mixed cache) ``mixed_pairs``; softcap and sinks only where the op takes them."""
+    m = MENUS[menu]
+    kind = draw(m.get("kinds") or _KINDS + (("float", "float") if m["float_buckets"] else ()))
+    if kind == "split":
+        op, bucket = _FA, draw(m["split_buckets"])
+        kf = vf = draw(_MENU_FLOATS)
+        flags = draw(m["split_flagsets"])
+    elif kind == "float":  # F16/F32 K/V: the tiled path, leftover head sizes, GQA 32
+        op, bucket = _FA, draw(m["float_buckets"])
+        kf = draw(_MENU_FLOATS)
+        vf = kf if draw((True, True, False)) else draw(_MENU_FLOATS)
+        flags = draw(m["flagsets"])
+    else:
+        op = ops.by_target(kind)
+        bucket = draw(m["buckets"])
+        if set(op.roles.get("v", F.BLOCK_KV_TYPES)) <= set(F.KV_TYPES) - set(F.BLOCK_KV_TYPES):
+            kf, vf = draw(m["unfused_k"]), draw(_MENU_FLOATS)
+        elif op.kv_f16:
+            kf, vf = draw(m["mixed_pairs"])
+        else:
+            kf, vf = draw(m["pairs"])
+        flags = draw(m["flagsets"])
+    has_mask, _, softcap, alibi, sinks = FLAGSETS[flags]
+    if (softcap and not op.takes("softcap")) or (sinks and not op.takes("sinks")):
+        flags = "alibi" if alibi else "mask"  # e.g. soft_max_ext has no softcap and no sinks
+    return dict(
+        op=op.target, bucket=bucket, k_fmt=kf, v_fmt=vf, flags=flags,
+        mask=draw(MENU_MASKS[1:]) if has_mask else "none", mask_param=draw(("int", 1, 48)),
+        softcap=float(np.float32(draw(("float", 1.0, 50.0)))) if softcap and op.takes("softcap") else 0.0,
+        max_bias=float(np.float32(draw(("float", 0.5, 12.0)))) if alibi else 0.0,
+        threads=draw(("int", 1, 4)),
+        scale=float(np.float32(draw(("float", 0.02, 0.5)))),
+        dist=draw(MENU_DISTS), seed=draw(("int", 0, 2**31 - 1)),
+    )
+
+
+def menu_case_strategy(menu="ci"):
+    """A hypothesis strategy of menu cases (:func:`draw_menu_case`)."""
+    return menu_strategy(lambda draw: draw_menu_case(draw, menu))

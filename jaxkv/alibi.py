@@ -9,7 +9,7 @@ parameter (``pow``):
   model); numpy's float32 ``power`` is one ulp off libm for some bases (docs/ggml-findings.md, finding 1).
   Where no C math library loads, numpy's float32 power stands in (then an ulp may differ).
 - ``"numpy"``: float32 with numpy's ``power`` (the float32 reference :mod:`jaxkv.attention`, the
-  float64 golden's hooks in :mod:`jaxkv.mutations`).
+  float64 golden's hooks in :mod:`jaxkv.verify.mutations`).
 - ``"exact"``: float64 throughout, ``max_bias`` as given (an independent float64 golden).
 
 :func:`slopes` returns float64 ``[H]`` (holding float32 values except under ``"exact"``).

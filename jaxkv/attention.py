@@ -25,7 +25,7 @@ with ``M`` the maximum over the live logits and the sink (the sink term only whe
 sink joins the max and the denominator but has no value row). A row with no live key and no sink
 returns zeros (no NaN is formed from a mask).
 
-NaN semantics (ggml's, the same in ``jaxkv.precision`` and the float64 golden ``jaxkv.mutations.golden``):
+NaN semantics (ggml's, the same in ``jaxkv.precision`` and the float64 golden ``jaxkv.ops.golden.golden``):
 a NaN that reaches a row's arithmetic propagates to that row, never to zeros. A NaN in q row ``i``, in
 a live key's K entry, in a live mask entry ``mask[., h, i, j]`` or in ``sinks[h]`` makes the logit (or
 the maximum) NaN, hence the whole output row NaN, as ggml's online softmax does (``s > M`` is false for

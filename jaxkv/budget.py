@@ -6,7 +6,7 @@
 
 in NMSE (with ``FACTOR**2``) and max-abs; ``emu_check(got, emu, unit)`` is the sharp check against a
 bit-faithful emulation in accumulator rounding units. Arrays are outputs ``[B, n_q, H, Dv]``.
-:mod:`jaxkv.verify` (verdicts) and :mod:`jaxkv.diagnose` (which hypothesis explains a failure) both
+:mod:`jaxkv.verify` (verdicts) and :mod:`jaxkv.verify.diagnose` (which hypothesis explains a failure) both
 judge with these; neither imports the other for them.
 """
 

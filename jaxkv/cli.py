@@ -54,7 +54,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "fuzz": Command("fuzz.__main__", "campaign_main", "run a fuzz campaign (python -m fuzz)"),
+    "fuzz": Command("fuzz.fuzz_cmd", "campaign_main", "run a fuzz campaign (python -m fuzz)"),
     "verify": Command("fuzz.verify_cmd", "main", "verify traces against a precision model"),
     "replay": Command("fuzz.replay", "main", "re-run a saved failure record"),
     "merge": Command("fuzz.replay", "merge_main", "one summary over several campaigns' results"),

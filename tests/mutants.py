@@ -1,5 +1,5 @@
 """Mutants for the diagnosis suite (tests/test_mutants.py): a float64 split-K attention kernel written
-here, independently of jaxkv.mutations, with one injectable bug, over bases from the shared ggml traces
+here, independently of jaxkv.verify.mutations, with one injectable bug, over bases from the shared ggml traces
 and synthetic cases of all three ops.
 
 Layout (canonical): q [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv],
@@ -11,7 +11,7 @@ chunk's partial state (max ``m``, sum ``l``, accumulator ``a``) and merges them 
 is read either at its F16-rounded values (ggml's op) or at its dequantized cold values (the seed
 system's cache), drawn per mutant: the reading is not the bug, the diagnosis must see through it.
 
-Bug classes are the names of ``jaxkv.mutations.HYPOTHESES``; :func:`applicable` says which apply to a
+Bug classes are the names of ``jaxkv.verify.mutations.HYPOTHESES``; :func:`applicable` says which apply to a
 base, :func:`inject` draws one concrete bug of a class (its details drawn with ``rng``) and returns
 (description, output).
 """

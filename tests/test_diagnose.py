@@ -1,5 +1,5 @@
 """Mutation suite: traces whose output was computed with one bug must fail verification (100 %) and
-the diagnosis must name the injected bug (>= 90 %); plus jaxkv.diagnose.localize and the bug models."""
+the diagnosis must name the injected bug (>= 90 %); plus jaxkv.verify.diagnose.localize and the bug models."""
 
 from __future__ import annotations
 

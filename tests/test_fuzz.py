@@ -364,7 +364,7 @@ def test_shards_partition_the_campaign_whatever_fails(tmp_path, monkeypatch):
 def test_cases_do_not_depend_on_what_the_process_imported(tmp_path):
     """A chunk's cases are a function of (seed, property, chunk). Hypothesis also draws from constants it
     harvests from the local modules loaded so far, so without fuzz.campaign pinning that pool, importing
-    jaxkv.diagnose (as a first failure's diagnosis does) changed the cases drawn afterwards under the same
+    jaxkv.verify.diagnose (as a first failure's diagnosis does) changed the cases drawn afterwards under the same
     ids -- and shards, whose first failures come at different points, drew different cases. Run in a
     fresh interpreter (a test suite has imported everything already)."""
     code = (
@@ -374,7 +374,7 @@ def test_cases_do_not_depend_on_what_the_process_imported(tmp_path):
         "ctx = P.Context(seed=7)\n"
         "draw = lambda: [generate(P.get(n), ctx, 7, j) for n in ('large_logits', 'layout') for j in (0, 1)]\n"
         "before = draw()\n"
-        "new = [m for m in ('jaxkv.verify.diagnose', 'fuzz.ggml_campaign', 'jaxkv.trace') if m not in sys.modules]\n"
+        "new = [m for m in ('jaxkv.verify.diagnose', 'fuzz.ggml_targets', 'jaxkv.trace') if m not in sys.modules]\n"
         "for m in new: importlib.import_module(m)\n"
         "print(json.dumps(dict(new=new, same=draw() == before)))\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -1,6 +1,6 @@
 """Live ggml (libggml-python wheel) against the ``ggml-cpu`` precision model: the fuzz targets
-(fuzz.ggml_targets), ``python -m fuzz record`` (fuzz.record_cmd) and a hypothesis campaign
-(fuzz.ggml_campaign) over formats (K and V independent), masks, softcap, ALiBi, sinks, thread counts,
+(fuzz.ggml_targets), ``python -m fuzz record`` (fuzz.record_cmd) and a hypothesis campaign over
+the ggml case menus (fuzz.strategies.MENUS, ``python -m fuzz --target ggml --menu``) over formats (K and V independent), masks, softcap, ALiBi, sinks, thread counts,
 the per-row, split-KV, unfused and mixed-cache paths.
 
 Budgets: jaxkv.verify's (error vs an f64 golden <= 3x the model's + 4 f32 units; within EMU_UNITS
@@ -36,9 +36,13 @@ if not G.available():
     pytest.skip(f"ggml unavailable on {sys.platform}/{platform.machine()} (no libggml-python wheel)",
                 allow_module_level=True)
 
-from fuzz import ggml_campaign as GC  # noqa: E402
+from fuzz import cases as C  # noqa: E402
+from fuzz import engine as E  # noqa: E402
 from fuzz import ggml_targets as T  # noqa: E402
+from fuzz import properties as P  # noqa: E402
 from fuzz import record_cmd  # noqa: E402
+from fuzz import strategies as S  # noqa: E402
+from jaxkv import alibi  # noqa: E402
 from jaxkv import ggml_cpu as M  # noqa: E402
 from jaxkv import trace as TR  # noqa: E402
 from jaxkv import verify as V  # noqa: E402
@@ -51,13 +55,28 @@ CI_CASES = 300
 N_CASES = max(2000, settings.default.max_examples) if FUZZ else CI_CASES
 
 
+FLT_MIN = 2.0 ** -126  # smallest normal float32
+
+
+def _run(c):
+    """A menu case through the campaign's engine: (got (live ggml), model (ggml-cpu emulation), golden,
+    acc unit) over the case's real region."""
+    t, view = T.menu_case_target(c)
+    return P.sharp_case(t, view, t.case_arrays(c))[:4]
+
+
+def _check(c):
+    t, view = T.menu_case_target(c)
+    return P.check_sharp(t, view, t.case_arrays(c))
+
+
 # ----------------------------------------------------------------------------------------------------
 # the campaign
 
 @settings(max_examples=N_CASES)
-@given(GC.case_strategy("full" if FUZZ else "ci"))
+@given(S.menu_case_strategy("full" if FUZZ else "ci"))
 def test_live_ggml_matches_ggml_cpu_model(c):
-    r = GC.check(c)
+    r = _check(c)
     assert r.ok, f"{c}: {r.why}"
     assert r.bitwise == 1.0, f"{c}: bitwise-equal fraction {r.bitwise}, nmse vs model {r.nmse_model:.3g}"
 
@@ -65,19 +84,19 @@ def test_live_ggml_matches_ggml_cpu_model(c):
 def test_campaign_menu_covers_every_format_and_path():
     """The full menu draws every K and V format independently and every path (a campaign that never
     draws a format cannot find its bugs)."""
-    full = GC.MENUS["full"]
-    assert {a for a, _ in full["pairs"]} == set(GC.FORMATS) == {b for _, b in full["pairs"]}
-    assert len(full["pairs"]) == len(GC.FORMATS) ** 2
+    full = S.MENUS["full"]
+    assert {a for a, _ in full["pairs"]} == set(S.MENU_FORMATS) == {b for _, b in full["pairs"]}
+    assert len(full["pairs"]) == len(S.MENU_FORMATS) ** 2
     rng = np.random.default_rng(0)
-    draw = GC.rng_drawer(rng)
-    cases = [GC.draw_case(draw, "full") for _ in range(400)]
+    draw = S.rng_drawer(rng)
+    cases = [S.draw_menu_case(draw, "full") for _ in range(400)]
     assert {(c["op"], c["bucket"]) for c in cases} >= {("ggml", "row"), ("ggml", "gqa3"), ("ggml", "split"),
                                                        ("ggml-unfused", "row"), ("ggml-mixed", "gqa3")}
     assert {c["threads"] for c in cases} == {1, 2, 3, 4}
-    assert {c["mask"] for c in cases} == set(GC.MASKS)
+    assert {c["mask"] for c in cases} == set(S.MENU_MASKS)
     split = [c for c in cases if c["bucket"] == "split"]
     assert all(c["k_fmt"] == c["v_fmt"] and c["k_fmt"] in ("F16", "F32") for c in split)
-    B, n_q, *_, n_kv = GC.BUCKETS["split"]
+    B, n_q, *_, n_kv = S.MENU_BUCKETS["split"]
     assert (B, n_q) == (1, 1) and n_kv >= M.SPLIT_KV_MIN
 
 
@@ -102,29 +121,36 @@ def _numpy_slopes(H, max_bias):
     return np.power(base, ex, dtype=np.float32).astype(np.float64)
 
 
-def test_alibi_slopes_are_libm_powf():
+def test_alibi_slopes_are_libm_powf(monkeypatch):
     """ggml computes ALiBi slopes with libm ``powf``; numpy's float32 power differs by an ulp for
     some bases (here head 1 and 2 of 4). With libm slopes the model is bit-exact; with numpy's, whole
     output rows differ by a few ulps (the case the campaign found)."""
     c = _alibi_case(1586302505)
-    a = GC.arrays(c)
-    assert not np.array_equal(_numpy_slopes(4, c["max_bias"]), GC.libm_slopes(4, c["max_bias"]))
+    a = C.menu_arrays(c)
+    assert not np.array_equal(_numpy_slopes(4, c["max_bias"]), alibi.slopes(4, c["max_bias"], "libm"))
     st = T.prepare("ggml", a["k"], a["v"], k_format="Q4_0", v_format="F32")
     kw = dict(scale=a["scale"], mask=a["mask"], max_bias=a["max_bias"])
     got = G.flash_attn_ext(a["q"], st["k"], st["v"], v_format="F32", **kw)
     fixed = np.asarray(M.flash_attn_ext(a["q"], st["k"], st["v"], isa="avx2", **kw))
     np.testing.assert_array_equal(got, fixed)
-    with GC.slopes_in_model(_numpy_slopes):
+    with monkeypatch.context() as mp:  # jaxkv.ggml_cpu with numpy's slopes instead of libm's
+        mp.setattr(M, "_slopes", _numpy_slopes)
         off = np.asarray(M.flash_attn_ext(a["q"], st["k"], st["v"], isa="avx2", **kw))
     assert 0 < np.mean(off != got) and np.max(np.abs(off - got)) < 1e-5 * np.max(np.abs(got))
 
 
+def _model_slopes_agree(n_head, max_bias):
+    """Whether jaxkv.ggml_cpu's slopes equal libm powf's (jaxkv.alibi.slopes, pow="libm")."""
+    return bool(np.array_equal(np.asarray(M._slopes(n_head, max_bias), np.float64),
+                               alibi.slopes(n_head, max_bias, "libm")))
+
+
 def test_model_slopes_equal_libm_powf():
-    assert all(GC.model_slopes_agree(H, mb) for H in (4, 6, 8) for mb in (3.7637746, 6.2179441, 1.8681055))
+    assert all(_model_slopes_agree(H, mb) for H in (4, 6, 8) for mb in (3.7637746, 6.2179441, 1.8681055))
 
 
 def _subnormal(x):
-    return (x != 0) & (np.abs(x) < GC.FLT_MIN)
+    return (x != 0) & (np.abs(x) < FLT_MIN)
 
 
 def test_model_keeps_subnormal_outputs():
@@ -133,19 +159,19 @@ def test_model_keeps_subnormal_outputs():
     inside XLA the conversion flushed them to zero)."""
     c = dict(op="ggml", bucket="row", k_fmt="Q8_0", v_fmt="Q8_0", flags="plain", mask="none", mask_param=1,
              softcap=0.0, max_bias=0.0, threads=1, scale=0.5, dist="outlier", seed=0)
-    got, model, _, _ = GC.run(c)
+    got, model, _, _ = _run(c)
     assert _subnormal(got).sum() == 2
     np.testing.assert_array_equal(model, got)
-    r = GC.check(c)
+    r = _check(c)
     assert r.ok and r.bitwise == 1.0
     # a row of tiny outputs (max ~1e-37, 13 of 64 subnormal: sinks dominate), found by the fuzz profile
     c = dict(c, k_fmt="Q4_0", v_fmt="F16", flags="alibi_sinks", mask="window", max_bias=1.0, scale=0.125,
              dist="big", seed=1)
-    got, model, _, _ = GC.run(c)
+    got, model, _, _ = _run(c)
     tiny = (np.max(np.abs(got), axis=-1) < 2.0**-120) & np.any(_subnormal(got), axis=-1)
     assert tiny.sum() == 1 and _subnormal(got).sum() == 13
     np.testing.assert_array_equal(model, got)
-    r = GC.check(c)
+    r = _check(c)
     assert r.ok and r.bitwise == 1.0 and r.emu_units == 0.0
 
 
@@ -153,7 +179,7 @@ def test_unfused_fully_masked_rows_are_nan():
     """ggml's unfused path (soft_max_ext) gives NaN on a row whose every key is masked; the fused
     flash_attn_ext gives 0 there. The saved trace replays bit for bit (NaN in place), the model agrees."""
     t = TR.load(NAN_TRACE)
-    dead = GC.dead_rows(dict(q=t.q, mask=t.mask, sinks=None))
+    dead = V.dead_rows(t.q, t.mask, None)
     assert dead.any() and not dead.all()
     live = G.soft_max_attn(np.asarray(t.q), t.k, np.asarray(t.v), scale=t.scale, mask=np.asarray(t.mask))
     np.testing.assert_array_equal(live, np.asarray(t.out))  # NaN == NaN in assert_array_equal
@@ -167,13 +193,13 @@ def test_unfused_fully_masked_rows_are_nan():
 def test_thread_count_dependence():
     """The per-row loop does not depend on n_threads; the split-KV path does (n_threads chunks), and
     the model with the same n_threads follows it bit for bit."""
-    row = GC.arrays(dict(_alibi_case(5), flags="plain", mask="none", max_bias=0.0))
+    row = C.menu_arrays(dict(_alibi_case(5), flags="plain", mask="none", max_bias=0.0))
     outs = [T.make_target("ggml", n, k_format="Q8_0", v_format="Q4_1")(
         row["q"], row["k"], row["v"], scale=row["scale"]) for n in (1, 3)]
     np.testing.assert_array_equal(outs[0], outs[1])
     c = dict(op="ggml", bucket="split", k_fmt="F32", v_fmt="F32", flags="plain", mask="none", mask_param=1,
              softcap=0.0, max_bias=0.0, threads=1, scale=0.125, dist="normal", seed=3)
-    a = GC.arrays(c)
+    a = C.menu_arrays(c)
     got = {n: T.make_target("ggml", n, k_format="F32", v_format="F32")(a["q"], a["k"], a["v"], scale=0.125)
            for n in (1, 4)}
     assert not np.array_equal(got[1], got[4])
@@ -186,7 +212,7 @@ def test_thread_count_dependence():
 
 def test_target_api_and_errors():
     f = T.make_target("ggml-unfused", 2)
-    assert (f.declared_precision, f.isa, f.n_threads, f.op) == ("ggml-cpu", "avx2", 2, "soft_max_attn")
+    assert (f.declared_precision, f.isa, f.n_threads, f.op.name) == ("ggml-cpu", "avx2", 2, "soft_max_attn")
     assert callable(f.model)
     q = np.zeros((1, 1, 2, 32), np.float32)
     kv = np.zeros((1, 4, 1, 32), np.float16)
@@ -275,11 +301,11 @@ def test_judge_equal_infinities_are_no_difference():
     model = rng.standard_normal((1, 2, 2, 8))
     g = model.copy()
     model[0, 0, 0, 3] = np.inf
-    r = GC.judge(model.copy(), model, g, V.U16)
+    r = E.judge(model.copy(), model, g, V.U16)
     assert r.ok and r.bitwise == 1.0 and r.emu_units == 0.0
     got = model.copy()
     got[0, 1, 1, 2] = np.inf
-    r = GC.judge(got, model, g, V.U16)
+    r = E.judge(got, model, g, V.U16)
     assert not r.ok and r.emu_units == np.inf and "vs emulation" in r.why
 
 
@@ -374,3 +400,25 @@ def test_record_bad_arguments(tmp_path, argv, field):
     msg = err.getvalue()
     assert rc == 2 and msg.count("\n") == 1 and field in msg and "Traceback" not in msg, msg
     assert not out.exists()
+
+
+def test_python_m_fuzz_menu_target_runs_menu_cases_on_their_own_ops():
+    """``--target ggml --menu ci`` (what ``python -m fuzz.ggml_campaign`` was): the target property draws
+    menu cases, each run on the live target of the op it names and judged by the sharp check; the
+    menu's one coverage table counts every op's calls."""
+    from fuzz import campaign as Cm
+    from fuzz.target_spec import load_target
+
+    t = load_target("ggml", None, "ci")
+    ctx = P.Context(seed=0, target=t, target_spec="ggml")
+    prop = P.get("target")
+    cs = Cm.generate(prop, ctx, 0, 0, 6)
+    assert all(c["bucket"] in S.MENU_BUCKETS and c["op"] in T.TARGETS for c in cs)
+    outs = prop.evaluate(cs, ctx)
+    assert all(o["ok"] and o["checks"] == 2 for o in outs), [o["error"] for o in outs if not o["ok"]]
+    assert sum(t.coverage.values()) == len(cs)
+    assert {k[0] for k in t.coverage} == {T.OPS[c["op"]] for c in cs}
+    with pytest.raises(ValueError, match="^--threads"):
+        load_target("ggml", 2, "ci")
+    with pytest.raises(ValueError, match="^--menu"):
+        load_target("ggml", None, "huge")

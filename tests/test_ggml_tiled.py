@@ -171,17 +171,9 @@ def test_threads_only_regroup_rows():
 
 def _draws(name, n=600, seed=0, **kw):
     from fuzz import ggml_targets as T
+    from fuzz import strategies as S
 
-    rng = np.random.default_rng(seed)
-
-    def draw(spec):
-        if isinstance(spec, tuple) and spec and spec[0] == "int":
-            return int(rng.integers(spec[1], spec[2] + 1))
-        if isinstance(spec, tuple) and spec and spec[0] == "float":
-            return float(rng.uniform(spec[1], spec[2]))
-        if isinstance(spec, tuple) and spec and spec[0] == "p":
-            return bool(rng.random() < spec[1])
-        return spec[int(rng.integers(len(spec)))]
+    draw = S.rng_drawer(np.random.default_rng(seed))
     return [T.draw_case(name, draw, **kw) for _ in range(n)]
 
 
@@ -253,14 +245,16 @@ def test_ggml_020_softcap_padding_bug_is_reproduced_and_real():
     inputs under the 0.25.3 facts are accurate: the error is the padding's, not the path's arithmetic.
     (`python -m fuzz verify` currently PASSes this trace: its ggml-cpu budget is a multiple of the model's
     own error, which carries the bug; the verdict is given, never exit 2.)"""
-    from fuzz import ggml_campaign as GC
     from fuzz import verify_cmd
+    from fuzz.target import Case
+    from jaxkv import ops
 
     t = tr.load(DATA / "ggml020_softcap_pad_bug.gguf")
     assert t.mask is None and t.softcap == 2.0 and t.k.shape[1] % 64 and _path(t) == "tiled"
     np.testing.assert_array_equal(_model(t), np.asarray(t.out))
-    g = GC.golden(dict(q=np.asarray(t.q), scale=t.scale, softcap=t.softcap, mask=None, max_bias=0.0, sinks=None),
-                  dict(k=np.asarray(t.k), v=np.asarray(t.v)))
+    g = ops.get("flash_attn_ext").golden(Case(  # the op's float64 golden over the stored K/V
+        op="flash_attn_ext", q=np.asarray(t.q, np.float64), k=np.asarray(t.k, np.float64),
+        v=np.asarray(t.v, np.float64), scale=t.scale, softcap=t.softcap))
     err_020 = np.abs(np.asarray(t.out, np.float64) - g).max()
     err_025 = np.abs(_model(t, version="0.25.3").astype(np.float64) - g).max()
     assert err_020 > 1e-2 and err_025 < 1e-5, (err_020, err_025)

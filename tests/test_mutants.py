@@ -137,7 +137,7 @@ if __name__ == "__main__":  # python tests/test_mutants.py [seed] [ci|fuzz] [syn
 
 
 def test_chunk_search_outputs_match_the_mutant_kernel():
-    """jaxkv.chunk_search's vectorised outputs (every candidate range at once) equal the independent
+    """jaxkv.verify.chunk_search's vectorised outputs (every candidate range at once) equal the independent
     split-K kernel run with that chunk merged without rescaling; its candidates hold every chunk of
     fixed-size chunkings 16..1024 (ragged last), per region, and ggml's thread split."""
     from jaxkv.verify import chunk_search as cs

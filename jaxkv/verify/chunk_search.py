@@ -1,6 +1,6 @@
 """Search for the split-K chunk a kernel merged without rescaling (float64 numpy, vectorised).
 
-Layout: ``case`` a :class:`jaxkv.mutations.Case` (q [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk],
+Layout: ``case`` a :class:`jaxkv.ops.golden.Case` (q [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk],
 v [B, n_kv, Hkv, Dv]); outputs [B, n_q, H, Dv].
 
 The bug: a kernel splits the KV axis into chunks, computes each chunk's partial state (running max
