@@ -61,6 +61,7 @@ from fuzz.properties_io import save_call
 from fuzz.target import Case, as_target, dense_case
 from jaxkv import attention as A
 from jaxkv import ops
+from jaxkv import verify
 from jaxkv.textsafe import escape
 
 __all__ = ["CHUNK", "Options", "chunk_seed", "generate", "Campaign", "read_records", "summarize", "undecided",
@@ -366,8 +367,6 @@ def _verdict_of_target(a, t, params):
     declaring it (its emulation, its op's golden under ggml-cpu over its stored operands, the sharp
     check), else under ``f32``; ``call`` is ``a`` with K/V as the kernel received them (float16 for a
     ggml-cpu target's F16 storage)."""
-    from jaxkv import verify  # imports the diagnosis: loaded when a first failure is diagnosed, not before
-
     kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
     if t.sharp:
         k, v = P.target_operands(t, params, a)

@@ -38,6 +38,7 @@ from jaxkv import cache as K
 from jaxkv import formats as F
 from jaxkv import ops
 from jaxkv import trace
+from jaxkv import verify
 from fuzz.registry import PROPERTIES, Context, Property, each_case, outcomes  # noqa: F401
 from fuzz.registry import fixed as _s
 from fuzz.registry import outcome as _outcome
@@ -482,8 +483,6 @@ def _trace_files(ctx):
 def _traces_eval(cases, ctx):
     """Each file is one case: every call in it (one for trace v1, one per step of a foreign multi-step
     dump, via trace.load_steps) verified by jaxkv.verify; checks = calls."""
-    from jaxkv import verify
-
     out = []
     for c in cases:
         try:
