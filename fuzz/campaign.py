@@ -34,7 +34,8 @@ failing chunk's run replayed with the shrink phase; the test body raises on a fa
 under ``OUT/failures/`` as a JSON record (property, seed, ids, minimal and original parameters, error,
 diagnosis, replay command, ``--target`` and ``--threads``) plus the arrays of the attention call (trace v1
 ``.gguf`` via ``jaxkv.trace.save`` when available, else ``.npz``). A ``--target`` declaring the
-``ggml-cpu`` precision is diagnosed under it (its emulation, the sharp check), others under ``f32``.
+``ggml-cpu`` precision is diagnosed under it (its emulation, the sharp check), one declaring another
+precision under that one (its op's golden and model; the trace saved as its op's), others under ``f32``.
 """
 
 from __future__ import annotations
@@ -366,7 +367,8 @@ def _verdict_of_target(a, t, params):
     call ``a`` of case ``params`` -> (Verdict, out, call): under the ``ggml-cpu`` precision for a target
     declaring it (its emulation, its op's golden under ggml-cpu over its stored operands, the sharp
     check), else under ``f32``; ``call`` is ``a`` with K/V as the kernel received them (float16 for a
-    ggml-cpu target's F16 storage)."""
+    ggml-cpu target's F16 storage). A target declaring another precision (``f32``, ``f16``, ``f64``) is
+    judged op-generically (:func:`fuzz.properties.declared_verdict`: its op's golden and model)."""
     kw = dict(scale=a["scale"], mask=a["mask"], softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"])
     if t.sharp:
         k, v = P.target_operands(t, params, a)
@@ -377,6 +379,8 @@ def _verdict_of_target(a, t, params):
         return verify.verify_case(c, got, model, t.declared_precision, name="fuzz case", emu=model, emu_unit=unit,
                                   golden=g), got, dict(a, k=k, v=v)
     got = np.asarray(t(a["q"], a["k"], a["v"], **kw), np.float32)
+    if t.declared_precision is not None:
+        return P.declared_verdict(t, a, got, kw), got, a
     c = Case(q=a["q"], k=a["k"], v=a["v"], op=ops.get("flash_attn_ext").name, mask=a["mask"],
                        sinks=a["sinks"], scale=float(a["scale"]), softcap=float(a["softcap"]),
                        max_bias=float(a["max_bias"]))
@@ -403,8 +407,9 @@ def _kernel_artifacts(base: pathlib.Path, params, padded, kernel, producer):
                     localization=d.get("localization"), worst=d.get("worst"), nmse=d.get("nmse"),
                     max_abs=d.get("max_abs"))
         if v.status == "fail" or which != "case":
+            op = t.op.name if t.declared_precision is not None and not t.sharp and t.op is not None else None
             try:
-                return save_call(base.with_suffix(".gguf"), a, None, producer=producer, out=got), which, diag
+                return save_call(base.with_suffix(".gguf"), a, None, producer=producer, out=got, op=op), which, diag
             except Exception as e:  # not representable as a trace
                 np.savez(base.with_suffix(".npz"), out=got, **{k: np.asarray(x) for k, x in a.items() if x is not None})
                 return str(base.with_suffix(".npz")), which, dict(diag, trace_error=str(e)[:200])

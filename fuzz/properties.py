@@ -11,6 +11,9 @@ Tolerances: a float32 kernel vs the float64 golden within the a-priori elementwi
 of :mod:`fuzz.bounds` (derived from the case's own inputs, docs/tolerance.md "Fuzz budgets");
 a ``--target`` declaring the ``ggml-cpu`` precision (fuzz.ggml_targets) vs its emulation and the golden
 over its stored operands with jaxkv.verify's ggml-cpu budget and sharp check (fuzz.engine.judge);
+a ``--target`` declaring another precision (``f32``, ``f16``, ``f64``) op-generically, on the case's own
+call, by jaxkv.verify's judge: its op's judged golden and its op's model for that precision, the budget
+derived from them (:func:`declared_verdict`; a failure is what ``jaxkv verify`` says of the saved trace);
 algebraic laws that hold exactly in IEEE arithmetic (identity, commutativity of ``merge``, byte equality
 of quantizers with the ``gguf`` package, cache bookkeeping) are checked exactly.
 """
@@ -45,7 +48,8 @@ from fuzz.registry import outcome as _outcome
 from fuzz.registry import register as _register
 
 __all__ = ["Property", "Context", "PROPERTIES", "get", "available", "outcomes", "each_case",
-           "target_operands", "ggml_cpu_reference", "target_call", "sharp_case", "check_sharp"]
+           "target_operands", "ggml_cpu_reference", "target_call", "sharp_case", "check_sharp", "not_taken",
+           "declared_trace", "declared_verdict"]
 
 
 def _fmt_metrics(m):
@@ -570,6 +574,11 @@ class _TargetRunner:
                 t, view = self.t.for_case(c)
                 yield i, self._ggml_cpu(t, view, t.case_arrays(c))
             return
+        if self.t.declared_precision is not None and not self.t.sharp:  # op-generic: verify's judge
+            own = self.t.case_arrays or C.attention_arrays  # the case's own (unpadded) call
+            for i, c in enumerate(cases):
+                yield i, self._declared(self.t, c, own(c))
+            return
         groups = {}
         for i, c in enumerate(cases):
             groups.setdefault(_target_key(c), []).append(i)
@@ -621,6 +630,51 @@ class _TargetRunner:
         return _outcome(r.ok, 2, None if r.ok else f"target (ggml-cpu model): {r.why}",
                         target=dict(bitwise=r.bitwise, emu_units=r.emu_units, nmse=r.nmse,
                                     budget_nmse=r.budget_nmse, nmse_model=r.nmse_model))
+
+
+    @staticmethod
+    def _declared(t, c, a):
+        kw = _target_call_kw(a, c["sinks"])
+        got, bad = _TargetRunner._call(t, a, a["k"], a["v"], kw)
+        if bad:
+            return bad
+        want = tuple(np.shape(a["q"])[:3]) + (np.shape(a["v"])[-1],)
+        if got.shape != want:
+            return _outcome(False, 1, f"target output shape {list(got.shape)} != {list(want)}")
+        v = declared_verdict(t, a, got, kw, diagnose=False)
+        e, b = v.errors, v.budget
+        m = dict(status=v.status, nmse=e.nmse, max_abs=e.max_abs, nan_count=e.nan_count, budget_nmse=b.nmse,
+                 budget_max_abs=b.max_abs, model=b.model, vacuous=v.status == "undecided")
+        ok = v.status != "fail"
+        return _outcome(ok, 1, None if ok else f"target ({v.precision} model of {t.op.name if t.op else 'flash_attn_ext'}): "
+                        f"nmse {e.nmse:.3g} (budget {b.nmse:.3g}), max_abs {e.max_abs:.3g} (budget {b.max_abs:.3g}), "
+                        f"NaN {e.nan_count}", target=m)
+
+
+def declared_trace(t, a, out, kw=None) -> trace.Trace:
+    """The in-memory :class:`jaxkv.trace.Trace` of a call of target ``t`` (the arrays ``a``: q
+    [B, n_q, H, Dk], k [B, n_kv, Hkv, Dk], v [B, n_kv, Hkv, Dv], mask [B|1, H|1, n_q, n_kv] or None, sinks
+    [H] or None; ``kw``: the keywords the kernel was called with, default :func:`_target_call_kw`'s) and
+    its output ``out`` [B, n_q, H, Dv]: its op (``t.op``, default flash_attn_ext), K/V as the target
+    stores them (``t.prepare``), ``n_threads`` of the target, no file."""
+    kw = _target_call_kw(a, a.get("sinks") is not None) if kw is None else kw
+    op = t.op or ops.get("flash_attn_ext")
+    st = t.prepare(a["k"], a["v"]) if t.prepare is not None else dict(k=a["k"], v=a["v"])
+    return trace.Trace(path=None, op=op.name, producer=f"fuzz --target {t.name}", scale=float(kw["scale"]),
+                       max_bias=float(kw["max_bias"]), softcap=float(kw["softcap"]), n_threads=int(t.n_threads),
+                       kv_order="cold,hot" if op.kv_regions else None, metadata={}, q=np.asarray(a["q"]),
+                       out=np.asarray(out), mask=None if kw["mask"] is None else np.asarray(kw["mask"]),
+                       sinks=None if kw["sinks"] is None else np.asarray(kw["sinks"]), **st)
+
+
+def declared_verdict(t, a, out, kw=None, *, diagnose: bool = True, name: str = "fuzz case"):
+    """The :class:`jaxkv.verify.Verdict` of a target declaring a precision that is not bit-faithful
+    (``f32``, ``f16``, ``f64``: op-generic judging): :func:`jaxkv.verify.verify_trace` of
+    :func:`declared_trace` under ``t.declared_precision``, i.e. the op's judged golden
+    (``op.judged_golden``), its model for that precision (``op.model``) and the budget derived from
+    them (``jaxkv.budget.derive_budget``) -- exactly what ``jaxkv verify --precision P`` gives the
+    saved trace. No sharp check (that needs the bit-faithful ``ggml-cpu`` model: ``Target.model``)."""
+    return verify.verify_trace(declared_trace(t, a, out, kw), t.declared_precision, name=name, diagnose=diagnose)
 
 
 class _TargetRaised(Exception):
@@ -693,13 +747,25 @@ def _target_eval(cases, ctx):
     return out
 
 
+#: the case vocabulary's optional operands -> what an op must take (a role or parameter) to be given them
+OPTIONAL_OPERANDS = (("softcap", "softcap"), ("sinks", "sinks"), ("alibi", "max_bias"), ("mask", "mask"))
+
+
+def not_taken(op) -> tuple:
+    """The optional operands of the case vocabulary (:data:`OPTIONAL_OPERANDS`) that ``op`` (a
+    :class:`jaxkv.ops.Op`, or None: every operand taken) does not take (``op.takes``)."""
+    return () if op is None else tuple(x for x, what in OPTIONAL_OPERANDS if not op.takes(what))
+
+
 def _target_strategy(ctx):
     """Attention cases for the --target kernel, without the operands it declares unsupported
-    (``unsupported``: e.g. ggml-unfused's ('softcap', 'sinks'))."""
+    (``unsupported``: e.g. ggml-unfused's ('softcap', 'sinks')) or, when it declares none, those its op
+    does not take (:func:`not_taken`; ``mask`` not taken: only unmasked cases)."""
     if ctx.target.case_strategy is not None:  # fuzz.ggml_targets: its own wide cases
         return ctx.target.case_strategy()
-    no = set(ctx.target.unsupported)
-    return S.attention_case(softcap="softcap" not in no, sinks="sinks" not in no, alibi="alibi" not in no)
+    no = set(ctx.target.unsupported or not_taken(ctx.target.op))
+    kw = dict(masks=("none",)) if "mask" in no else {}
+    return S.attention_case(softcap="softcap" not in no, sinks="sinks" not in no, alibi="alibi" not in no, **kw)
 
 
 def _need_target(ctx):
@@ -796,7 +862,8 @@ _register(Property(
     None, _traces_eval, enabled=_need_traces, files=_trace_files, batch=1))
 _register(Property(
     "target", "the --target kernel vs the f64 reference within the f32 error bound (a target declaring the "
-    "ggml-cpu precision: vs its emulation with jaxkv.verify's ggml-cpu budget)",
+    "ggml-cpu precision: vs its emulation with jaxkv.verify's ggml-cpu budget; another precision: its op's "
+    "golden and model for it, jaxkv.verify's budget)",
     _target_strategy, _target_eval, call=target_call, enabled=_need_target, stream=_target_stream))
 
 

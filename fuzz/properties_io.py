@@ -249,13 +249,13 @@ def _robust_check(c) -> dict:
     return _outcome(True, 1)
 
 
-def save_call(path, a, ctx, producer=None, out=None) -> str:
+def save_call(path, a, ctx, producer=None, out=None, op=None) -> str:
     """Save an attention call ``a`` and a kernel's output on it (``out``; None: the --target of ``ctx``
-    on ``a``) as a trace v1 file."""
+    on ``a``) as a trace v1 file of op ``op`` (None: the op its roles say, ``jaxkv.ops.infer``)."""
     if out is None:
         out = np.asarray(ctx.target(a["q"], a["k"], a["v"], scale=a["scale"], mask=a["mask"],
                                     softcap=a["softcap"], max_bias=a["max_bias"], sinks=a["sinks"]), np.float32)
-    T.save(path, q=a["q"], k=a["k"], v=a["v"], mask=a["mask"], sinks=a["sinks"], out=out,
+    T.save(path, op=op, q=a["q"], k=a["k"], v=a["v"], mask=a["mask"], sinks=a["sinks"], out=out,
            scale=float(a["scale"]), softcap=float(a["softcap"]), max_bias=float(a["max_bias"]),
            producer=producer or f"fuzz --target {ctx.target_spec}")
     return str(path)

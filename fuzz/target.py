@@ -22,7 +22,7 @@ from jaxkv import formats as F
 from jaxkv import ops
 from jaxkv.ops.golden import Case  # the dense case the ops' goldens take (fuzz's one import of it)
 
-__all__ = ["Target", "as_target", "ATTRIBUTES", "Case", "dense_operands", "dense_case"]
+__all__ = ["Target", "as_target", "check_declared", "ATTRIBUTES", "Case", "dense_operands", "dense_case"]
 
 #: the attributes a user's function may declare (read once by :func:`as_target`)
 ATTRIBUTES = ("name", "op", "declared_precision", "model", "n_threads", "isa", "version", "llamafile",
@@ -36,7 +36,9 @@ class Target:
     - ``name``: how the campaign names it (``ggml``, ``fuzz.targets:flash_decode``, ...); ``fn``: the
       kernel; ``op``: the :class:`jaxkv.ops.Op` it implements (None: a plain attention kernel).
     - ``declared_precision``: the precision model it claims (``ggml-cpu``: judged per case against
-      ``model``, its emulation with the same signature, by jaxkv.verify's budget and sharp check).
+      ``model``, its emulation with the same signature, by jaxkv.verify's budget and sharp check;
+      another, e.g. ``f32``: by jaxkv.verify's judge on its op's golden and model for it,
+      :func:`fuzz.properties.declared_verdict`; None: the a-priori f32 bound of :mod:`fuzz.bounds`).
     - ``n_threads``, ``isa``, ``version``, ``llamafile``: the build facts of a live-ggml kernel.
     - ``unsupported``: optional operands it refuses (``softcap``, ``sinks``, ``alibi``): never drawn.
     - ``prepare(k, v) -> dict``: the storage it gives k and v (the golden is over the stored values).
@@ -111,8 +113,27 @@ def as_target(fn, name: str | None = None) -> Target | None:
             kw[a] = tuple(x)
         elif a != "name":
             kw[a] = x
-    return Target(name=str(declared.get("name") or name or getattr(fn, "__name__", "target")), fn=fn,
-                  doc=getattr(fn, "__doc__", None) or "", **kw)
+    t = Target(name=str(declared.get("name") or name or getattr(fn, "__name__", "target")), fn=fn,
+               doc=getattr(fn, "__doc__", None) or "", **kw)
+    check_declared(t)
+    return t
+
+
+def check_declared(t: Target) -> None:
+    """A target's declared precision must be a registered one its op has a model for (``ggml-cpu``, the
+    bit-faithful model: the target's own emulation ``model``); ValueError with one line naming the
+    field otherwise (``op 'x' has no 'f16' model``)."""
+    if t.declared_precision is None:
+        return
+    p = ops.precision(t.declared_precision, "declared_precision")
+    if p.sharp:
+        if t.model is None:
+            raise ValueError(f"declared_precision {p.name!r} is bit-faithful: the target must give its "
+                             f"emulation as 'model'")
+        return
+    op = t.op or ops.get("flash_attn_ext")
+    if p.name not in op.models:
+        raise ValueError(f"op {op.name!r} has no {p.name!r} model")
 
 
 def dense_operands(st) -> tuple:

@@ -1,13 +1,10 @@
 """The typed fuzz target (fuzz.target.Target): a user's MODULE:FUNCTION function is wrapped once at the
-edge (its declared attributes read there, nothing probed later), ``--target`` specs load as Targets, and
-an op registered in a test alone gets a fuzz target (the op is one registry entry)."""
+edge (its declared attributes read there, nothing probed later) and ``--target`` specs load as Targets.
+(An op registered in a test alone gets a fuzz target: tests/test_toy_op.py.)"""
 
-import dataclasses
 
-import numpy as np
 import pytest
 
-from fuzz import campaign as Cm
 from fuzz import properties as P
 from fuzz import targets
 from fuzz.target import Target, as_target
@@ -43,26 +40,3 @@ def test_load_target_and_context_give_targets():
         load_target("fuzz.targets:flash_decode", None, "ci")
     with pytest.raises(ValueError, match="^--threads"):
         load_target("fuzz.targets:flash_decode", 2)
-
-
-def test_a_toy_op_gets_a_fuzz_target_without_library_code():
-    """An op registered here (a copy of flash_attn_ext's semantics under another name) and a kernel
-    declaring it: the ``target`` property draws cases for it and judges them (f32 bound: the kernel
-    declares no bit-faithful model)."""
-    toy = dataclasses.replace(ops.get("flash_attn_ext"), name="toy_attn", target=None, file_tag="toy")
-    ops.register(toy)
-    try:
-        def kern(q, k, v, **kw):
-            return targets.numpy_attention(q, k, v, **kw)
-
-        kern.op = "toy_attn"
-        ctx = P.Context(seed=0, target=kern, target_spec="test:kern")
-        assert ctx.target.op is toy
-        prop = P.get("target")
-        cs = Cm.generate(prop, ctx, 0, 0, 4)
-        outs = prop.evaluate(cs, ctx)
-        assert len(outs) == 4 and all(o["ok"] and o["checks"] == 1 for o in outs), outs
-        a = P.target_call(cs[0], ctx)
-        assert np.asarray(a["q"]).ndim == 4
-    finally:
-        ops.op.unregister("toy_attn")
