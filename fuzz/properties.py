@@ -548,8 +548,9 @@ class _TargetRunner:
     bucket; a target that does not trace (numpy code) is called once per case on the padded arrays, its
     verdicts streamed case by case. A ``ggml-cpu`` target (``Target.sharp``) is judged per case against
     its own emulation and its op's golden over its stored operands (:func:`fuzz.engine.judge`:
-    jaxkv.verify's budget and sharp emulation check) instead of the f32 error bound; a target whose
-    cases name their own op (``Target.resolve``: the ggml menus) runs each on the target it names.
+    jaxkv.verify's budget and sharp emulation check) instead of the f32 error bound; a target declaring
+    another precision is judged case by case on the case's own call by its op's golden and model for
+    that precision (:func:`declared_verdict`); a target whose cases name their own op (``Target.resolve``: the ggml menus) runs each on the target it names.
     One runner per :class:`Context` (``ctx.runner``)."""
 
     def __init__(self, target):
