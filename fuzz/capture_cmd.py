@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
+from jaxkv import cli
 from jaxkv import formats as F
 from jaxkv.cli import Parser, UsageError
 
@@ -34,9 +35,8 @@ _FLOAT_CACHE = tuple(F.ggml_name(t) for t in F.KV_TYPES if t not in F.BLOCK_KV_T
 
 
 def _prog() -> str:
-    """How the user invoked this subcommand: ``python -m fuzz capture`` or ``jaxkv capture`` (the name
-    of the running script)."""
-    return "jaxkv capture" if os.path.basename(sys.argv[0] or "") == "jaxkv" else "python -m fuzz capture"
+    """How the user invoked this subcommand (:func:`jaxkv.cli.prog`)."""
+    return cli.prog("capture")
 
 
 _UsageError, _Parser = UsageError, Parser  # one line, exit 2, no usage dump

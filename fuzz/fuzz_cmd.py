@@ -11,6 +11,7 @@ import sys
 
 import jax
 
+from jaxkv import cli
 from fuzz import properties as P
 from fuzz.campaign import Campaign, Options
 from fuzz.properties import cache_pairs
@@ -32,7 +33,7 @@ def _parser():
         def error(self, message):
             raise UsageError(message)
 
-    p = Parser(prog="python -m fuzz", description="Fuzz campaigns over jaxkv's properties and kernels.",
+    p = Parser(prog=cli.prog("fuzz"), description="Fuzz campaigns over jaxkv's properties and kernels.",
                epilog="subcommands (python -m fuzz SUB --help; the same as jaxkv SUB): " + " | ".join(
                    n for n in COMMANDS if n != "fuzz"),
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,13 +190,13 @@ def campaign_main(argv) -> int:
     try:
         return _campaign(list(argv))
     except UsageError as e:
-        print(f"python -m fuzz: error: {_line(e)}", file=sys.stderr)
+        print(f"{cli.prog('fuzz')}: error: {_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:
-        print(f"python -m fuzz: error: {_line(e)}", file=sys.stderr)
+        print(f"{cli.prog('fuzz')}: error: {_line(e)}", file=sys.stderr)
         return 2
     except (OSError, MemoryError) as e:  # the file system or the machine refused: one line, no traceback
-        print(f"python -m fuzz: error: {type(e).__name__}: {_line(e)}", file=sys.stderr)
+        print(f"{cli.prog('fuzz')}: error: {type(e).__name__}: {_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+from jaxkv import cli
 from fuzz import cases as C
 from fuzz import strategies as S
 from jaxkv import formats as F
@@ -47,7 +48,7 @@ _UsageError, _Parser = UsageError, Parser  # one line, exit 2, no usage dump
 
 
 def _parser():
-    p = _Parser(prog="python -m fuzz record", description=__doc__.splitlines()[0])
+    p = _Parser(prog=cli.prog('record'), description=__doc__.splitlines()[0])
     p.add_argument("--op", required=True, choices=OPS)
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--k-format", default="F16", type=str.upper, choices=FORMATS)
@@ -168,11 +169,11 @@ def main(argv=None) -> int:
         fields = record(a)
         path = TR.save(a.out, **fields)
     except _UsageError as e:
-        print(f"python -m fuzz record: error: {e}", file=sys.stderr)
+        print(f"{cli.prog('record')}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:  # OracleInputError / TraceError are ValueErrors
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"python -m fuzz record: error: {msg}", file=sys.stderr)
+        print(f"{cli.prog('record')}: error: {msg}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({fields['producer']})")
     return 0

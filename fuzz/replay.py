@@ -20,6 +20,7 @@ import json
 import pathlib
 import sys
 
+from jaxkv import cli
 from fuzz import properties as P
 from fuzz import schema
 from fuzz.campaign import format_summary, generate, partition_view, read_records, summarize
@@ -178,7 +179,7 @@ def _parse(argv):
         def error(self, message):  # a ValueError: python -m fuzz prints it as one line, exit 2
             raise ValueError(f"replay: {message} (usage: python -m fuzz replay FILE [--target SPEC])")
 
-    p = Parser(prog="python -m fuzz replay")
+    p = Parser(prog=cli.prog('replay'))
     p.add_argument("file")
     p.add_argument("--target", default=None, help="the kernel to replay a target record with (never taken "
                                                   "from the record)")

@@ -18,6 +18,7 @@ import pathlib
 import sys
 import warnings
 
+from jaxkv import cli
 from jaxkv import report
 from jaxkv import trace as tr
 from jaxkv import verify as vf
@@ -40,7 +41,7 @@ class _NoTraces(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fuzz verify", description=__doc__.splitlines()[0])
+    p = _Parser(prog=cli.prog('verify'), description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", metavar="TRACE_OR_DIR")
     p.add_argument("--precision", default="auto", choices=vf.PRECISIONS,
                    help="declared precision model of the kernel (default: from trace.producer)")

@@ -29,7 +29,7 @@ import sys
 
 from jaxkv.textsafe import escape
 
-__all__ = ["Command", "COMMANDS", "UsageError", "Parser", "one_line", "run", "main"]
+__all__ = ["Command", "COMMANDS", "UsageError", "Parser", "prog", "one_line", "run", "main"]
 
 
 class UsageError(Exception):
@@ -64,6 +64,15 @@ COMMANDS: dict[str, Command] = {
     "ggml-replay": Command("jaxkv.oracles.ggml_replay", "main", "re-run a trace through live ggml"),
     "bench": Command("benchmarks.__main__", "main", "run the benchmarks (source checkout)"),
 }
+
+
+def prog(sub: str | None = None) -> str:
+    """How the user invoked a subcommand, for usage lines and errors: ``jaxkv SUB`` when the running
+    script is the ``jaxkv`` console script, else ``python -m fuzz SUB`` (``python -m fuzz`` alone for
+    the campaign, its default subcommand)."""
+    if os.path.basename(sys.argv[0] or "") == "jaxkv":
+        return f"jaxkv {sub}" if sub else "jaxkv"
+    return "python -m fuzz" if sub in (None, "fuzz") else f"python -m fuzz {sub}"
 
 
 def one_line(e: BaseException) -> str:

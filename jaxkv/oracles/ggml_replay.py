@@ -27,6 +27,7 @@ import sys
 import gguf
 import numpy as np
 
+from jaxkv import cli
 from jaxkv import budget, formats, layout, ops
 from jaxkv import trace as _structure
 from jaxkv.textsafe import escape
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
             print(f"python -m jaxkv.oracles.ggml_replay: error: {escape(message)}", file=sys.stderr)
             sys.exit(2)
 
-    p = Parser(prog="python -m jaxkv.oracles.ggml_replay")
+    p = Parser(prog=cli.prog('ggml-replay'))
     p.add_argument("files", nargs="+")
     p.add_argument("--threads", type=int, default=None, help="n_threads (default: the trace's)")
     p.add_argument("--max-elements", type=int, default=MAX_ELEMENTS,
