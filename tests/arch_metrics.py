@@ -18,12 +18,14 @@ purpose and are not scanned). Printed per module, then totals:
     ``nmse=`` / ``_nmse=`` whose value is a division (a ratio of squared sums computed in place);
     type names, outside ``jaxkv/formats.py`` (the type table; its names and block types read from its
     ``_fmt(...)`` rows, its K/V types from its ``KV_TYPES`` literal). A *name list* is a literal tuple /
-    list / set, or a comma-joined string constant (a CLI default such as ``"q8_0,q4_0"``), holding two or
-    more distinct type names (any case), at least one a block type. Three figures:
+    list / set holding two or more distinct type names (any case), at least one a block type. Three
+    figures:
     ``type-list``: name lists that are not documented selections (the figure tracked since the issue);
-    ``type-copy``: copies of the type table among them: a name list naming at least half of the K/V types
-    or every block K/V type, and a dict literal keyed by two or more type names (one a block type) whose
-    values are all integer constants (type ids: the table's own column);
+    ``type-copy``: copies of the type table: a name list naming at least half of the K/V types or every
+    block K/V type; a comma-joined string constant of type names only (a CLI default) doing the same
+    (shorter ones, such as ``"q8_0,q4_0"``, are argument values, counted nowhere); a dict literal keyed
+    by two or more type names (one a block type) whose values are all integer constants (type ids: the
+    table's own column);
     ``type-selection``: documented selections, reported and allowed: calls ``selection(reason, names)``
     (``jaxkv.formats.selection``: it needs a non-empty reason and checks every name against ``KV_TYPES``
     when the module is imported); the name lists inside one call count once, as that call.
@@ -145,11 +147,15 @@ def _nmse_sites(tree) -> list[int]:
 
 
 def _names_in(n, names) -> set[str] | None:
-    """The distinct type names of a name-list candidate ``n`` (a literal collection, or a comma-joined
-    string constant of type names only), else None."""
+    """The distinct type names of a literal tuple / list / set ``n``, else None."""
     if isinstance(n, (ast.Tuple, ast.List, ast.Set)):
         return {e.value.lower() for e in n.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
                 and e.value.lower() in names}
+    return None
+
+
+def _names_in_string(n, names) -> set[str] | None:
+    """The distinct type names of a comma-joined string constant of type names only, else None."""
     if isinstance(n, ast.Constant) and isinstance(n.value, str) and "," in n.value:
         parts = {x.strip().lower() for x in n.value.split(",")}
         return parts if parts <= names else None
@@ -175,10 +181,12 @@ def _type_lists(tree, names, blocks, kv) -> dict[str, list[int]]:
                     isinstance(v, ast.Constant) and type(v.value) is int for v in n.values)):
                 out["type-copy"].append(n.lineno)
             continue
-        found = _names_in(n, names)
+        joined = _names_in_string(n, names)
+        found = joined if joined is not None else _names_in(n, names)
         if id(n) in documented or not found or len(found) < 2 or not found & blocks:
             continue
-        out["type-list"].append(n.lineno)
+        if joined is None:
+            out["type-list"].append(n.lineno)
         if 2 * len(found & kv) >= len(kv) or kv_blocks <= found:
             out["type-copy"].append(n.lineno)
     return out
