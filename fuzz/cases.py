@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from fuzz.strategies import FLAGSETS, MENU_BUCKETS, PAD_B, PAD_D, PAD_NQ
-from jaxkv import ops
+from jaxkv import ops, outliers
 
 __all__ = ["menu_values", "menu_mask", "menu_arrays", "DISTRIBUTIONS", "draw_values", "store", "masked_keys", "make_mask", "attention_arrays",
            "pad_attention", "scale_of"]
@@ -33,11 +33,7 @@ def _normal(rng, shape):
 
 
 def _outlier(rng, shape):
-    x = rng.standard_normal(shape)
-    d = shape[-1]
-    ch = rng.choice(d, size=max(1, d // 16), replace=False)
-    x[..., ch] *= 50.0
-    return x
+    return outliers.FUZZ.apply(rng, rng.standard_normal(shape))
 
 
 def _big(rng, shape):
@@ -188,12 +184,11 @@ def pad_attention(c, a=None) -> dict:
 
 
 def menu_values(rng, shape, dist):
-    """float32 [shape] for the live-ggml case menus (normal; outlier: 1/16 of the channels x30; uniform;
-    big: x40)."""
+    """float32 [shape] for the live-ggml case menus (normal; outlier: jaxkv.outliers.MENU, 1/16 of the
+    channels x30; uniform; big: x40)."""
     x = rng.standard_normal(shape)
     if dist == "outlier":
-        ch = rng.choice(shape[-1], size=max(1, shape[-1] // 16), replace=False)
-        x[..., ch] *= 30.0
+        x = outliers.MENU.apply(rng, x)
     elif dist == "uniform":
         x = rng.uniform(-1, 1, shape)
     elif dist == "big":

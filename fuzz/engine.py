@@ -17,7 +17,6 @@ computed inside the program (:func:`stats`) over the case's real output region.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 
 import jax
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxkv.budget import FACTOR, FLOOR_UNITS, U16, U32, derive_budget, emu_check, errors, nmse
+from jaxkv.budget import FACTOR, FLOOR_UNITS, U32, derive_budget, emu_check, errors, nmse, nmse_from_sums
+from jaxkv.ops.family import acc_unit  # the sharp check's unit (re-exported: fuzz.engine.acc_unit)
 
 __all__ = ["BATCH", "CompileCounter", "COMPILES", "differences", "stats", "verdict", "Batched", "tree_stack",
            "Result", "judge", "acc_unit"]
@@ -82,19 +82,11 @@ def stats(got, ref, valid):
     return jnp.stack([jnp.sum(d * d), jnp.sum(rf * rf), jnp.max(d), nan, jnp.max(jnp.abs(rf))])
 
 
-def _nmse(e2, power):
-    if e2 == 0:
-        return 0.0
-    if power == 0 or not math.isfinite(e2):
-        return math.inf
-    return e2 / power
-
-
 def verdict(got_stats, model_stats, factor: float = FACTOR) -> tuple[bool, dict]:
     """(ok, metrics) of a kernel from its :func:`stats` against the golden and the honest model's."""
     e2, power, mx, nan, gmax = (float(x) for x in got_stats)
     me2, mpower, mmx, _, _ = (float(x) for x in model_stats)
-    nmse, model_nmse = _nmse(e2, power), _nmse(me2, mpower)
+    nmse, model_nmse = nmse_from_sums(e2, power), nmse_from_sums(me2, mpower)
     b_nmse = factor ** 2 * model_nmse + (FLOOR_UNITS * U32) ** 2
     b_max = factor * mmx + FLOOR_UNITS * U32 * max(gmax, _TINY)
     ok = nan == 0 and nmse <= b_nmse and mx <= b_max
@@ -149,12 +141,6 @@ def judge(got, model, g, unit, unfused_dead=None) -> Result:
         nm = nmse(np.nan_to_num(got), np.nan_to_num(model))
     return Result(ok=not why, bitwise=float(same.mean()), nmse_model=nm, emu_units=emu.units, nmse=e.nmse,
                   budget_nmse=budget.nmse, why="; ".join(why) or None)
-
-
-def acc_unit(kv_f16: bool, v_f16: bool) -> float:
-    """The sharp check's unit (jaxkv.verify.acc_unit's rule): ``U16`` when ggml accumulates V in F16 (an
-    op rounding its KV cache to F16, or F16 V), ``U32`` otherwise."""
-    return U16 if kv_f16 or v_f16 else U32
 
 
 def tree_stack(items):

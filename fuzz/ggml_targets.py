@@ -71,8 +71,6 @@ _BLOCK = tuple(F.ggml_name(t) for t in F.BLOCK_KV_TYPES)
 _KV_NAMES = tuple(F.ggml_name(t) for t in F.KV_TYPES)
 #: optional operands a target may refuse (an op that does not take one never gets it drawn)
 OPTIONAL = ("softcap", "sinks")
-#: op name -> the ggml path name of an op with its own path (the rest: jaxkv.ggml_cpu.path's rule)
-OWN_PATH = {"soft_max_attn": "unfused"}
 #: target name -> trace op (the ops of jaxkv.ops that name a live-ggml target)
 OPS = {o.target: o.name for o in ops.OPS.values() if o.target}
 TARGETS = tuple(OPS)
@@ -386,7 +384,7 @@ def _tname(x) -> str:
 
 def coverage_key(name, q_shape, st, isa_name, version, n_threads) -> tuple:
     """(op, ggml path, K type, V type, n_threads) of one call of target ``name`` on the storage ``st``
-    (:func:`prepare`): the path by jaxkv.ggml_cpu.path's rule, or the op's own (:data:`OWN_PATH`:
+    (:func:`prepare`): the path by jaxkv.ggml_cpu.path's rule, or the op's own (``Op.ggml_path``:
     "unfused" for ggml-unfused); the F16 KV cache of an ``op.kv_f16`` op (the mixed cache: its
     concatenated F16 K/V decide its path) names its types "cold+f16"."""
     op = _op(name)
@@ -394,11 +392,11 @@ def coverage_key(name, q_shape, st, isa_name, version, n_threads) -> tuple:
     if op.kv_f16:
         n_kv = int(st["k_cold"].shape[1]) + int(st["k_hot"].shape[1])
         dv = int(st["v_hot"].shape[-1])
-        path = OWN_PATH.get(op.name) or M.path(n_q, B, "f16", "f16", n_kv, dv, isa_name, version)
+        path = op.ggml_path or M.path(n_q, B, "f16", "f16", n_kv, dv, isa_name, version)
         return op.name, path, _tname(st["k_cold"]) + "+f16", _tname(st["v_cold"]) + "+f16", n_threads
     kt, vt = _tname(st["k"]), _tname(st["v"])
     n_kv, dv = int(st["k"].shape[1]), int(st["v"].shape[-1])
-    path = OWN_PATH.get(op.name) or M.path(n_q, B, kt, vt, n_kv, dv, isa_name, version)
+    path = op.ggml_path or M.path(n_q, B, kt, vt, n_kv, dv, isa_name, version)
     return op.name, path, kt, vt, n_threads
 
 

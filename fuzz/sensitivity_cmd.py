@@ -31,8 +31,16 @@ import pathlib
 import sys
 import time
 
+import jax
+
 from fuzz import sensitivity_plots, sensitivity_traces
+from jaxkv import sensitivity as sens
 from jaxkv.textsafe import escape
+
+try:  # private API (it may move): whether JAX's backend has started
+    from jax._src import xla_bridge as _xla_bridge
+except ImportError:
+    _xla_bridge = None
 
 __all__ = ["main", "MAX_LEN", "MAX_HEAD_DIM", "MAX_SAMPLES", "MAX_WORK"]
 
@@ -53,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fuzz sensitivity", description=__doc__.splitlines()[0])
-    p.add_argument("--formats", default="q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl",
+    p.add_argument("--formats", default=",".join(sens.DEFAULT_FORMATS),
                    help="formats for K and V (comma list)")
     p.add_argument("--k-format", default=None, help="K formats (comma list); with --v-format: cross product")
     p.add_argument("--v-format", default=None, help="V formats (comma list)")
@@ -101,12 +109,10 @@ def _bounded(vals: list[int], field: str, hi: int) -> list[int]:
 
 
 def _set_devices(n: int) -> None:
-    """Ask for n CPU devices before JAX's backend starts (no-op when it already has started)."""
-    import jax
-
+    """Ask for n CPU devices before JAX's backend starts (no-op when it already has started; importing
+    jax and jaxkv does not start it)."""
     try:
-        from jax._src import xla_bridge
-        started = xla_bridge.backends_are_initialized()
+        started = _xla_bridge.backends_are_initialized()
     except Exception:  # private API moved: assume started, make_mesh reports any shortfall
         started = True
     if not started and n > 1:
@@ -217,8 +223,6 @@ def main(argv: list[str]) -> int:
                 raise _UsageError(f"--devices: expected a positive integer, got {args.devices!r}")
             devices = dv[0]
             _set_devices(devices)
-        from jaxkv import sensitivity as sens
-
         if samples[0] > MAX_SAMPLES:
             raise _UsageError(f"--samples: expected at most {MAX_SAMPLES}, got {samples[0]}")
         kv_lens = _bounded(_ints(args.kv_len, "--kv-len"), "--kv-len", MAX_LEN)

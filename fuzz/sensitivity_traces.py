@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser():
     p = _Parser(prog=_PROG, description=__doc__.splitlines()[0])
     p.add_argument("--from-traces", required=True, metavar="DIR")
-    p.add_argument("--formats", default="q8_0,q4_0")
+    p.add_argument("--formats", default=",".join(RS.STUDY_FORMATS))
     p.add_argument("--hot-window", default="0,32")
     p.add_argument("--compare", default=None, metavar="LABEL=DIR,...")
     p.add_argument("--threads", default="1,2,4,8")

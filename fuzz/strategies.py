@@ -224,10 +224,16 @@ _KINDS = (_FA.target, _FA.target, "split") + tuple(o.target for o in ops.OPS.val
 #: menus of what a case may draw: 'ci' keeps the number of distinct compiled model programs small
 MENUS = {
     "ci": dict(
-        pairs=(("F16", "F16"), ("F32", "F32"), ("Q8_0", "Q8_0"), ("Q4_0", "Q4_0"), ("Q4_1", "Q5_0"),
-               ("Q5_1", "IQ4_NL"), ("F16", "Q8_0"), ("IQ4_NL", "F32")),
-        mixed_pairs=(("Q4_0", "Q4_0"), ("Q8_0", "Q5_1")),
-        unfused_k=("F16", "Q8_0", "IQ4_NL"),
+        pairs=F.selection(
+            "ci: every K/V type at least once in 8 pairs (few compiled model programs): the floats and the "
+            "two common llama.cpp cache types same-typed, the other block types paired with each other, "
+            "a float K with block V and a block K with float V",
+            (("F16", "F16"), ("F32", "F32"), ("Q8_0", "Q8_0"), ("Q4_0", "Q4_0"), ("Q4_1", "Q5_0"),
+             ("Q5_1", "IQ4_NL"), ("F16", "Q8_0"), ("IQ4_NL", "F32"))),
+        mixed_pairs=F.selection("ci: the mixed cache's cold region with one block type for K and V, and "
+                                "with two different ones", (("Q4_0", "Q4_0"), ("Q8_0", "Q5_1"))),
+        unfused_k=F.selection("ci: the unfused path's K as a float, an 8-bit block and a codebook type",
+                              ("F16", "Q8_0", "IQ4_NL")),
         flagsets=("plain", "all", "alibi_sinks"),
         split_flagsets=("all",),
         buckets=("row",),

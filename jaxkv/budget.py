@@ -13,11 +13,10 @@ judge with these; neither imports the other for them.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
-__all__ = ["nmse", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32", "Errors", "errors", "Budget",
+__all__ = ["nmse", "nmse_from_sums", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32", "Errors", "errors", "Budget",
            "derive_budget", "EmuCheck", "emu_check"]
 
 #: C: the kernel may be this many times less accurate than the honest model (RMS and max-abs);
@@ -57,6 +56,18 @@ def nmse(got, ref) -> float:
     return errors(np.reshape(got, (1, 1, 1, -1)), np.reshape(ref, (1, 1, 1, -1))).nmse
 
 
+def nmse_from_sums(err2, power):
+    """The NMSE formula on its sums: ``err2 / power`` with ``err2`` = sum (got - ref)^2 and ``power`` =
+    sum ref^2 (float64), 0 where ``err2`` is 0 (also 0/0), inf where ``power`` is 0 or ``err2`` is not
+    finite. Elementwise on arrays of any (broadcastable) shapes, returning an array; a Python float for
+    scalars. Host-side numpy: an in-program reduction (``fuzz.engine.stats``) passes its sums here."""
+    e2 = np.asarray(err2, np.float64)
+    p = np.asarray(power, np.float64)
+    with np.errstate(all="ignore"):
+        r = np.where(e2 == 0, 0.0, np.where((p == 0) | ~np.isfinite(e2), np.inf, e2 / p))
+    return float(r) if r.ndim == 0 else r
+
+
 def errors(got, ref) -> Errors:
     """:class:`Errors` of got vs ref, [B, n_q, H, Dv] each."""
     got = np.asarray(got, np.float64)
@@ -71,12 +82,7 @@ def errors(got, ref) -> Errors:
     power = float(np.sum(np.where(np.isfinite(ref), ref, 0.0) ** 2))
     with np.errstate(all="ignore"):
         e2 = float(np.sum(d ** 2))
-    if e2 == 0:
-        nmse = 0.0
-    elif power == 0 or not math.isfinite(e2):
-        nmse = math.inf
-    else:
-        nmse = e2 / power
+    nmse = nmse_from_sums(e2, power)
     if d.size:
         w = np.unravel_index(int(np.argmax(d)), d.shape)
         worst = dict(batch=int(w[0]), query=int(w[1]), head=int(w[2]), dim=int(w[3]),

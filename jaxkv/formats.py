@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "KV_TYPES", "BLOCK_KV_TYPES", "FLOAT_KV_TYPES", "QUANT_TYPES", "ggml_name",
+    "KV_TYPES", "BLOCK_KV_TYPES", "FLOAT_KV_TYPES", "QUANT_TYPES", "ggml_name", "selection",
     "Field", "Format", "FORMATS", "KVALUES_IQ4NL", "get_format", "row_bytes", "dequantize",
     "quantize", "quantize_iq4_nl", "Blocks", "decode_blocks", "QuantArray",
 ]
@@ -135,6 +135,20 @@ QUANT_TYPES: tuple[str, ...] = tuple(n for n, f in FORMATS.items() if f.quantize
 def ggml_name(fmt: Any) -> str:
     """ggml's spelling of a type (``GGML_TYPE_<NAME>`` without the prefix): ``"q8_0"`` -> ``"Q8_0"``."""
     return get_format(fmt).name.upper()
+
+
+def selection(reason: str, names) -> tuple:
+    """A hand-picked selection of K/V types, documented: ``names`` (type names in either spelling, or
+    tuples of them, e.g. (K, V) pairs) returned as a tuple, unchanged, once every name is checked to be
+    one of :data:`KV_TYPES`; ``reason``: why these (a list of every type, or of every block type, is
+    derived from the table instead). ValueError naming the name or the missing reason."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("selection: expected a reason (why these types), got none")
+    out = tuple(tuple(n) if isinstance(n, (tuple, list)) else n for n in names)
+    for n in (m for x in out for m in (x if isinstance(x, tuple) else (x,))):
+        if not isinstance(n, str) or n.lower() not in KV_TYPES:
+            raise ValueError(f"selection: {n!r} is not a K/V type (expected one of {', '.join(KV_TYPES)})")
+    return out
 
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c
 

@@ -30,11 +30,17 @@ from jaxkv import ops
 from jaxkv import trace as T
 from jaxkv import verify as V
 from jaxkv.budget import nmse
+from jaxkv.formats import selection
 from jaxkv.ops.operands import dense, type_name
 from jaxkv.sensitivity import bootstrap_ci, roundtrip
 
 __all__ = ["Call", "load_run", "decode_sample", "sample_metrics", "sensitivity_rows", "headroom",
-           "thread_movement", "differential_rows", "F16_MAX", "hadamard", "rotate", "llama_rotations"]
+           "thread_movement", "differential_rows", "F16_MAX", "hadamard", "rotate", "llama_rotations",
+           "STUDY_FORMATS"]
+
+#: the study's default cache types: a documented selection of jaxkv.formats.KV_TYPES
+STUDY_FORMATS = selection("real-run study: llama.cpp's two usual quantized KV cache types, 8 and 4 bits",
+                          ("q8_0", "q4_0"))
 
 F16_MAX = 65504.0
 
@@ -139,7 +145,7 @@ def sample_metrics(q, k, v, kq, vq, scale, W) -> dict:
                 pred_nmse=float(t @ t) / rr, lin_resid=float((e - t) @ (e - t)) / ee if ee > 0 else 0.0)
 
 
-def sensitivity_rows(calls, formats=("q8_0", "q4_0"), hot_windows=(0, 32), rotation: bool = True,
+def sensitivity_rows(calls, formats=STUDY_FORMATS, hot_windows=(0, 32), rotation: bool = True,
                      skipped: list | None = None) -> list[dict]:
     """One row per (layer, head, format, hot window) over the decode calls of an F16-cache run
     (module docstring): ``<metric>_mean``, ``_ci_lo``, ``_ci_hi`` and ``samples`` (decode steps).

@@ -54,6 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkv import attention as _att
 from jaxkv import formats
+from jaxkv.budget import nmse_from_sums
 from jaxkv import outliers as _outliers
 from jaxkv.outliers import Outliers
 
@@ -444,7 +445,7 @@ def metrics(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ee = np.sum(e * e, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         res = dict(
-            nmse=ee / ref_n,
+            nmse=nmse_from_sums(ee, ref_e),
             max_abs=np.max(np.abs(e), axis=-1),
             cos=np.sum(mix * ref, axis=-1) / np.maximum(np.sqrt(np.sum(mix * mix, axis=-1) * ref_e), 1e-300),
             pred_nmse=np.sum(t * t, axis=-1) / ref_n,

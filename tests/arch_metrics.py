@@ -14,11 +14,21 @@ purpose and are not scanned). Printed per module, then totals:
     of 2 with exponent ``-max_bias...`` / ``-mb...`` (``2 ** (-max_bias ...)``, ``power(2, -mb ...)``);
     ``golden``: functions named ``*golden*`` that compute a softmax themselves (call an ``exp``) rather than
     delegate;
-    ``nmse``: functions named ``nmse`` / ``_nmse`` that divide, and assignments or keyword arguments
+    ``nmse``: functions named ``nmse`` / ``_nmse`` / ``nmse_from_<...>`` that divide, and assignments or keyword arguments
     ``nmse=`` / ``_nmse=`` whose value is a division (a ratio of squared sums computed in place);
-    ``type-list``: literal tuples / lists / sets holding two or more distinct ggml type names (any case),
-    at least one of them a block type, outside ``jaxkv/formats.py`` (the type table; names read from its
-    ``_fmt(...)`` rows).
+    type names, outside ``jaxkv/formats.py`` (the type table; its names and block types read from its
+    ``_fmt(...)`` rows, its K/V types from its ``KV_TYPES`` literal). A *name list* is a literal tuple /
+    list / set holding two or more distinct type names (any case), at least one a block type. Three
+    figures:
+    ``type-list``: name lists that are not documented selections (the figure tracked since the issue);
+    ``type-copy``: copies of the type table: a name list naming at least half of the K/V types or every
+    block K/V type; a comma-joined string constant of type names only (a CLI default) doing the same
+    (shorter ones, such as ``"q8_0,q4_0"``, are argument values, counted nowhere); a dict literal keyed
+    by two or more type names (one a block type) whose values are all integer constants (type ids: the
+    table's own column);
+    ``type-selection``: documented selections, reported and allowed: calls ``selection(reason, names)``
+    (``jaxkv.formats.selection``: it needs a non-empty reason and checks every name against ``KV_TYPES``
+    when the module is imported); the name lists inside one call count once, as that call.
 (c) ``cycles``: import cycles (strongly connected components) and ``local-imports``: function-level imports
     of project or third-party modules that are not optional dependencies (``tests/import_graph.py``).
 """
@@ -43,6 +53,8 @@ OP_COMPARE = re.compile(rf'(==|!=|in \(|in \[|in \{{)[^#]*{_OPS}|{_OPS}[^#]*(==|
 _ALIBI_POW = re.compile(r"2(\.0)?\)?\s*\*\*\s*\(?\s*-\s*\(?\s*(max_bias|mb)\b"
                         r"|power\(\s*(np\.|jnp\.)?(float32\()?2(\.0)?\)?\s*,\s*-\s*\(?\s*(max_bias|mb)\b")
 _NMSE_NAME = re.compile(r"^_?nmse$")
+_NMSE_FN = re.compile(r"^_?nmse(_from_\w+)?$")
+METRICS = ("op-compare", "alibi", "golden", "nmse", "type-list", "type-copy", "type-selection")
 
 
 def _load_import_graph():
@@ -63,6 +75,15 @@ def type_names() -> tuple[set[str], set[str]]:
             if n.args[2].value > 1:
                 blocks.add(n.args[0].value)
     return names, blocks
+
+
+def kv_type_names() -> set[str]:
+    """The K/V types: the string constants of the type table's ``KV_TYPES = (...)`` literal."""
+    for n in ast.walk(ast.parse((ROOT / TYPE_TABLE).read_text())):
+        target = n.target if isinstance(n, ast.AnnAssign) else n.targets[0] if isinstance(n, ast.Assign) else None
+        if isinstance(target, ast.Name) and target.id == "KV_TYPES" and isinstance(n.value, (ast.Tuple, ast.List)):
+            return {e.value for e in n.value.elts if isinstance(e, ast.Constant)}
+    raise SystemExit(f"{TYPE_TABLE}: no KV_TYPES literal")
 
 
 def files() -> list[pathlib.Path]:
@@ -113,7 +134,7 @@ def _is_div(node) -> bool:
 def _nmse_sites(tree) -> list[int]:
     lines = []
     for fn in _functions(tree):
-        if _NMSE_NAME.match(fn.name) and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+        if _NMSE_FN.match(fn.name) and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
                                              for n in _own_nodes(fn)):
             lines.append(fn.lineno)
     for n in ast.walk(tree):
@@ -125,21 +146,57 @@ def _nmse_sites(tree) -> list[int]:
     return sorted(set(lines))
 
 
-def _type_lists(tree, names, blocks) -> list[int]:
-    out = []
+def _names_in(n, names) -> set[str] | None:
+    """The distinct type names of a literal tuple / list / set ``n``, else None."""
+    if isinstance(n, (ast.Tuple, ast.List, ast.Set)):
+        return {e.value.lower() for e in n.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                and e.value.lower() in names}
+    return None
+
+
+def _names_in_string(n, names) -> set[str] | None:
+    """The distinct type names of a comma-joined string constant of type names only, else None."""
+    if isinstance(n, ast.Constant) and isinstance(n.value, str) and "," in n.value:
+        parts = {x.strip().lower() for x in n.value.split(",")}
+        return parts if parts <= names else None
+    return None
+
+
+def _type_lists(tree, names, blocks, kv) -> dict[str, list[int]]:
+    """{"type-list": [line], "type-copy": [line], "type-selection": [line]} of one module (docstring)."""
+    kv_blocks = kv & blocks
+    out = {"type-list": [], "type-copy": [], "type-selection": []}
+    documented = set()
     for n in ast.walk(tree):
-        if isinstance(n, (ast.Tuple, ast.List, ast.Set)):
-            found = {e.value.lower() for e in n.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
-                     and e.value.lower() in names}
-            if len(found) >= 2 and found & blocks:
-                out.append(n.lineno)
+        if isinstance(n, ast.Call) and _call_name(n) == "selection":
+            inside = {id(m) for a in n.args for m in ast.walk(a)}
+            if any((_names_in(m, names) or set()) & blocks for a in n.args for m in ast.walk(a)):
+                out["type-selection"].append(n.lineno)
+            documented |= inside
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Dict):
+            keys = {k.value.lower() for k in n.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                    and k.value.lower() in names}
+            if (len(keys) >= 2 and keys & blocks and n.values and all(
+                    isinstance(v, ast.Constant) and type(v.value) is int for v in n.values)):
+                out["type-copy"].append(n.lineno)
+            continue
+        joined = _names_in_string(n, names)
+        found = joined if joined is not None else _names_in(n, names)
+        if id(n) in documented or not found or len(found) < 2 or not found & blocks:
+            continue
+        if joined is None:
+            out["type-list"].append(n.lineno)
+        if 2 * len(found & kv) >= len(kv) or kv_blocks <= found:
+            out["type-copy"].append(n.lineno)
     return out
 
 
 def measure() -> dict:
     """{"files": {path: {metric: [line, ...]}}, "totals": {metric: count}, "cycles": [[module, ...]],
-    "local_imports": [[path, line, module]]}; metrics: op-compare, alibi, golden, nmse, type-list."""
+    "local_imports": [[path, line, module]]}; metrics: :data:`METRICS`."""
     names, blocks = type_names()
+    kv = kv_type_names()
     per_file: dict[str, dict[str, list[int]]] = {}
     for path in files():
         rel = str(path.relative_to(ROOT))
@@ -155,7 +212,7 @@ def measure() -> dict:
         found["golden"] = [f.lineno for f in fns if _is_golden(f)]
         found["nmse"] = _nmse_sites(tree)
         if rel != TYPE_TABLE:
-            found["type-list"] = _type_lists(tree, names, blocks)
+            found.update(_type_lists(tree, names, blocks, kv))
         found = {k: v for k, v in found.items() if v}
         if found:
             per_file[rel] = found
@@ -163,7 +220,7 @@ def measure() -> dict:
     edges, local = ig.graph()
     cycles = ig.cycles(edges)
     totals = {m: sum(len(f.get(m, ())) for f in per_file.values())
-              for m in ("op-compare", "alibi", "golden", "nmse", "type-list")}
+              for m in METRICS}
     totals["op-compare-modules"] = sum(1 for f in per_file.values() if f.get("op-compare"))
     totals["cycles"] = len(cycles)
     totals["local-imports"] = len(local)
@@ -179,7 +236,7 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(m, indent=1))
         return 0
-    for metric in ("op-compare", "alibi", "golden", "nmse", "type-list"):
+    for metric in METRICS:
         rows = [(f, v[metric]) for f, v in m["files"].items() if v.get(metric)]
         print(f"## {metric}: {sum(len(x) for _, x in rows)} in {len(rows)} files")
         for f, lines in rows:

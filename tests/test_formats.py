@@ -637,3 +637,16 @@ def test_quantarray_pytree_and_indexing():
     d = (xb.max(1) - xb.min(1)) / 15
     bound = d / 2 + 4 * 2.0**-11 * np.abs(xb).max(1) * 16
     assert (np.abs(xb - db).max(1) <= bound).all()
+
+
+def test_selection_checks_names_and_reason():
+    """jaxkv.formats.selection: a hand-picked list of K/V types, returned unchanged once each name is
+    one of KV_TYPES (either spelling) and a reason is given."""
+    pairs = (("F16", "Q8_0"), ("iq4_nl", "f32"))
+    assert F.selection("why", pairs) == pairs and F.selection("why", ["q4_0"]) == ("q4_0",)
+    with pytest.raises(ValueError, match="q4_7"):
+        F.selection("why", ("q8_0", "q4_7"))
+    with pytest.raises(ValueError, match="Q8_1"):
+        F.selection("why", (("F16", "Q8_1"),))  # a format, but not a K/V type
+    with pytest.raises(ValueError, match="reason"):
+        F.selection(" ", ("q8_0",))

@@ -63,6 +63,19 @@ def test_errors_hand_values():
         vf.errors(np.zeros((1, 2, 2, 3)), ref)
 
 
+def test_nmse_from_sums_hand_values():
+    """The one NMSE formula on its sums (jaxkv.budget.nmse_from_sums): 0/0 and 0/x are 0, x/0 and a
+    non-finite error sum are inf, elementwise on arrays, a Python float for scalars."""
+    from jaxkv.budget import nmse_from_sums
+
+    assert nmse_from_sums(0.5, 25.0) == 0.02 and type(nmse_from_sums(0.5, 25.0)) is float
+    assert nmse_from_sums(0.0, 0.0) == 0.0 and nmse_from_sums(0.0, 3.0) == 0.0
+    assert math.isinf(nmse_from_sums(1.0, 0.0)) and math.isinf(nmse_from_sums(math.inf, 2.0))
+    assert math.isinf(nmse_from_sums(math.nan, 2.0))
+    got = nmse_from_sums(np.array([[0.0, 1.0, 2.0, np.nan]]), np.array([[0.0], [4.0]]))
+    np.testing.assert_array_equal(got, [[0.0, np.inf, np.inf, np.inf], [0.0, 0.25, 0.5, np.inf]])
+
+
 def test_budget_is_factor_times_model_error_plus_floor():
     g = np.ones((1, 1, 2, 4))
     model = g.copy()

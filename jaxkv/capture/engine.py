@@ -14,13 +14,15 @@ import os
 import pathlib
 import re
 
+from jaxkv import formats as F
+
 __all__ = ["Engine", "EngineError", "LLAMA_CPP_COMMITS", "CACHE_TYPES"]
 
 # llama-cpp-python release -> the llama.cpp commit it vendors (its vendor/llama.cpp submodule)
 LLAMA_CPP_COMMITS = {"0.3.36": "0c1e570"}
 
-# --cache-type-k/v name -> ggml type id (ggml.h enum ggml_type)
-CACHE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "IQ4_NL": 20}
+# --cache-type-k/v name -> ggml type id (ggml.h enum ggml_type), for jaxkv.formats' K/V types
+CACHE_TYPES = {F.ggml_name(n): F.FORMATS[n].type_id for n in F.KV_TYPES}
 
 _FEATURES = ("avx", "avx2", "avx_vnni", "f16c", "fma", "avx512", "avx512_vbmi", "avx512_vnni", "avx512_bf16",
              "amx_int8", "sse3", "ssse3", "llamafile")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 
+from jaxkv import formats as F
 from jaxkv.oracles.ggml_lib import GGML_MAX_SRC as MAX_SRC
 from jaxkv.oracles.ggml_lib import Tensor as GgmlTensor  # the same ABI as the live oracle's
 
@@ -23,8 +24,9 @@ __all__ = ["GgmlTensor", "Node", "GgmlLib", "LayoutError", "MAX_SRC"]
 
 # ggml.h (0.2x) enum ggml_op ids of the ops a capture reads; confirmed against ggml_op_name at load
 OP_IDS = {"MUL_MAT": 29, "SOFT_MAX": 46, "FLASH_ATTN_EXT": 74}
-# enum ggml_type ids of the types a trace v1 file can hold; other types read as "type<N>"
-TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20}
+# enum ggml_type ids of the types a trace v1 file can hold (jaxkv.formats' K/V types); other types read
+# as "type<N>"
+TYPE_IDS = {n: F.FORMATS[n].type_id for n in F.KV_TYPES}
 
 
 class LayoutError(RuntimeError):

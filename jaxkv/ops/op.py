@@ -75,7 +75,9 @@ class Op:
       named regions its KV cache is split in (roles ``k_<region>``/``v_<region>``, concatenated in
       ``kv_order``), empty for a single ``k``/``v``; ``kv_split(trace, n_threads)``: ggml's split-KV
       chunk count of the op's path, None when it does not split the softmax over KV;
-      ``absent_why``: role -> why the op has no such role (for error messages).
+      ``absent_why``: role -> why the op has no such role (for error messages); ``ggml_path``: the
+      ggml path name of an op that always runs one path of its own (e.g. ``"unfused"``), None when
+      ``jaxkv.ggml_cpu.path``'s rule chooses it (the fuzz campaign's path-coverage table).
     """
 
     name: str
@@ -99,6 +101,7 @@ class Op:
     kv_regions: tuple[str, ...] = ()
     kv_split: Callable[[Any, int], int] | None = None
     absent_why: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ggml_path: str | None = None
 
     def model(self, precision_name: str) -> ModelFn:
         """The op's model for ``precision_name``; ValueError naming what this op has otherwise."""

@@ -45,4 +45,5 @@ OP = register(Op(
     target="ggml-unfused",
     file_tag="sm",
     absent_why={"sinks": "no sinks on the unfused path"},
+    ggml_path="unfused",
 ))
