@@ -217,7 +217,7 @@ FLAGSETS = {
     "alibi": (True, True, False, True, False),
 }
 #: the kinds of case a menu draws: the live-ggml targets (ggml twice: the per-row path), and two
-#: flash_attn_ext shape kinds: 'split' (the split-KV buckets, F16/F32) and 'float' (F16/F32 K/V: the
+#: flash_attn_ext shape kinds: 'split' (the split-KV buckets, F16/F32) and 'float_kv' (F16/F32 K/V: the
 #: tiled path, leftover head sizes, GQA 32)
 _FA = ops.get("flash_attn_ext")
 _KINDS = (_FA.target, _FA.target, "split") + tuple(o.target for o in ops.OPS.values() if o.target and o is not _FA)
@@ -252,7 +252,7 @@ MENUS = {
     ),
     # the tiled path only (F16/F32 K/V, n_q >= 64) and the mixed cache on it
     "tiled": dict(
-        kinds=("float", "float", ops.get("mixed_flash_attn").target),
+        kinds=("float_kv", "float_kv", ops.get("mixed_flash_attn").target),
         pairs=(), mixed_pairs=tuple((a, b) for a in _MENU_BLOCK for b in _MENU_BLOCK), unfused_k=(),
         flagsets=tuple(FLAGSETS), split_flagsets=(), buckets=("tiled",), split_buckets=(),
         float_buckets=("tiled", "tiled_d40", "tiled_n256"),
@@ -267,12 +267,12 @@ def draw_menu_case(draw, menu="ci") -> dict:
     (V floats only: ggml's unfused path) draws ``unfused_k``; an op with an F16 KV cache (``kv_f16``:
     the mixed cache) ``mixed_pairs``; softcap and sinks only where the op takes them."""
     m = MENUS[menu]
-    kind = draw(m.get("kinds") or _KINDS + (("float", "float") if m["float_buckets"] else ()))
+    kind = draw(m.get("kinds") or _KINDS + (("float_kv", "float_kv") if m["float_buckets"] else ()))
     if kind == "split":
         op, bucket = _FA, draw(m["split_buckets"])
         kf = vf = draw(_MENU_FLOATS)
         flags = draw(m["split_flagsets"])
-    elif kind == "float":  # F16/F32 K/V: the tiled path, leftover head sizes, GQA 32
+    elif kind == "float_kv":  # F16/F32 K/V: the tiled path, leftover head sizes, GQA 32
         op, bucket = _FA, draw(m["float_buckets"])
         kf = draw(_MENU_FLOATS)
         vf = kf if draw((True, True, False)) else draw(_MENU_FLOATS)

@@ -422,3 +422,20 @@ def test_python_m_fuzz_menu_target_runs_menu_cases_on_their_own_ops():
         load_target("ggml", 2, "ci")
     with pytest.raises(ValueError, match="^--menu"):
         load_target("ggml", None, "huge")
+
+
+@pytest.mark.parametrize("menu", sorted(S.MENUS))
+def test_every_menu_draws_with_both_drawers(menu):
+    """Every menu's cases draw from a numpy Generator and from hypothesis alike: no menu choice can be
+    read as a drawing spec (the tiled menu's case kinds once started with 'float', a float spec)."""
+    draw = S.rng_drawer(np.random.default_rng(0))
+    cases = [S.draw_menu_case(draw, menu) for _ in range(40)]
+    assert all(c["bucket"] in S.MENUS[menu]["buckets"] + S.MENUS[menu]["split_buckets"]
+               + S.MENUS[menu]["float_buckets"] for c in cases)
+
+    @settings(max_examples=10, deadline=None, database=None)
+    @given(S.menu_case_strategy(menu))
+    def check(c):
+        assert c["bucket"] in S.MENUS[menu]["buckets"] + S.MENUS[menu]["split_buckets"] + S.MENUS[menu]["float_buckets"]
+
+    check()
