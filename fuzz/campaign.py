@@ -101,6 +101,12 @@ def _settings(n, phases):
                     print_blob=False, verbosity=settings.default.verbosity.quiet)
 
 
+try:  # hypothesis' internal constants pool (a private module: absent from other versions)
+    from hypothesis.internal.conjecture import providers as _hypothesis_providers
+except ImportError:  # pragma: no cover - another hypothesis
+    _hypothesis_providers = None
+
+
 @contextlib.contextmanager
 def _fixed_constants():
     """Hypothesis also draws from a pool of constants it harvests from the source of every *local* module
@@ -109,11 +115,10 @@ def _fixed_constants():
     failure's diagnosis imports -- and the shards of a campaign (whose first failures come at different
     points) would draw different cases under the same ids. While a campaign draws, that pool is pinned
     empty (the global constants stay), so a chunk's cases depend on (seed, property, chunk) only."""
+    hp = _hypothesis_providers
     try:
-        from hypothesis.internal.conjecture import providers as hp
-
         orig, empty, cache = hp._get_local_constants, hp.Constants(), hp.CONSTANTS_CACHE
-    except (ImportError, AttributeError):  # a hypothesis without the pool: nothing to pin
+    except AttributeError:  # a hypothesis without the pool (or without the module): nothing to pin
         yield
         return
     hp._get_local_constants = lambda: empty
