@@ -53,12 +53,6 @@ __all__ = ["TraceError", "Trace", "OPS", "load", "load_steps", "save", "ALIASES"
 KV_ORDERS = ("cold,hot", "hot,cold")
 QUANT_TYPES = F.BLOCK_KV_TYPES
 _TENSOR_ROLES = ("q", "k", "v", "k_cold", "v_cold", "k_hot", "v_hot", "mask", "sinks", "out")
-_KV_TYPES = F.KV_TYPES
-_ALLOWED_TYPES = {
-    "q": ("f32",), "out": ("f32",), "sinks": ("f32",), "mask": ("f16", "f32"),
-    "k": _KV_TYPES, "v": _KV_TYPES, "k_cold": QUANT_TYPES, "v_cold": QUANT_TYPES,
-    "k_hot": ("f16",), "v_hot": ("f16",),
-}
 
 
 def __getattr__(name):
@@ -548,8 +542,8 @@ def _build(path: str, mm, infos: dict[str, _TensorInfo], views: dict[str, L.View
         why = spec.absent_why.get(extra[0])
         fail(f"tensor {extra[0]!r}", f"absent for op {op!r}" + (f" ({why})" if why else ""), "it present")
     for r, info in infos.items():
-        if info.type not in _ALLOWED_TYPES[r]:
-            fail(f"tensor {info.name!r} type", " or ".join(_ALLOWED_TYPES[r]), info.type)
+        if info.type not in spec.roles[r]:  # the op's entry: the ggml types each of its roles may hold
+            fail(f"tensor {info.name!r} type", " or ".join(spec.roles[r]), info.type)
     if v_transposed and (mixed or infos["v"].type in QUANT_TYPES):
         fail("key 'trace.v_transposed'", "F32/F16 v of a non-mixed op", f"v of type "
              f"{infos['v'].type if not mixed else 'mixed'}")

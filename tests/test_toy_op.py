@@ -191,6 +191,14 @@ def test_toy_op_role_checks_come_from_the_entry(toy, tmp_path):
                sinks=np.zeros(q.shape[2], np.float32))
     with pytest.raises(T.TraceError, match=rf"tensor 'sinks': expected absent for op '{NAME}' \(sigmoid attention has no sinks\)"):
         T.load(p)
+    # the types a role may hold are the entry's too: K as Q8_0 is refused for this op (F32/F16 only),
+    # though flash_attn_ext's K takes it
+    q, k, v, mask = _operands(2, D=32)  # a block type needs rows of 32
+    out = sigmoid_kernel(q, k, v, scale=0.5, mask=mask)
+    p = T.save(tmp_path / "q8.gguf", op=toy.name, scale=0.5, q=q, k=k, v=v, out=out, mask=mask,
+               formats={"k": "q8_0"})
+    with pytest.raises(T.TraceError, match=r"tensor 'k' type: expected f32 or f16, found q8_0"):
+        T.load(p)
 
 
 # ----------------------------------------------------------------------------------------------------
