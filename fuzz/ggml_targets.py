@@ -104,8 +104,7 @@ def _fmt_name(fmt, field):
     return name
 
 
-def _is_quant(x):
-    return isinstance(x, F.QuantArray)
+_is_quant = F.is_quant
 
 
 def _store(x, fmt, field):

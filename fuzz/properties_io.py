@@ -178,7 +178,7 @@ def _roundtrip_check(c) -> dict:
                 errs.append(f"{role} differs after save/load")
         for role, fmt in (("k", c["k_trace"]), ("v", c["v_trace"])):
             got = getattr(t, role)
-            got = np.asarray(got.raw) if hasattr(got, "raw") else np.asarray(got)
+            got = np.asarray(got.raw) if F.is_quant(got) else np.asarray(got)
             if not _same(got, _expect_kv(a[role], fmt)):
                 errs.append(f"{role} ({fmt}{', view' if role == 'k' and c.get('k_view') else ''}) differs after save/load")
         for key in ("scale", "softcap", "max_bias"):
@@ -240,7 +240,7 @@ def _robust_check(c) -> dict:
             t = T.load(p)
             with np.errstate(all="ignore"):
                 for r, x in t.operands().items():  # touching the operands must not crash either
-                    np.asarray(x.raw if hasattr(x, "raw") else x).sum()
+                    np.asarray(x.raw if F.is_quant(x) else x).sum()
         except T.TraceError:
             pass
         except Exception as e:

@@ -147,7 +147,7 @@ def dense_operands(st) -> tuple:
 
 
 def _dense(x):
-    if isinstance(x, F.QuantArray):
+    if F.is_quant(x):
         return np.asarray(F.dequantize(np.asarray(x.raw), x.fmt), np.float64)
     return np.asarray(x, np.float64)
 

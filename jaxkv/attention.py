@@ -172,8 +172,7 @@ def effective_bias(mask, slopes):
 # validation and layout helpers
 
 
-def _is_quant(x) -> bool:
-    return hasattr(x, "raw") and hasattr(x, "fmt") and hasattr(x, "dequantize")
+_is_quant = formats.is_quant
 
 
 def _shape(x) -> tuple:

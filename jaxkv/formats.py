@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "KV_TYPES", "BLOCK_KV_TYPES", "FLOAT_KV_TYPES", "QUANT_TYPES", "ggml_name", "selection",
+    "is_quant",    "KV_TYPES", "BLOCK_KV_TYPES", "FLOAT_KV_TYPES", "QUANT_TYPES", "ggml_name", "selection",
     "Field", "Format", "FORMATS", "KVALUES_IQ4NL", "get_format", "row_bytes", "dequantize",
     "quantize", "quantize_iq4_nl", "Blocks", "decode_blocks", "QuantArray",
 ]
@@ -703,3 +703,8 @@ class QuantArray:
 
 
 jax.tree_util.register_dataclass(QuantArray, data_fields=["raw"], meta_fields=["fmt", "n"])
+
+
+def is_quant(x) -> bool:
+    """Whether ``x`` is quantized blocks (a :class:`QuantArray`): the one test for it."""
+    return isinstance(x, QuantArray)

@@ -72,8 +72,7 @@ def _role(role: str) -> tuple[int, ...]:
     return _TO_GGML[role]
 
 
-def _is_quant(x) -> bool:
-    return hasattr(x, "raw") and hasattr(x, "fmt") and hasattr(x, "n")
+_is_quant = formats.is_quant
 
 
 def _xp(x):

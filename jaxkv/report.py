@@ -50,7 +50,7 @@ class Row:
 
 def row(name: str, trace, verdict) -> Row:
     """The :class:`Row` of a verdict; ``trace`` (a loaded Trace or None) supplies layer, step and op."""
-    md = (getattr(trace, "metadata", None) or {}) if trace is not None else {}
+    md = (trace.metadata or {}) if trace is not None else {}
     layer, step = md.get("capture.layer"), md.get("capture.step")
     if layer is None or step is None:  # unreadable file: the writer's name says s<step>_..._l<layer>_
         m = _FILE.match(pathlib.Path(str(name)).name)
@@ -58,7 +58,7 @@ def row(name: str, trace, verdict) -> Row:
             step, layer = int(m.group(1)), int(m.group(2))
     emu, e = getattr(verdict, "emu", None), getattr(verdict, "errors", None)
     return Row(name=str(name), layer=None if layer is None else int(layer), step=None if step is None else int(step),
-               op=str(getattr(trace, "op", "?")), status=verdict.status,
+               op="?" if trace is None else trace.op, status=verdict.status,
                units=None if emu is None else float(emu.units), n_differ=None if emu is None else int(emu.n_differ),
                nmse=None if e is None else float(e.nmse), error=verdict.error, verdict=verdict,
                run=str(pathlib.Path(str(name)).parent))

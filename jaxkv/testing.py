@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from jaxkv import formats
 from jaxkv import verify as vf
 from jaxkv.trace import Trace
 
@@ -31,7 +32,7 @@ __all__ = ["assert_attention_close", "mismatch_report"]
 
 def _as_kv(x):
     """K/V as the kernel's storage type: QuantArray kept, float16 kept, anything else float32."""
-    if hasattr(x, "raw") and hasattr(x, "fmt"):
+    if formats.is_quant(x):
         return x
     x = np.asarray(x)
     return x if x.dtype == np.float16 else x.astype(np.float32)

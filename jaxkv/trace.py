@@ -146,7 +146,7 @@ class Trace:
         dequantized (formats.dequantize, float32, exact), mixed caches concatenated in ``kv_order``
         (the operands as stored: the F16 rounding of the concatenation is the op's rule, not applied here)."""
         def dense(x):
-            if isinstance(x, F.QuantArray):
+            if F.is_quant(x):
                 return np.asarray(x.dequantize(), dtype=np.float32).astype(dtype)
             return np.asarray(x).astype(dtype)
         if self.k is not None:
@@ -829,7 +829,7 @@ def _infer(p, by_role, inputs, build, metadata) -> Trace:
     for r in inputs:
         alt = dict(orders, **{r: "ne" if orders[r] == "permuted" else "permuted"})
         a, b = getattr(best, r), getattr(build(alt, metadata), r)
-        a, b = (a.raw, b.raw) if isinstance(a, F.QuantArray) else (a, b)
+        a, b = (a.raw, b.raw) if F.is_quant(a) else (a, b)
         if np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)):
             same.append(r)
     report = {"mode": "infer", "orders": orders, "nmse": err, "candidates": len(results),
@@ -846,7 +846,7 @@ def _infer(p, by_role, inputs, build, metadata) -> Trace:
 def _ggml_type(role: str, x, fmt) -> str:
     if fmt is not None:
         return F.get_format(fmt).name
-    if isinstance(x, F.QuantArray):
+    if F.is_quant(x):
         return x.fmt.name
     if role in ("k_hot", "v_hot", "mask"):
         return "f16"
@@ -912,7 +912,7 @@ def save(path, trace: Trace | None = None, *, formats: Mapping[str, Any] | None 
             g = np.asarray(x, np.float32).reshape(1, 1, 1, -1)
         elif role == "mask":
             g = np.asarray(L.canonical_to_ggml("mask", np.asarray(x, np.float32), pad_to=mask_pad))
-        elif isinstance(x, F.QuantArray):
+        elif F.is_quant(x):
             if x.fmt.name != t:
                 raise ValueError(f"formats[{role!r}]: the array is {x.fmt.name} blocks, got format {t}")
             g = np.asarray(L.canonical_to_ggml(grole, F.QuantArray(np.asarray(x.raw), x.fmt, x.n)).raw)

@@ -59,7 +59,7 @@ class Unmodelled(NotImplementedError): """A ggml path this model does not emulat
 def kv_type(x, name: str) -> str:
     """ggml type name of a K/V operand: "f32" (float32 array), "f16" (float16 array) or the
     QuantArray's format."""
-    if hasattr(x, "raw") and hasattr(x, "fmt"):
+    if formats.is_quant(x):
         f = formats.get_format(x.fmt)
         if f.name not in formats.BLOCK_KV_TYPES:
             raise ValueError(f"{name}: unsupported block type {f.name!r}")

@@ -153,8 +153,6 @@ def tries(*parts):
 
 def kv_order_tries(trace, case: Case) -> list:
     """The mixed cache's regions in the other order (mask alike)."""
-    if not hasattr(trace, "with_kv_order"):
-        return []
     other = "hot,cold" if trace.kv_order == "cold,hot" else "cold,hot"
     return [(f"computed with kv_order {other} (mask alike), not the declared {trace.kv_order}",
              trace.with_kv_order(other), {})]

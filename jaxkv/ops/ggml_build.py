@@ -28,11 +28,11 @@ def trace_isa(trace) -> str:
     ``jaxkv.ggml_cpu.DEFAULT_ISA`` (``avx512``: the shared traces say ``ggml cpu (n_threads=N)``, and
     came from an AVX-512 build). An ISA the model does not emulate raises :class:`UnmodelledIsa` (a
     ValueError naming the field; also a NotImplementedError, so ``verify_trace`` falls back)."""
-    md = getattr(trace, "metadata", None) or {}
+    md = trace.metadata or {}
     if md.get("ggml.isa") is not None:
         field, word = "ggml.isa", str(md["ggml.isa"])
     else:
-        m = _ISA_WORD.search(str(getattr(trace, "producer", "") or ""))
+        m = _ISA_WORD.search(str(trace.producer or ""))
         if m is None:
             return ggml_cpu.DEFAULT_ISA
         field, word = "producer", m.group(1)
@@ -48,7 +48,7 @@ def trace_contract(trace, isa: str):
     """The compiler contractions (``jaxkv.ggml_cpu.Contract``) of the ggml build that wrote a trace, for
     ``isa``: ``ggml_cpu.BUILD_CONTRACT[isa]`` with any ``ggml.contract.<field>`` metadata (``python -m
     fuzz record`` writes them) taking precedence. A bad key or value raises ValueError naming it."""
-    return Contract.from_metadata(getattr(trace, "metadata", None) or {}, BUILD_CONTRACT[isa])
+    return Contract.from_metadata(trace.metadata or {}, BUILD_CONTRACT[isa])
 
 
 
@@ -58,7 +58,7 @@ def mul_mat_facts(trace) -> dict:
     libggml-python 0.20.2 wheel, built without it, and the shared traces); ``q_contiguous`` from the
     q view ``trace.view.q.ne/nb`` (``capture`` writes it; llama.cpp's q is a permuted view), True when
     absent (q stored contiguous, as ``record`` builds it)."""
-    md = getattr(trace, "metadata", None) or {}
+    md = trace.metadata or {}
     ne, nb = md.get("trace.view.q.ne"), md.get("trace.view.q.nb")
     return dict(llamafile=bool(md.get("ggml.llamafile", False)),
                 q_contiguous=True if ne is None or nb is None else ggml_contiguous(ne, nb, 4))
@@ -67,4 +67,4 @@ def mul_mat_facts(trace) -> dict:
 def trace_version(trace):
     """The ggml version that wrote a trace (``jaxkv.ggml_cpu.tiled.trace_version`` of its metadata and
     producer), which decides the flash path's variant."""
-    return ggml_cpu.tiled.trace_version(getattr(trace, "metadata", None), getattr(trace, "producer", None))
+    return ggml_cpu.tiled.trace_version(trace.metadata, trace.producer)

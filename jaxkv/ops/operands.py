@@ -15,9 +15,7 @@ from jaxkv.ops.golden import Case
 __all__ = ["is_quant", "dense", "type_name", "dot_type", "regions_order", "kv_case", "regions_case"]
 
 
-def is_quant(x) -> bool:
-    """Whether ``x`` is quantized blocks (a ``formats.QuantArray``-like: ``raw`` and ``fmt``)."""
-    return hasattr(x, "raw") and hasattr(x, "fmt")
+is_quant = formats.is_quant
 
 
 #: ``formats.dequantize`` compiled once per shape (eager, it dispatches dozens of small ops, each
@@ -44,13 +42,13 @@ def dot_type(x) -> str:
     """The type q is rounded to for ``K . q`` (ggml's ``vec_dot_type`` of K's type)."""
     if not is_quant(x):
         return type_name(x)
-    f = x.fmt if hasattr(x.fmt, "dot_type") else formats.get_format(x.fmt)
+    f = formats.get_format(x.fmt)
     return str(f.dot_type)
 
 
 def regions_order(trace) -> list[str]:
     """A mixed trace's region names in KV order (``trace.kv_order``, default ``cold,hot``)."""
-    order = [s.strip() for s in str(getattr(trace, "kv_order", "cold,hot") or "cold,hot").split(",")]
+    order = [s.strip() for s in str(trace.kv_order or "cold,hot").split(",")]
     if sorted(order) != ["cold", "hot"]:
         raise ValueError(f"kv_order: expected 'cold,hot' or 'hot,cold', got {trace.kv_order!r}")
     return order
@@ -62,7 +60,7 @@ def _case(trace, k, v, regions=(), exact=None) -> Case:
     return Case(op=trace.op, q=np.asarray(trace.q, np.float64), k=k, v=v, mask=mask, sinks=sinks,
                 scale=float(trace.scale), softcap=float(trace.softcap or 0.0),
                 max_bias=float(trace.max_bias or 0.0),
-                n_threads=int(getattr(trace, "n_threads", 1) or 1), regions=regions,
+                n_threads=int(trace.n_threads or 1), regions=regions,
                 mask_f16=True, kv_exact=exact)
 
 

@@ -277,7 +277,7 @@ def _kv_operand(x: Any, fmt: Any, field: str, role: str, check: bool, *, allow_r
                 allow_empty: bool = False) -> _KV:
     """Resolve a K/V input (float array, raw uint8 blocks, or QuantArray-like) to ggml storage bytes."""
     fname = _format_name(fmt, f"{field}_format")
-    if hasattr(x, "raw") and hasattr(x, "fmt") and hasattr(x, "n"):  # formats.QuantArray
+    if formats.is_quant(x):
         own = _format_name(x.fmt, f"{field}.fmt")
         if fname is not None and fname != own:
             raise _err(f"{field}_format", f"{fname} disagrees with the QuantArray's format {own}")
