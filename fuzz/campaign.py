@@ -380,15 +380,14 @@ def _verdict_of_target(a, t, params):
         got = np.asarray(t(a["q"], k, v, **kw), np.float32)
         model, _, unit, _ = P.ggml_cpu_reference(t, a, k, v, kw)
         c = dense_case(t, a["q"], k, v, kw)
-        g = (t.op or ops.get("flash_attn_ext")).judged_golden(c, t.declared_precision)
+        g = t.kernel_op.judged_golden(c, t.declared_precision)
         return verify.verify_case(c, got, model, t.declared_precision, name="fuzz case", emu=model, emu_unit=unit,
                                   golden=g), got, dict(a, k=k, v=v)
     got = np.asarray(t(a["q"], a["k"], a["v"], **kw), np.float32)
     if t.declared_precision is not None:
         return P.declared_verdict(t, a, got, kw), got, a
-    c = Case(q=a["q"], k=a["k"], v=a["v"], op=ops.get("flash_attn_ext").name, mask=a["mask"],
-                       sinks=a["sinks"], scale=float(a["scale"]), softcap=float(a["softcap"]),
-                       max_bias=float(a["max_bias"]))
+    c = Case(q=a["q"], k=a["k"], v=a["v"], op=ops.get("flash_attn_ext").name, mask=a["mask"], sinks=a["sinks"],
+             scale=float(a["scale"]), softcap=float(a["softcap"]), max_bias=float(a["max_bias"]))
     model = np.asarray(A.attention(a["q"], a["k"], a["v"], precision="f32", **kw))
     return verify.verify_case(c, got, model, "f32", name="fuzz case"), got, a
 

@@ -19,7 +19,6 @@ arguments, the extra missing, or a model / context the engine refuses (one line 
 
 from __future__ import annotations
 
-import os
 import sys
 
 from jaxkv import cli

@@ -24,14 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxkv.budget import FACTOR, FLOOR_UNITS, U32, derive_budget, emu_check, errors, nmse, nmse_from_sums
+from jaxkv.budget import FACTOR, budget_of, derive_budget, emu_check, errors, nmse, nmse_from_sums
 from jaxkv.ops.family import acc_unit  # the sharp check's unit (re-exported: fuzz.engine.acc_unit)
 
 __all__ = ["BATCH", "CompileCounter", "COMPILES", "differences", "stats", "verdict", "Batched", "tree_stack",
            "Result", "judge", "acc_unit"]
 
 BATCH = 32
-_TINY = 2.0 ** -126
 
 
 class CompileCounter:
@@ -87,8 +86,8 @@ def verdict(got_stats, model_stats, factor: float = FACTOR) -> tuple[bool, dict]
     e2, power, mx, nan, gmax = (float(x) for x in got_stats)
     me2, mpower, mmx, _, _ = (float(x) for x in model_stats)
     nmse, model_nmse = nmse_from_sums(e2, power), nmse_from_sums(me2, mpower)
-    b_nmse = factor ** 2 * model_nmse + (FLOOR_UNITS * U32) ** 2
-    b_max = factor * mmx + FLOOR_UNITS * U32 * max(gmax, _TINY)
+    b = budget_of(model_nmse, mmx, gmax, "model", factor)
+    b_nmse, b_max = b.nmse, b.max_abs
     ok = nan == 0 and nmse <= b_nmse and mx <= b_max
     return ok, dict(nmse=nmse, max_abs=mx, nan_count=int(nan), budget_nmse=b_nmse, budget_max_abs=b_max,
                     model_nmse=model_nmse, model_max_abs=mmx)

@@ -39,7 +39,6 @@ from fuzz.target import dense_case
 from jaxkv import attention as _att
 from jaxkv import cache as K
 from jaxkv import formats as F
-from jaxkv import ops
 from jaxkv import trace
 from jaxkv import verify
 from fuzz.registry import PROPERTIES, Context, Property, each_case, outcomes  # noqa: F401
@@ -534,7 +533,7 @@ def ggml_cpu_reference(t, a, k, v, kw):
     None when it defines none."""
     model = np.asarray(t.model(a["q"], k, v, **kw), np.float64)
     case = dense_case(t, a["q"], k, v, kw)
-    op = t.op or ops.get("flash_attn_ext")
+    op = t.kernel_op
     golden = np.asarray(op.golden(case), np.float64)
     judged = np.asarray(op.judged_golden(case, t.declared_precision), np.float64)
     dead = np.isnan(judged).all(-1) & ~np.isnan(golden).any(-1)
@@ -632,7 +631,6 @@ class _TargetRunner:
                         target=dict(bitwise=r.bitwise, emu_units=r.emu_units, nmse=r.nmse,
                                     budget_nmse=r.budget_nmse, nmse_model=r.nmse_model))
 
-
     @staticmethod
     def _declared(t, c, a):
         kw = _target_call_kw(a, c["sinks"])
@@ -647,7 +645,7 @@ class _TargetRunner:
         m = dict(status=v.status, nmse=e.nmse, max_abs=e.max_abs, nan_count=e.nan_count, budget_nmse=b.nmse,
                  budget_max_abs=b.max_abs, model=b.model, vacuous=v.status == "undecided")
         ok = v.status != "fail"
-        return _outcome(ok, 1, None if ok else f"target ({v.precision} model of {t.op.name if t.op else 'flash_attn_ext'}): "
+        return _outcome(ok, 1, None if ok else f"target ({v.precision} model of {t.kernel_op.name}): "
                         f"nmse {e.nmse:.3g} (budget {b.nmse:.3g}), max_abs {e.max_abs:.3g} (budget {b.max_abs:.3g}), "
                         f"NaN {e.nan_count}", target=m)
 
@@ -659,7 +657,7 @@ def declared_trace(t, a, out, kw=None) -> trace.Trace:
     its output ``out`` [B, n_q, H, Dv]: its op (``t.op``, default flash_attn_ext), K/V as the target
     stores them (``t.prepare``), ``n_threads`` of the target, no file."""
     kw = _target_call_kw(a, a.get("sinks") is not None) if kw is None else kw
-    op = t.op or ops.get("flash_attn_ext")
+    op = t.kernel_op
     st = t.prepare(a["k"], a["v"]) if t.prepare is not None else dict(k=a["k"], v=a["v"])
     return trace.Trace(path=None, op=op.name, producer=f"fuzz --target {t.name}", scale=float(kw["scale"]),
                        max_bias=float(kw["max_bias"]), softcap=float(kw["softcap"]), n_threads=int(t.n_threads),

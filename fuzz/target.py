@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxkv import formats as F
 from jaxkv import ops
 from jaxkv.ops.golden import Case  # the dense case the ops' goldens take (fuzz's one import of it)
+from jaxkv.ops.operands import dense as _dense  # K/V as float64, blocks dequantized (the one helper)
 
 __all__ = ["Target", "as_target", "check_declared", "ATTRIBUTES", "Case", "dense_operands", "dense_case"]
 
@@ -74,6 +74,11 @@ class Target:
     def __repr__(self):
         op = self.op.name if self.op is not None else None
         return f"Target({self.name!r}, op={op!r}, precision={self.declared_precision!r}, n_threads={self.n_threads})"
+
+    @property
+    def kernel_op(self) -> ops.Op:
+        """The op the kernel implements: ``op``, or ``flash_attn_ext`` for a plain attention kernel."""
+        return self.op if self.op is not None else ops.get("flash_attn_ext")
 
     @property
     def sharp(self) -> bool:
@@ -131,7 +136,7 @@ def check_declared(t: Target) -> None:
             raise ValueError(f"declared_precision {p.name!r} is bit-faithful: the target must give its "
                              f"emulation as 'model'")
         return
-    op = t.op or ops.get("flash_attn_ext")
+    op = t.kernel_op
     if p.name not in op.models:
         raise ValueError(f"op {op.name!r} has no {p.name!r} model")
 
@@ -146,12 +151,6 @@ def dense_operands(st) -> tuple:
     return _dense(st["k"]), _dense(st["v"])
 
 
-def _dense(x):
-    if F.is_quant(x):
-        return np.asarray(F.dequantize(np.asarray(x.raw), x.fmt), np.float64)
-    return np.asarray(x, np.float64)
-
-
 def dense_case(t: Target, q, k, v, kw) -> Case:
     """The dense float64 :class:`Case` of a call of target ``t`` (q [B, n_q, H, Dk], k / v as the target
     receives them, ``kw``: scale, mask, softcap, max_bias, sinks): K/V as the target stores them
@@ -159,7 +158,7 @@ def dense_case(t: Target, q, k, v, kw) -> Case:
     the rounded concatenation), ``n_threads`` of the target."""
     st = t.prepare(k, v) if t.prepare is not None else dict(k=k, v=v)
     kd, vd = dense_operands(st)
-    op = t.op or ops.get("flash_attn_ext")
+    op = t.kernel_op
     dense_op = ops.get("flash_attn_ext") if op.kv_f16 else op
     return Case(op=dense_op.name, q=np.asarray(q), k=kd, v=vd, mask=kw["mask"], sinks=kw["sinks"],
                 scale=float(kw["scale"]), softcap=float(kw["softcap"]), max_bias=float(kw["max_bias"]),

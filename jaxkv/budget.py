@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 __all__ = ["nmse", "nmse_from_sums", "FACTOR", "FLOOR_UNITS", "EMU_UNITS", "U32", "U16", "DENORM32", "Errors", "errors", "Budget",
-           "derive_budget", "EmuCheck", "emu_check"]
+           "derive_budget", "budget_of", "EmuCheck", "emu_check"]
 
 #: C: the kernel may be this many times less accurate than the honest model (RMS and max-abs);
 #: PyTorch's SDPA tests use a fudge factor of 3 on the output (FlashAttention's use 2).
@@ -136,10 +136,19 @@ def derive_budget(golden, model, model_name: str, factor: float = FACTOR) -> Bud
     golden = np.asarray(golden, np.float64)
     me = errors(model, golden)
     gmax = float(np.max(np.abs(golden), initial=0.0, where=np.isfinite(golden)))
-    floor_abs = FLOOR_UNITS * U32 * max(gmax, _TINY)
+    return budget_of(me.nmse, me.max_abs, gmax, model_name, factor)
+
+
+def budget_of(model_nmse: float, model_max_abs: float, golden_max: float, model_name: str,
+              factor: float = FACTOR) -> Budget:
+    """The budget formula itself, from the honest model's error against the golden (``model_nmse``,
+    ``model_max_abs``) and ``golden_max`` = max|golden| over its finite elements: ``factor^2 model_nmse
+    + (FLOOR_UNITS U32)^2`` and ``factor model_max_abs + FLOOR_UNITS U32 max(golden_max, 2^-126)``
+    (:func:`derive_budget` on arrays; the fuzz engine on in-program sums)."""
+    floor_abs = FLOOR_UNITS * U32 * max(golden_max, _TINY)
     floor_nmse = (FLOOR_UNITS * U32) ** 2
-    return Budget(nmse=factor ** 2 * me.nmse + floor_nmse, max_abs=factor * me.max_abs + floor_abs,
-                  model=model_name, model_nmse=me.nmse, model_max_abs=me.max_abs,
+    return Budget(nmse=factor ** 2 * model_nmse + floor_nmse, max_abs=factor * model_max_abs + floor_abs,
+                  model=model_name, model_nmse=model_nmse, model_max_abs=model_max_abs,
                   floor_nmse=floor_nmse, floor_abs=floor_abs, factor=factor)
 
 

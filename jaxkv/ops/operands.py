@@ -33,8 +33,7 @@ def dense(x) -> np.ndarray:
 def type_name(x) -> str:
     """The ggml type name (lower case) an operand is stored in."""
     if is_quant(x):
-        f = x.fmt
-        return str(getattr(f, "name", f)).lower()
+        return formats.get_format(x.fmt).name
     return {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}.get(np.asarray(x).dtype, "f32")
 
 

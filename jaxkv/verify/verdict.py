@@ -310,8 +310,8 @@ def config_findings(op, trace, case, got, budget, unit, g, precision: str = "ggm
     its regions in the other order, mask alike; another thread count, i.e. split-KV chunking; another
     SIMD build). Each is the sharp model rerun so configured; it explains the output when both checks
     then pass."""
-    if op.config_tries is None:
-        return []
+    if op.config_tries is None or not budget.allows(errors(got, g)):  # the golden check does not depend
+        return []                                                     # on the configuration tried
     found = []
     model = op.model(precision)
     for label, t2, cfg in op.config_tries(trace, case):
@@ -320,8 +320,7 @@ def config_findings(op, trace, case, got, budget, unit, g, precision: str = "ggm
         except (ValueError, NotImplementedError):
             continue
         ec = emu_check(got, emu2, unit)
-        e = errors(got, g)
-        if ec.ok and budget.allows(e):
+        if ec.ok:
             found.append(dict(hypothesis="ggml_config", label=label, nmse=errors(got, emu2).nmse,
                               max_abs=ec.max_abs, level="emulation (configuration)"))
     return found
